@@ -1,0 +1,154 @@
+//! The contract every database engine implements.
+//!
+//! One small trait, [`Backend`], with documented contracts. The runner decides
+//! what to do from [`Capabilities`], never from the engine's name.
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use crate::error::{EngineError, FailureOutcome, StatementError};
+use crate::model::{AppliedMigration, Kind, LogEntry, Migration};
+
+/// What an engine can do; the runner reads this instead of assuming.
+#[derive(Clone, Debug)]
+pub struct Capabilities {
+    /// `postgres`, `mysql`, `sqlite`, `mongodb`.
+    pub engine: &'static str,
+    /// DDL rolls back with the transaction (PostgreSQL, SQLite).
+    pub transactional_ddl: bool,
+    /// The kind of migration body this engine runs.
+    pub kind: Kind,
+}
+
+/// Where an engine keeps kiln's own objects. Every engine takes this.
+#[derive(Clone, Debug)]
+pub struct BackendConfig {
+    /// The database URL (may hold a password: never print it, use [`crate::url::redact`]).
+    pub url: String,
+    /// History table/collection name (default `kiln_history`).
+    pub history_table: String,
+    /// Event log table/collection name (default `kiln_log`).
+    pub log_table: String,
+    /// PostgreSQL schema for kiln's tables and the migrations' search_path
+    /// (default: the connection's current schema). Used for schema-per-tenant.
+    pub schema: Option<String>,
+}
+
+impl BackendConfig {
+    /// Defaults for `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        BackendConfig { url: url.into(), history_table: "kiln_history".into(), log_table: "kiln_log".into(), schema: None }
+    }
+}
+
+/// Context for recording one migration.
+#[derive(Clone, Debug)]
+pub struct RecordContext {
+    /// Batch number of this run.
+    pub batch: i64,
+    /// `user@host`.
+    pub actor: String,
+}
+
+/// A migration body failed; says what it left behind.
+#[derive(Debug, Clone)]
+pub struct ApplyError {
+    /// The failing statement/command.
+    pub error: StatementError,
+    /// What remains in the database and history.
+    pub outcome: FailureOutcome,
+}
+
+/// Either a body failure or an engine failure (connection lost, history write failed).
+#[derive(Debug)]
+pub enum StepError {
+    /// The migration's own statement failed.
+    Body(ApplyError),
+    /// kiln could not talk to the database.
+    Engine(EngineError),
+}
+
+impl From<EngineError> for StepError {
+    fn from(e: EngineError) -> Self {
+        StepError::Engine(e)
+    }
+}
+
+/// A database engine: history store, executor and locker in one connection.
+///
+/// Implementations hold one connection (or session) for their whole life, so
+/// session-scoped locks die with the process.
+#[async_trait]
+pub trait Backend: Send {
+    /// What this engine can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// The database as shown in messages (URL with the password redacted).
+    fn target(&self) -> String;
+
+    /// Try to take the migration lock without waiting. Returns `true` when taken.
+    /// Taking a lock this connection already holds must not deadlock.
+    async fn try_lock(&mut self) -> Result<bool, EngineError>;
+
+    /// Who holds the lock, as far as the database can tell (for messages).
+    async fn lock_holder(&mut self) -> Option<String>;
+
+    /// Take the lock, waiting up to `wait`; on time-out return
+    /// [`EngineError::LockTimeout`] naming the holder. The default polls
+    /// [`Backend::try_lock`] with a growing pause.
+    async fn lock(&mut self, wait: Duration) -> Result<(), EngineError> {
+        let start = Instant::now();
+        let mut pause = Duration::from_millis(20);
+        loop {
+            if self.try_lock().await? {
+                return Ok(());
+            }
+            if start.elapsed() >= wait {
+                let holder = self.lock_holder().await.unwrap_or_else(|| "holder unknown".into());
+                return Err(EngineError::LockTimeout { target: self.target(), holder, waited: start.elapsed() });
+            }
+            let left = wait.saturating_sub(start.elapsed());
+            tokio::time::sleep(pause.min(left).max(Duration::from_millis(1))).await;
+            pause = (pause * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    /// Release the lock. Releasing a lock not held is not an error.
+    async fn unlock(&mut self) -> Result<(), EngineError>;
+
+    /// Create the history table/collection and the event log if they are missing.
+    async fn ensure_history(&mut self) -> Result<(), EngineError>;
+
+    /// Every history entry, or `None` when the history table does not exist
+    /// (a database kiln never touched). Must not create anything.
+    async fn read_history(&mut self) -> Result<Option<Vec<AppliedMigration>>, EngineError>;
+
+    /// Run `m`'s up body and record it as applied, with an `applied` event.
+    ///
+    /// Contract: on `Ok`, the body's effects and the history entry are both
+    /// committed. On [`StepError::Body`], the outcome says whether everything was
+    /// rolled back (nothing recorded) or the entry is now `failed` with the error.
+    /// A runner killed at any point must leave either both or neither, or an
+    /// entry that blocks the next run (`running`/`failed`).
+    async fn apply(&mut self, m: &Migration, ctx: &RecordContext) -> Result<(), StepError>;
+
+    /// Run `m`'s down body and delete its history entry, with a `reverted` event.
+    /// Same atomicity contract as [`Backend::apply`].
+    async fn revert(&mut self, m: &Migration, applied: &AppliedMigration, ctx: &RecordContext) -> Result<(), StepError>;
+
+    /// Insert or replace history entries by version (baseline, retire, repair).
+    async fn upsert_history(&mut self, entries: &[AppliedMigration]) -> Result<(), EngineError>;
+
+    /// Delete the history entry of a version (repair of a failed migration).
+    async fn delete_history(&mut self, version: u64) -> Result<(), EngineError>;
+
+    /// Append to the event log. Committed durably before returning, which also
+    /// makes every earlier commit of this connection durable.
+    async fn log(&mut self, entry: &LogEntry) -> Result<(), EngineError>;
+
+    /// Close the connection cleanly.
+    async fn close(self: Box<Self>) -> Result<(), EngineError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,322 @@
+//! Typed errors, one enum per layer. Every message names the file, version or
+//! statement concerned and, where there is one, the next step for the operator.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::model::{FailureInfo, Version};
+
+/// A problem with the migration files themselves, found before anything runs.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The migrations directory cannot be read.
+    #[error("cannot read migrations directory {dir}: {source}")]
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file cannot be read.
+    #[error("cannot read {file}: {source}")]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file name breaks the naming rule.
+    #[error("{file}: the name does not follow the naming rule {rule} (expected e.g. 0001_create_users.sql); rename it, or set `name_rule` in kiln.toml")]
+    BadName {
+        /// The file.
+        file: PathBuf,
+        /// The rule (regex) it breaks.
+        rule: String,
+    },
+    /// Two files share a version.
+    #[error("duplicate version {version}: {first} and {second}; every migration needs its own version")]
+    DuplicateVersion {
+        /// The version.
+        version: Version,
+        /// One file.
+        first: PathBuf,
+        /// The other.
+        second: PathBuf,
+    },
+    /// The content cannot be parsed.
+    #[error("{file}:{line}: {message}")]
+    Parse {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// The naming rule in the configuration is not a valid regex.
+    #[error("invalid name_rule {rule:?}: {message}")]
+    BadRule {
+        /// The rule.
+        rule: String,
+        /// The regex error.
+        message: String,
+    },
+}
+
+/// A reason the plan cannot go ahead, found by comparing files with the history.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PlanError {
+    /// An applied migration's file changed.
+    #[error("checksum mismatch for {file} (version {version}): recorded {recorded}, file now {found}. Applied migrations must not change; restore the file, or run `kiln repair {version} --reason …` to accept the change")]
+    ChecksumMismatch {
+        /// Version.
+        version: Version,
+        /// File.
+        file: String,
+        /// Checksum in the history.
+        recorded: String,
+        /// Checksum of the file now.
+        found: String,
+    },
+    /// An applied migration's file is gone.
+    #[error("migration {version} ({name}) is applied in the database but its file is missing from the migrations directory; restore it, or run `kiln retire {version} --reason …`")]
+    MissingFile {
+        /// Version.
+        version: Version,
+        /// Recorded script name.
+        name: String,
+    },
+    /// A pending migration is older than the newest applied one.
+    #[error("{file} (version {version}) is pending but older than the newest applied migration {newest}; give it a newer version, or run with --allow-out-of-order")]
+    OutOfOrder {
+        /// Version.
+        version: Version,
+        /// File.
+        file: String,
+        /// Newest applied version.
+        newest: Version,
+    },
+    /// A dependency does not exist.
+    #[error("{file}: depends on {dependency}, which is not a known migration")]
+    UnknownDependency {
+        /// File declaring it.
+        file: String,
+        /// The reference as written.
+        dependency: String,
+    },
+    /// A dependency is not earlier than the dependent.
+    #[error("{file}: depends on {dependency}, which has a later (or the same) version; a migration can only depend on earlier ones")]
+    LaterDependency {
+        /// File declaring it.
+        file: String,
+        /// The reference as written.
+        dependency: String,
+    },
+    /// A dependency will not be applied before the dependent.
+    #[error("{file}: depends on {dependency}, which is not applied and not part of this run ({why})")]
+    UnmetDependency {
+        /// File declaring it.
+        file: String,
+        /// The reference as written.
+        dependency: String,
+        /// Why it will not run.
+        why: String,
+    },
+    /// A migration failed earlier and was not repaired.
+    #[error("migration {version} ({file}) is recorded as {state}{}: {}. Fix the database by hand, then run `kiln repair {version} --reason …` (add --mark-applied if you completed it by hand)", .failure.as_ref().and_then(|f| f.statement).map(|s| format!(" at statement {s}")).unwrap_or_default(), .failure.as_ref().map(|f| f.message.as_str()).unwrap_or("the runner stopped before it finished"))]
+    Blocked {
+        /// Version.
+        version: Version,
+        /// File.
+        file: String,
+        /// `failed` or `running`.
+        state: String,
+        /// The recorded error.
+        failure: Option<FailureInfo>,
+    },
+    /// `down` would revert a migration without a down section.
+    #[error("{file} (version {version}) has no down section, so it is irreversible; nothing was reverted")]
+    Irreversible {
+        /// Version.
+        version: Version,
+        /// File.
+        file: String,
+    },
+    /// `down` would revert a migration kiln did not apply.
+    #[error("migration {version} is recorded as {state}; kiln only reverts migrations it applied, nothing was reverted")]
+    NotRevertible {
+        /// Version.
+        version: Version,
+        /// Its state.
+        state: String,
+    },
+    /// A version named on the command line is unknown.
+    #[error("no migration with version {version}{}", if .hint.is_empty() { String::new() } else { format!(" ({})", .hint) })]
+    UnknownVersion {
+        /// Version.
+        version: String,
+        /// More context.
+        hint: String,
+    },
+    /// A migration cannot run on this engine (a `.yaml` migration on PostgreSQL).
+    #[error("{file}: a {kind} migration cannot run on {engine}")]
+    WrongKind {
+        /// File.
+        file: String,
+        /// Kind of the file.
+        kind: String,
+        /// The engine.
+        engine: String,
+    },
+    /// Anything else the operator asked for that cannot be done.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// An error from the database layer.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The URL is not usable.
+    #[error("invalid database URL {url}: {message}")]
+    BadUrl {
+        /// The URL, password redacted.
+        url: String,
+        /// Why.
+        message: String,
+    },
+    /// The server cannot be reached or refused the connection.
+    #[error("cannot connect to {url}: {message}")]
+    Connect {
+        /// The URL, password redacted.
+        url: String,
+        /// Why.
+        message: String,
+    },
+    /// The lock was not acquired in time.
+    #[error("another kiln run holds the migration lock on {target} ({holder}); waited {waited:?}. Try again when it finishes, or raise lock_timeout")]
+    LockTimeout {
+        /// What is locked (database / history table).
+        target: String,
+        /// Who holds it, as far as the database can tell.
+        holder: String,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// A query of kiln's own (history, log, lock) failed.
+    #[error("{context}: {message}")]
+    Query {
+        /// What kiln was doing.
+        context: String,
+        /// The database's message.
+        message: String,
+    },
+    /// The connection was lost.
+    #[error("lost the connection to the database while {context}: {message}")]
+    ConnectionLost {
+        /// What kiln was doing.
+        context: String,
+        /// The driver's message.
+        message: String,
+    },
+    /// The engine cannot do what was asked.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// A migration body failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{file}: statement {statement} (line {line}) failed: {message}")]
+pub struct StatementError {
+    /// The file.
+    pub file: String,
+    /// 1-based statement/command number.
+    pub statement: usize,
+    /// 1-based line in the file.
+    pub line: usize,
+    /// The database's error message, including its code.
+    pub message: String,
+    /// The database's error code (SQLSTATE, MySQL error number, MongoDB code).
+    pub code: Option<String>,
+}
+
+/// Why a run stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Bad files.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The plan was refused; `problems` lists every reason (the first is the message).
+    #[error("{}", format_problems(.0))]
+    Plan(Vec<PlanError>),
+    /// The database failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// A migration failed.
+    #[error("migration {version} failed ({outcome}): {error}")]
+    Migration {
+        /// Version.
+        version: Version,
+        /// What it did to the database and history.
+        outcome: FailureOutcome,
+        /// The statement error.
+        error: StatementError,
+        /// Versions successfully applied (or reverted) in this run before the failure.
+        done: Vec<Version>,
+    },
+}
+
+impl RunError {
+    /// 1 for a migration/check failure, 2 for bad usage or configuration.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::Source(_) => 2,
+            RunError::Plan(p) if p.iter().all(|e| matches!(e, PlanError::UnknownVersion { .. } | PlanError::Refused(_))) => 2,
+            RunError::Engine(EngineError::BadUrl { .. }) => 2,
+            _ => 1,
+        }
+    }
+}
+
+impl From<PlanError> for RunError {
+    fn from(e: PlanError) -> Self {
+        RunError::Plan(vec![e])
+    }
+}
+
+fn format_problems(p: &[PlanError]) -> String {
+    match p {
+        [] => "plan refused".into(),
+        [one] => one.to_string(),
+        many => {
+            let mut s = format!("{} problems, nothing was run:", many.len());
+            for e in many {
+                s.push_str("\n  - ");
+                s.push_str(&e.to_string());
+            }
+            s
+        }
+    }
+}
+
+/// What a failed migration left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureOutcome {
+    /// Rolled back completely; nothing of it remains and nothing is recorded as applied.
+    RolledBack,
+    /// Part of it may have been applied (non-transactional DDL); recorded as `failed`,
+    /// and further runs are refused until `kiln repair`.
+    RecordedFailed,
+}
+
+impl std::fmt::Display for FailureOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FailureOutcome::RolledBack => f.write_str("rolled back, nothing of it remains"),
+            FailureOutcome::RecordedFailed => f.write_str(
+                "it could not be rolled back: statements before the failing one may have been applied; it is recorded as failed and kiln refuses to run until you fix the database and run `kiln repair`",
+            ),
+        }
+    }
+}

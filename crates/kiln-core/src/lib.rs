@@ -1,0 +1,28 @@
+//! kiln-core: the model, migration loading, the planner and the engine contract —
+//! no database code.
+//!
+//! The one design decision to know: planning is pure. [`plan::plan_up`] and
+//! [`plan::plan_down`] compare migrations on disk ([`Migration`]) with what the
+//! database recorded ([`AppliedMigration`]) and return a plan or every problem
+//! found, without I/O; the [`runner::Runner`] takes the lock, re-reads the
+//! history under it, plans, and drives a [`backend::Backend`] step by step.
+
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod error;
+pub mod event;
+pub mod model;
+pub mod plan;
+pub mod runner;
+pub mod source;
+pub mod split;
+pub mod url;
+
+pub use backend::{ApplyError, Backend, BackendConfig, Capabilities, RecordContext, StepError};
+pub use error::{EngineError, FailureOutcome, PlanError, RunError, SourceError, StatementError};
+pub use event::{Direction, Event, Observer};
+pub use model::*;
+pub use plan::{DownTarget, Policy, StatusRow, UpTarget};
+pub use runner::{AdminReport, RunReport, Runner, RunnerSettings, StepReport};
+pub use source::{load_dir, LoadOptions};

@@ -1,0 +1,440 @@
+//! The values kiln reasons about: versions, checksums, migrations on disk and
+//! migrations recorded in a database.
+//!
+//! A migration on disk ([`Migration`]) and a migration recorded in the history
+//! ([`AppliedMigration`]) are deliberately two types: one is what the files say,
+//! the other what the database remembers, and the planner compares the two.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// A migration version: the leading number of its file name, compared as a number.
+///
+/// The original digits are kept for display so `0001` stays `0001` and a diesel
+/// version `2019-02-26-002946` is shown as `20190226002946`.
+#[derive(Clone, Debug, Eq, Serialize, Deserialize)]
+pub struct Version {
+    /// The numeric value; versions compare by this alone.
+    pub number: u64,
+    /// The digits as written in the file name (dashes removed).
+    pub text: String,
+}
+
+impl Version {
+    /// A version from its number, displayed without padding.
+    pub fn from_number(number: u64) -> Self {
+        Version { number, text: number.to_string() }
+    }
+
+    /// Parse a version as typed by a user on the command line (`0007`, `7`,
+    /// `2019-02-26-002946`, or a whole migration name `0007_add_users`).
+    pub fn parse_arg(s: &str) -> Option<Self> {
+        let head = s.split('_').next().unwrap_or("");
+        let digits: String = head.chars().filter(|c| *c != '-').collect();
+        if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        let number = digits.parse().ok()?;
+        Some(Version { number, text: digits })
+    }
+}
+
+impl PartialEq for Version {
+    fn eq(&self, other: &Self) -> bool {
+        self.number == other.number
+    }
+}
+impl PartialOrd for Version {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Version {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.number.cmp(&other.number)
+    }
+}
+impl std::hash::Hash for Version {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.number.hash(state)
+    }
+}
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// SHA-256 of a migration's content with line endings normalised to `\n`,
+/// as lower-case hex.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Checksum(pub String);
+
+impl Checksum {
+    /// Checksum of one or more content parts (a single file, or an up file and a
+    /// down file). Line endings are normalised so a checkout with CRLF endings
+    /// does not look like a changed migration.
+    pub fn of_parts(parts: &[&str]) -> Self {
+        let mut h = Sha256::new();
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                // A separator no file can contain, so ("ab","c") != ("a","bc").
+                h.update(b"\n\x00kiln:part\x00\n");
+            }
+            let mut rest = *p;
+            while let Some(pos) = rest.find('\r') {
+                h.update(&rest.as_bytes()[..pos]);
+                let after = &rest[pos + 1..];
+                if after.starts_with('\n') {
+                    rest = after;
+                } else {
+                    h.update(b"\n");
+                    rest = after;
+                }
+            }
+            h.update(rest.as_bytes());
+        }
+        let digest = h.finalize();
+        let mut s = String::with_capacity(64);
+        for b in digest {
+            use fmt::Write;
+            let _ = write!(s, "{b:02x}");
+        }
+        Checksum(s)
+    }
+
+    /// The first 12 hex digits, for tables.
+    pub fn short(&self) -> &str {
+        &self.0[..self.0.len().min(12)]
+    }
+}
+
+impl fmt::Display for Checksum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What kind of content a migration holds, which decides which engines can run it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// SQL text (PostgreSQL, MySQL/MariaDB, SQLite).
+    Sql,
+    /// A list of MongoDB database commands (YAML or JSON).
+    Commands,
+    /// Rust code registered through the library.
+    Code,
+}
+
+/// How a migration asks to be run with respect to transactions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TxMode {
+    /// The engine's default: a transaction where the engine can (SQL), none on MongoDB.
+    #[default]
+    Default,
+    /// `transaction: false` / `-- kiln:transaction off`: run statement by statement.
+    Off,
+    /// `transaction: true`: ask for a transaction (MongoDB multi-document transaction).
+    On,
+}
+
+/// Where a migration runs in a multi-tenant deployment (DESIGN §5).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// The public (shared) database; the only scope of a single-database setup.
+    #[default]
+    Public,
+    /// Every tenant database or schema.
+    Tenant,
+}
+
+/// One SQL statement of a migration body, with the line it starts on in its file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Statement {
+    /// The statement text, without the terminating `;`.
+    pub sql: String,
+    /// 1-based line in the file where the statement starts.
+    pub line: usize,
+}
+
+/// One MongoDB command of a migration body, with the line it starts on.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Command {
+    /// The command document as (Extended) JSON, exactly as `db.runCommand()` takes it.
+    pub doc: serde_json::Value,
+    /// 1-based line in the file where the command starts (0 when unknown, e.g. JSON).
+    pub line: usize,
+}
+
+/// The runnable content of one direction (up or down) of a migration.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Body {
+    /// SQL statements in order.
+    Sql {
+        /// The file the statements come from (relative to the migrations directory).
+        file: PathBuf,
+        /// The statements.
+        statements: Vec<Statement>,
+    },
+    /// MongoDB commands in order.
+    Commands {
+        /// The file the commands come from.
+        file: PathBuf,
+        /// The commands.
+        commands: Vec<Command>,
+    },
+    /// A Rust migration registered through the library; run by its registered code.
+    Code,
+}
+
+impl Body {
+    /// Number of statements or commands.
+    pub fn len(&self) -> usize {
+        match self {
+            Body::Sql { statements, .. } => statements.len(),
+            Body::Commands { commands, .. } => commands.len(),
+            Body::Code => 1,
+        }
+    }
+    /// True when there is nothing to run.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A reference from one migration to another in `depends`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DependsOn {
+    /// The version referred to.
+    pub version: Version,
+    /// The reference as written (for messages).
+    pub written: String,
+    /// 1-based line of the directive.
+    pub line: usize,
+}
+
+/// Header directives of a migration (DESIGN §2).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Directives {
+    /// Migrations that must be applied first.
+    pub depends: Vec<DependsOn>,
+    /// Transaction mode.
+    pub transaction: TxMode,
+    /// Public or tenant.
+    pub scope: Scope,
+    /// Group (schema/collection) the migration belongs to.
+    pub group: Option<String>,
+}
+
+/// A migration as found on disk (or registered in code): what *should* be run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Migration {
+    /// Version from the file name.
+    pub version: Version,
+    /// Description: the part of the name after the first `_`.
+    pub description: String,
+    /// Path relative to the migrations directory (the file, or the diesel folder).
+    pub path: PathBuf,
+    /// What the body is.
+    pub kind: Kind,
+    /// Checksum of everything kiln would run for this migration.
+    pub checksum: Checksum,
+    /// Header directives.
+    pub directives: Directives,
+    /// The up body.
+    pub up: Body,
+    /// The down body; `None` means irreversible.
+    pub down: Option<Body>,
+}
+
+impl Migration {
+    /// `0001_create_users` — version text and description.
+    pub fn name(&self) -> String {
+        format!("{}_{}", self.version, self.description)
+    }
+    /// The path as shown in messages.
+    pub fn display_path(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+/// State of a migration in the history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Ran successfully.
+    Applied,
+    /// Ran and failed where the engine could not roll it back; blocks runs until `kiln repair`.
+    Failed,
+    /// Started and never finished (the runner died mid-migration on an engine
+    /// without transactional DDL); treated like `Failed`.
+    Running,
+    /// Recorded as applied by `kiln baseline` without running.
+    Baseline,
+    /// Removed from every plan by `kiln retire`.
+    Retired,
+}
+
+impl State {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Applied => "applied",
+            State::Failed => "failed",
+            State::Running => "running",
+            State::Baseline => "baseline",
+            State::Retired => "retired",
+        }
+    }
+    /// Parse the stored spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "applied" => State::Applied,
+            "failed" => State::Failed,
+            "running" => State::Running,
+            "baseline" => State::Baseline,
+            "retired" => State::Retired,
+            _ => return None,
+        })
+    }
+    /// True for states that mean "this migration's effects are in the database".
+    pub fn is_done(self) -> bool {
+        matches!(self, State::Applied | State::Baseline)
+    }
+    /// True for states that block every run until `kiln repair`.
+    pub fn is_blocking(self) -> bool {
+        matches!(self, State::Failed | State::Running)
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a failure happened, recorded with a failed migration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureInfo {
+    /// The database's message (with its code).
+    pub message: String,
+    /// 1-based number of the failing statement/command in its body.
+    pub statement: Option<u32>,
+    /// 1-based line in the file where that statement starts.
+    pub line: Option<u32>,
+}
+
+/// A migration as recorded in the history: what the database remembers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AppliedMigration {
+    /// The version (number; `text` is the number without padding unless the file is known).
+    pub version: Version,
+    /// The description recorded.
+    pub description: String,
+    /// The script path recorded (relative to the migrations directory).
+    pub script: String,
+    /// The group recorded, if any.
+    pub group: Option<String>,
+    /// Checksum at the time it was recorded.
+    pub checksum: Checksum,
+    /// State.
+    pub state: State,
+    /// Batch number: one `kiln up` run is one batch.
+    pub batch: i64,
+    /// When it finished (or failed).
+    pub applied_at: DateTime<Utc>,
+    /// How long it took, in milliseconds.
+    pub duration_ms: i64,
+    /// `user@host` of the runner.
+    pub applied_by: String,
+    /// kiln version that recorded it.
+    pub kiln_version: String,
+    /// The failure, for `failed` entries.
+    pub error: Option<FailureInfo>,
+}
+
+/// A row for the append-only event log (`kiln_log`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// When.
+    pub at: DateTime<Utc>,
+    /// What: `run-start`, `applied`, `failed`, `reverted`, `repair`, `baseline`, `retire`, `run-end`.
+    pub event: String,
+    /// The migration concerned, if any.
+    pub version: Option<u64>,
+    /// Its name, if any.
+    pub name: Option<String>,
+    /// The batch concerned, if any.
+    pub batch: Option<i64>,
+    /// Who (`user@host`).
+    pub actor: String,
+    /// Why (operator's reason), if given.
+    pub reason: Option<String>,
+    /// Details (error message, old/new checksum).
+    pub detail: Option<String>,
+}
+
+/// `user@host` of this process; `KILN_ACTOR` overrides it.
+pub fn current_actor() -> String {
+    if let Ok(a) = std::env::var("KILN_ACTOR") {
+        if !a.trim().is_empty() {
+            return a;
+        }
+    }
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("USERNAME"))
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    format!("{user}@{host}")
+}
+
+/// The kiln version string recorded with every migration.
+pub const KILN_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_ignores_line_endings() {
+        let a = Checksum::of_parts(&["create table t (id int);\nselect 1;\n"]);
+        let b = Checksum::of_parts(&["create table t (id int);\r\nselect 1;\r\n"]);
+        assert_eq!(a, b);
+        assert_eq!(a.0.len(), 64);
+        let c = Checksum::of_parts(&["create table t (id int);\nselect 2;\n"]);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn checksum_parts_are_separated() {
+        assert_ne!(Checksum::of_parts(&["ab", "c"]), Checksum::of_parts(&["a", "bc"]));
+        assert_ne!(Checksum::of_parts(&["abc"]), Checksum::of_parts(&["abc", ""]));
+    }
+
+    #[test]
+    fn checksum_of_known_input() {
+        // sha256("abc")
+        assert_eq!(
+            Checksum::of_parts(&["abc"]).0,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn version_parse_arg() {
+        assert_eq!(Version::parse_arg("0007").unwrap().number, 7);
+        assert_eq!(Version::parse_arg("0007_add_users").unwrap().number, 7);
+        assert_eq!(Version::parse_arg("2019-02-26-002946").unwrap().number, 20190226002946);
+        assert!(Version::parse_arg("abc").is_none());
+        assert!(Version::parse_arg("").is_none());
+    }
+}

@@ -1,0 +1,522 @@
+//! The planner: compares migrations on disk with the history and decides what
+//! to run. Pure functions, no I/O: `--dry-run`, `status` and most tests come from
+//! here without a database.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::Serialize;
+
+use crate::error::PlanError;
+use crate::model::*;
+
+/// Rules that loosen or narrow a plan.
+#[derive(Clone, Debug, Default)]
+pub struct Policy {
+    /// Allow pending migrations older than the newest applied one.
+    pub allow_out_of_order: bool,
+    /// Only plan migrations of this group.
+    pub group: Option<String>,
+}
+
+/// How far `up` goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum UpTarget {
+    /// Everything pending.
+    #[default]
+    Latest,
+    /// Pending migrations up to and including this version.
+    To(Version),
+}
+
+/// How far `down` goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DownTarget {
+    /// The last batch (one `kiln up` run).
+    LastBatch,
+    /// The last N applied migrations.
+    Steps(usize),
+    /// Everything applied after this version (it stays applied).
+    To(Version),
+}
+
+/// What `up` will do.
+#[derive(Debug, Clone)]
+pub struct UpPlan<'a> {
+    /// Batch number the run will record.
+    pub batch: i64,
+    /// Migrations to apply, in order.
+    pub steps: Vec<&'a Migration>,
+}
+
+/// What `down` will do.
+#[derive(Debug, Clone)]
+pub struct DownPlan<'a> {
+    /// Migrations to revert, in order (newest first), with their history entries.
+    pub steps: Vec<(&'a Migration, &'a AppliedMigration)>,
+}
+
+fn by_version(applied: &[AppliedMigration]) -> HashMap<u64, &AppliedMigration> {
+    applied.iter().map(|a| (a.version.number, a)).collect()
+}
+
+/// Problems that stop every run: failed/interrupted migrations, changed or missing
+/// files of applied migrations. Used by `up`, `down` and `kiln check`.
+pub fn integrity_problems(local: &[Migration], applied: &[AppliedMigration]) -> Vec<PlanError> {
+    let files: HashMap<u64, &Migration> = local.iter().map(|m| (m.version.number, m)).collect();
+    let mut problems = Vec::new();
+    for a in applied {
+        let file = files.get(&a.version.number);
+        match a.state {
+            State::Failed | State::Running => problems.push(PlanError::Blocked {
+                version: file.map(|m| m.version.clone()).unwrap_or_else(|| a.version.clone()),
+                file: file.map(|m| m.display_path()).unwrap_or_else(|| a.script.clone()),
+                state: a.state.to_string(),
+                failure: a.error.clone(),
+            }),
+            State::Applied | State::Baseline => match file {
+                None if a.state == State::Baseline && a.script.is_empty() => {} // baseline marker
+                None => problems.push(PlanError::MissingFile {
+                    version: a.version.clone(),
+                    name: if a.script.is_empty() { a.description.clone() } else { a.script.clone() },
+                }),
+                Some(m) if m.checksum != a.checksum => problems.push(PlanError::ChecksumMismatch {
+                    version: m.version.clone(),
+                    file: m.display_path(),
+                    recorded: a.checksum.0.clone(),
+                    found: m.checksum.0.clone(),
+                }),
+                Some(_) => {}
+            },
+            State::Retired => {}
+        }
+    }
+    problems
+}
+
+/// Dependency declarations that are wrong whatever the database holds:
+/// unknown migrations and dependencies on later versions.
+pub fn dependency_problems(local: &[Migration], applied: &[AppliedMigration]) -> Vec<PlanError> {
+    let known: HashSet<u64> = local.iter().map(|m| m.version.number).chain(applied.iter().map(|a| a.version.number)).collect();
+    let mut problems = Vec::new();
+    for m in local {
+        for d in &m.directives.depends {
+            if !known.contains(&d.version.number) {
+                problems.push(PlanError::UnknownDependency { file: m.display_path(), dependency: d.written.clone() });
+            } else if d.version >= m.version {
+                problems.push(PlanError::LaterDependency { file: m.display_path(), dependency: d.written.clone() });
+            }
+        }
+    }
+    problems
+}
+
+/// The next batch number.
+pub fn next_batch(applied: &[AppliedMigration]) -> i64 {
+    applied.iter().map(|a| a.batch).max().unwrap_or(0) + 1
+}
+
+/// Plan `kiln up`.
+///
+/// # Errors
+/// Every problem found, so the operator sees them all at once: failed or
+/// interrupted migrations, changed or missing files of applied migrations, bad
+/// dependencies, out-of-order pending migrations (unless allowed), an unknown
+/// target version.
+pub fn plan_up<'a>(
+    local: &'a [Migration],
+    applied: &[AppliedMigration],
+    target: &UpTarget,
+    policy: &Policy,
+) -> Result<UpPlan<'a>, Vec<PlanError>> {
+    let mut problems = integrity_problems(local, applied);
+    problems.extend(dependency_problems(local, applied));
+    let recorded = by_version(applied);
+    let newest_done = applied.iter().filter(|a| a.state.is_done()).map(|a| &a.version).max();
+
+    if let UpTarget::To(v) = target {
+        if !local.iter().any(|m| &m.version == v) && !recorded.contains_key(&v.number) {
+            problems.push(PlanError::UnknownVersion { version: v.to_string(), hint: "--to must name a migration".into() });
+        }
+    }
+
+    let mut steps: Vec<&Migration> = Vec::new();
+    for m in local {
+        if recorded.contains_key(&m.version.number) {
+            continue; // applied, baseline, retired, failed: not pending
+        }
+        if let UpTarget::To(v) = target {
+            if m.version > *v {
+                continue;
+            }
+        }
+        if let Some(g) = &policy.group {
+            if m.directives.group.as_deref() != Some(g.as_str()) {
+                continue;
+            }
+        }
+        if let Some(newest) = newest_done {
+            if m.version < *newest && !policy.allow_out_of_order {
+                problems.push(PlanError::OutOfOrder {
+                    version: m.version.clone(),
+                    file: m.display_path(),
+                    newest: local
+                        .iter()
+                        .find(|x| x.version == *newest)
+                        .map(|x| x.version.clone())
+                        .unwrap_or_else(|| newest.clone()),
+                });
+                continue;
+            }
+        }
+        steps.push(m);
+    }
+
+    // Every dependency of a planned migration must be done or planned before it.
+    let planned: HashSet<u64> = steps.iter().map(|m| m.version.number).collect();
+    for m in &steps {
+        for d in &m.directives.depends {
+            if d.version >= m.version {
+                continue; // reported above
+            }
+            let done = recorded.get(&d.version.number).map(|a| a.state.is_done()).unwrap_or(false);
+            if done || planned.contains(&d.version.number) {
+                continue;
+            }
+            let why = match recorded.get(&d.version.number) {
+                Some(a) => format!("it is {}", a.state),
+                None if local.iter().any(|x| x.version == d.version) => {
+                    if policy.group.is_some() {
+                        "it belongs to another group".to_string()
+                    } else {
+                        "it is pending but excluded from this run".to_string()
+                    }
+                }
+                None => "its file is missing".to_string(),
+            };
+            problems.push(PlanError::UnmetDependency { file: m.display_path(), dependency: d.written.clone(), why });
+        }
+    }
+
+    if problems.is_empty() {
+        Ok(UpPlan { batch: next_batch(applied), steps })
+    } else {
+        Err(problems)
+    }
+}
+
+/// Plan `kiln down`.
+///
+/// # Errors
+/// Failed or interrupted migrations anywhere, and for every migration to revert:
+/// a missing or changed file, no down section (irreversible), a baseline entry.
+/// Nothing is planned unless everything can be reverted.
+pub fn plan_down<'a>(
+    local: &'a [Migration],
+    applied: &'a [AppliedMigration],
+    target: &DownTarget,
+) -> Result<DownPlan<'a>, Vec<PlanError>> {
+    let mut problems: Vec<PlanError> = integrity_problems(local, applied)
+        .into_iter()
+        .filter(|p| matches!(p, PlanError::Blocked { .. }))
+        .collect();
+    let mut done: Vec<&AppliedMigration> = applied.iter().filter(|a| a.state.is_done()).collect();
+    // Reverse order of application: newest batch first, within a batch newest version first.
+    done.sort_by(|a, b| b.batch.cmp(&a.batch).then(b.version.cmp(&a.version)));
+    let chosen: Vec<&AppliedMigration> = match target {
+        DownTarget::LastBatch => {
+            let last = done.first().map(|a| a.batch);
+            done.into_iter().filter(|a| Some(a.batch) == last).collect()
+        }
+        DownTarget::Steps(n) => done.into_iter().take(*n).collect(),
+        DownTarget::To(v) => {
+            if !local.iter().any(|m| &m.version == v) && !applied.iter().any(|a| &a.version == v) && v.number != 0 {
+                problems.push(PlanError::UnknownVersion { version: v.to_string(), hint: "--to must name a migration, or 0 for all".into() });
+            }
+            done.into_iter().filter(|a| a.version > *v).collect()
+        }
+    };
+    let files: HashMap<u64, &Migration> = local.iter().map(|m| (m.version.number, m)).collect();
+    let mut steps = Vec::new();
+    for a in chosen {
+        if a.state == State::Baseline {
+            problems.push(PlanError::NotRevertible { version: a.version.clone(), state: a.state.to_string() });
+            continue;
+        }
+        let Some(m) = files.get(&a.version.number) else {
+            problems.push(PlanError::MissingFile { version: a.version.clone(), name: a.script.clone() });
+            continue;
+        };
+        if m.checksum != a.checksum {
+            problems.push(PlanError::ChecksumMismatch {
+                version: m.version.clone(),
+                file: m.display_path(),
+                recorded: a.checksum.0.clone(),
+                found: m.checksum.0.clone(),
+            });
+            continue;
+        }
+        if m.down.is_none() {
+            problems.push(PlanError::Irreversible { version: m.version.clone(), file: m.display_path() });
+            continue;
+        }
+        steps.push((*m, a));
+    }
+    if problems.is_empty() {
+        Ok(DownPlan { steps })
+    } else {
+        Err(problems)
+    }
+}
+
+/// One line of `kiln status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct StatusRow {
+    /// Version.
+    pub version: String,
+    /// Version number.
+    pub version_number: u64,
+    /// Description.
+    pub name: String,
+    /// File (relative path) if present.
+    pub file: Option<String>,
+    /// Group.
+    pub group: Option<String>,
+    /// `pending`, `applied`, `failed`, `running`, `baseline`, `retired`, `missing`.
+    pub state: String,
+    /// Batch, when recorded.
+    pub batch: Option<i64>,
+    /// When recorded.
+    pub applied_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Duration in ms, when recorded.
+    pub duration_ms: Option<i64>,
+    /// Who recorded it.
+    pub applied_by: Option<String>,
+    /// Checksum of the file (if present).
+    pub checksum: Option<String>,
+    /// Whether the file matches the recorded checksum (`None` when not comparable).
+    pub checksum_ok: Option<bool>,
+    /// Pending but older than the newest applied migration.
+    pub out_of_order: bool,
+    /// Has a down section.
+    pub reversible: bool,
+    /// The recorded error, for failed migrations.
+    pub error: Option<FailureInfo>,
+}
+
+/// Every migration, on disk or in the history, with its state; ordered by version.
+pub fn status(local: &[Migration], applied: &[AppliedMigration]) -> Vec<StatusRow> {
+    let newest_done = applied.iter().filter(|a| a.state.is_done()).map(|a| a.version.number).max();
+    let mut rows: BTreeMap<u64, StatusRow> = BTreeMap::new();
+    for m in local {
+        rows.insert(
+            m.version.number,
+            StatusRow {
+                version: m.version.text.clone(),
+                version_number: m.version.number,
+                name: m.description.clone(),
+                file: Some(m.display_path()),
+                group: m.directives.group.clone(),
+                state: "pending".into(),
+                batch: None,
+                applied_at: None,
+                duration_ms: None,
+                applied_by: None,
+                checksum: Some(m.checksum.0.clone()),
+                checksum_ok: None,
+                out_of_order: newest_done.map(|n| m.version.number < n).unwrap_or(false),
+                reversible: m.down.is_some(),
+                error: None,
+            },
+        );
+    }
+    for a in applied {
+        let row = rows.entry(a.version.number).or_insert_with(|| StatusRow {
+            version: a.version.text.clone(),
+            version_number: a.version.number,
+            name: a.description.clone(),
+            file: None,
+            group: a.group.clone(),
+            state: String::new(),
+            batch: None,
+            applied_at: None,
+            duration_ms: None,
+            applied_by: None,
+            checksum: None,
+            checksum_ok: None,
+            out_of_order: false,
+            reversible: false,
+            error: None,
+        });
+        row.out_of_order = false;
+        row.state = match (a.state, row.file.is_some()) {
+            (State::Applied | State::Baseline, false) if !(a.state == State::Baseline && a.script.is_empty()) => "missing".into(),
+            (s, _) => s.to_string(),
+        };
+        row.batch = Some(a.batch);
+        row.applied_at = Some(a.applied_at);
+        row.duration_ms = Some(a.duration_ms);
+        row.applied_by = Some(a.applied_by.clone());
+        if a.state != State::Retired && !a.checksum.0.is_empty() {
+            row.checksum_ok = row.checksum.as_ref().map(|c| *c == a.checksum.0);
+        }
+        row.error = a.error.clone();
+    }
+    rows.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{load_dir, LoadOptions};
+
+    fn mig(v: u64, down: bool) -> Migration {
+        Migration {
+            version: Version { number: v, text: format!("{v:04}") },
+            description: format!("m{v}"),
+            path: format!("{v:04}_m{v}.sql").into(),
+            kind: Kind::Sql,
+            checksum: Checksum::of_parts(&[&format!("create table t{v} (id int);")]),
+            directives: Directives::default(),
+            up: Body::Sql { file: "x".into(), statements: vec![] },
+            down: if down { Some(Body::Sql { file: "x".into(), statements: vec![] }) } else { None },
+        }
+    }
+
+    fn rec(m: &Migration, batch: i64, state: State) -> AppliedMigration {
+        AppliedMigration {
+            version: m.version.clone(),
+            description: m.description.clone(),
+            script: m.display_path(),
+            group: None,
+            checksum: m.checksum.clone(),
+            state,
+            batch,
+            applied_at: chrono::Utc::now(),
+            duration_ms: 1,
+            applied_by: "t@h".into(),
+            kiln_version: KILN_VERSION.into(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn pending_in_order() {
+        let local = vec![mig(1, true), mig(2, true), mig(3, true)];
+        let applied = vec![rec(&local[0], 1, State::Applied)];
+        let p = plan_up(&local, &applied, &UpTarget::Latest, &Policy::default()).unwrap();
+        assert_eq!(p.batch, 2);
+        assert_eq!(p.steps.iter().map(|m| m.version.number).collect::<Vec<_>>(), vec![2, 3]);
+        let p = plan_up(&local, &applied, &UpTarget::To(local[1].version.clone()), &Policy::default()).unwrap();
+        assert_eq!(p.steps.len(), 1);
+    }
+
+    #[test]
+    fn checksum_mismatch_and_missing() {
+        let local = vec![mig(1, true), mig(3, true)];
+        let mut a1 = rec(&local[0], 1, State::Applied);
+        a1.checksum = Checksum("00".into());
+        let gone = rec(&mig(2, true), 1, State::Applied);
+        let e = plan_up(&local, &[a1, gone], &UpTarget::Latest, &Policy::default()).unwrap_err();
+        assert!(matches!(e[0], PlanError::ChecksumMismatch { .. }));
+        assert!(matches!(e[1], PlanError::MissingFile { .. }));
+    }
+
+    #[test]
+    fn retired_is_not_missing_and_not_planned() {
+        let local = vec![mig(2, true)];
+        let r = rec(&mig(1, true), 1, State::Retired);
+        let p = plan_up(&local, &[r.clone()], &UpTarget::Latest, &Policy::default()).unwrap();
+        assert_eq!(p.steps.len(), 1);
+        let local = vec![mig(1, true), mig(2, true)];
+        let p = plan_up(&local, &[r], &UpTarget::Latest, &Policy::default()).unwrap();
+        assert_eq!(p.steps.iter().map(|m| m.version.number).collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[test]
+    fn out_of_order() {
+        let local = vec![mig(1, true), mig(2, true), mig(3, true)];
+        let applied = vec![rec(&local[0], 1, State::Applied), rec(&local[2], 1, State::Applied)];
+        let e = plan_up(&local, &applied, &UpTarget::Latest, &Policy::default()).unwrap_err();
+        assert!(matches!(e[0], PlanError::OutOfOrder { .. }));
+        let pol = Policy { allow_out_of_order: true, ..Default::default() };
+        assert_eq!(plan_up(&local, &applied, &UpTarget::Latest, &pol).unwrap().steps.len(), 1);
+    }
+
+    #[test]
+    fn failed_blocks() {
+        let local = vec![mig(1, true), mig(2, true)];
+        let mut f = rec(&local[0], 1, State::Failed);
+        f.error = Some(FailureInfo { message: "boom".into(), statement: Some(2), line: Some(3) });
+        let e = plan_up(&local, &[f.clone()], &UpTarget::Latest, &Policy::default()).unwrap_err();
+        let msg = e[0].to_string();
+        assert!(msg.contains("kiln repair 0001") && msg.contains("boom") && msg.contains("statement 2"), "{msg}");
+        assert!(plan_down(&local, std::slice::from_ref(&f), &DownTarget::LastBatch).is_err());
+    }
+
+    #[test]
+    fn dependencies() {
+        let mut local = vec![mig(1, true), mig(2, true), mig(3, true)];
+        local[1].directives.depends.push(DependsOn { version: Version::from_number(3), written: "0003".into(), line: 1 });
+        local[2].directives.depends.push(DependsOn { version: Version::from_number(9), written: "0009_x".into(), line: 1 });
+        let e = plan_up(&local, &[], &UpTarget::Latest, &Policy::default()).unwrap_err();
+        assert!(e.iter().any(|p| matches!(p, PlanError::LaterDependency { .. })));
+        assert!(e.iter().any(|p| matches!(p, PlanError::UnknownDependency { .. })));
+
+        let mut local = vec![mig(1, true), mig(2, true)];
+        local[1].directives.group = Some("users".into());
+        local[1].directives.depends.push(DependsOn { version: Version::from_number(1), written: "0001".into(), line: 1 });
+        let pol = Policy { group: Some("users".into()), ..Default::default() };
+        let e = plan_up(&local, &[], &UpTarget::Latest, &pol).unwrap_err();
+        assert!(matches!(e[0], PlanError::UnmetDependency { .. }), "{e:?}");
+        assert!(plan_up(&local, &[], &UpTarget::Latest, &Policy::default()).is_ok());
+    }
+
+    #[test]
+    fn down_last_batch_steps_to() {
+        let local = vec![mig(1, true), mig(2, true), mig(3, true)];
+        let applied = vec![
+            rec(&local[0], 1, State::Applied),
+            rec(&local[1], 2, State::Applied),
+            rec(&local[2], 2, State::Applied),
+        ];
+        let v = |p: DownPlan| p.steps.iter().map(|(m, _)| m.version.number).collect::<Vec<_>>();
+        assert_eq!(v(plan_down(&local, &applied, &DownTarget::LastBatch).unwrap()), vec![3, 2]);
+        assert_eq!(v(plan_down(&local, &applied, &DownTarget::Steps(1)).unwrap()), vec![3]);
+        assert_eq!(v(plan_down(&local, &applied, &DownTarget::To(local[0].version.clone())).unwrap()), vec![3, 2]);
+        assert_eq!(v(plan_down(&local, &applied, &DownTarget::To(Version::from_number(0))).unwrap()), vec![3, 2, 1]);
+    }
+
+    #[test]
+    fn down_refuses_irreversible_before_anything() {
+        let local = vec![mig(1, true), mig(2, false), mig(3, true)];
+        let applied: Vec<_> = local.iter().map(|m| rec(m, 1, State::Applied)).collect();
+        let e = plan_down(&local, &applied, &DownTarget::LastBatch).unwrap_err();
+        assert!(matches!(e[0], PlanError::Irreversible { .. }));
+    }
+
+    #[test]
+    fn status_rows() {
+        let local = vec![mig(1, true), mig(2, true)];
+        let mut a = rec(&local[0], 1, State::Applied);
+        a.checksum = Checksum("ff".into());
+        let gone = rec(&mig(5, true), 1, State::Applied);
+        let rows = status(&local, &[a, gone]);
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0].state, "applied");
+        assert_eq!(rows[0].checksum_ok, Some(false));
+        assert_eq!(rows[1].state, "pending");
+        assert!(rows[1].out_of_order);
+        assert_eq!(rows[2].state, "missing");
+    }
+
+    #[test]
+    fn plans_from_files() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("0001_a.sql"), "-- kiln:up\ncreate table a (id int);\n-- kiln:down\ndrop table a;").unwrap();
+        std::fs::write(d.path().join("0002_b.sql"), "-- kiln:depends 0001_a\ncreate table b (id int);").unwrap();
+        let local = load_dir(d.path(), &LoadOptions::default()).unwrap();
+        let p = plan_up(&local, &[], &UpTarget::Latest, &Policy::default()).unwrap();
+        assert_eq!(p.steps.len(), 2);
+        assert_eq!(p.batch, 1);
+    }
+}

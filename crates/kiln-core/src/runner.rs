@@ -1,0 +1,574 @@
+//! The runner: plans under the lock and drives a [`Backend`] step by step.
+//!
+//! Every mutating operation takes the lock, reads the history *after* the lock
+//! is held (so a second runner that waited finds nothing left to do), and
+//! releases the lock on every path, errors included.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde::Serialize;
+
+use crate::backend::{Backend, RecordContext, StepError};
+use crate::error::{EngineError, PlanError, RunError};
+use crate::event::{Direction, Event, Observer, Silent};
+use crate::model::*;
+use crate::plan::{self, DownTarget, Policy, StatusRow, UpTarget};
+
+/// Settings of a runner.
+#[derive(Clone, Debug)]
+pub struct RunnerSettings {
+    /// How long to wait for another runner's lock.
+    pub lock_timeout: Duration,
+    /// `user@host` recorded as the actor.
+    pub actor: String,
+}
+
+impl Default for RunnerSettings {
+    fn default() -> Self {
+        RunnerSettings { lock_timeout: Duration::from_secs(60), actor: current_actor() }
+    }
+}
+
+/// One planned or executed step, for reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepReport {
+    /// Version.
+    pub version: String,
+    /// Description.
+    pub name: String,
+    /// File.
+    pub file: String,
+    /// Statements/commands in the body run.
+    pub statements: usize,
+    /// Transaction mode asked for.
+    pub transaction: TxMode,
+    /// Duration in ms (0 for dry runs).
+    pub duration_ms: u64,
+    /// The SQL statements or commands (dry runs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<Body>,
+}
+
+impl StepReport {
+    fn of(m: &Migration, body: &Body, ms: u64, with_body: bool) -> Self {
+        StepReport {
+            version: m.version.text.clone(),
+            name: m.description.clone(),
+            file: m.display_path(),
+            statements: body.len(),
+            transaction: m.directives.transaction,
+            duration_ms: ms,
+            body: with_body.then(|| body.clone()),
+        }
+    }
+}
+
+/// What `up` or `down` did (or would do, for a dry run).
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    /// Direction.
+    pub direction: Direction,
+    /// The batch recorded (up, when something ran).
+    pub batch: Option<i64>,
+    /// Steps done (or planned, for a dry run), in order.
+    pub steps: Vec<StepReport>,
+    /// Nothing was changed.
+    pub dry_run: bool,
+    /// Total time in ms.
+    pub duration_ms: u64,
+}
+
+/// What an operator command (baseline, retire, repair) changed.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdminReport {
+    /// The command.
+    pub action: String,
+    /// One line per change.
+    pub changes: Vec<String>,
+}
+
+/// Drives one backend.
+pub struct Runner<'b> {
+    backend: &'b mut dyn Backend,
+    settings: RunnerSettings,
+    observer: Arc<dyn Observer>,
+}
+
+impl<'b> Runner<'b> {
+    /// A runner over `backend`.
+    pub fn new(backend: &'b mut dyn Backend, settings: RunnerSettings) -> Self {
+        Runner { backend, settings, observer: Arc::new(Silent) }
+    }
+
+    /// Send events to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    fn emit(&self, e: Event) {
+        self.observer.on_event(&e);
+    }
+
+    fn check_kinds(&self, local: &[Migration]) -> Result<(), RunError> {
+        let caps = self.backend.capabilities();
+        let wrong: Vec<PlanError> = local
+            .iter()
+            .filter(|m| m.kind != caps.kind && m.kind != Kind::Code)
+            .map(|m| PlanError::WrongKind {
+                file: m.display_path(),
+                kind: match m.kind {
+                    Kind::Sql => "SQL".into(),
+                    Kind::Commands => "MongoDB command".into(),
+                    Kind::Code => "code".into(),
+                },
+                engine: caps.engine.into(),
+            })
+            .collect();
+        if wrong.is_empty() {
+            Ok(())
+        } else {
+            Err(RunError::Plan(wrong))
+        }
+    }
+
+    async fn acquire(&mut self) -> Result<(), RunError> {
+        if !self.backend.try_lock().await? {
+            let holder = self.backend.lock_holder().await.unwrap_or_else(|| "holder unknown".into());
+            self.emit(Event::LockWaiting { holder, timeout: self.settings.lock_timeout });
+            self.backend.lock(self.settings.lock_timeout).await?;
+        }
+        self.emit(Event::LockAcquired);
+        Ok(())
+    }
+
+    async fn release<T>(&mut self, result: Result<T, RunError>) -> Result<T, RunError> {
+        let unlocked = self.backend.unlock().await;
+        match (result, unlocked) {
+            (Ok(v), Ok(())) => Ok(v),
+            (Ok(_), Err(e)) => Err(e.into()),
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    fn log_entry(&self, event: &str, m: Option<(&Version, &str)>, batch: Option<i64>, reason: Option<&str>, detail: Option<String>) -> LogEntry {
+        LogEntry {
+            at: Utc::now(),
+            event: event.to_string(),
+            version: m.map(|(v, _)| v.number),
+            name: m.map(|(_, n)| n.to_string()),
+            batch,
+            actor: self.settings.actor.clone(),
+            reason: reason.map(str::to_string),
+            detail,
+        }
+    }
+
+    /// The history, or an empty one when kiln never ran here. Takes no lock and
+    /// creates nothing.
+    pub async fn history(&mut self) -> Result<Vec<AppliedMigration>, RunError> {
+        Ok(self.backend.read_history().await?.unwrap_or_default())
+    }
+
+    /// Every migration with its state (`kiln status`). Changes nothing.
+    pub async fn status(&mut self, local: &[Migration]) -> Result<Vec<StatusRow>, RunError> {
+        let applied = self.history().await?;
+        Ok(plan::status(local, &applied))
+    }
+
+    /// Apply pending migrations (`kiln up`). One call is one batch.
+    ///
+    /// # Errors
+    /// [`RunError::Plan`] lists every reason the plan was refused (nothing ran);
+    /// [`RunError::Migration`] names the failed migration, what it left behind and
+    /// what was applied before it.
+    pub async fn up(&mut self, local: &[Migration], target: &UpTarget, policy: &Policy, dry_run: bool) -> Result<RunReport, RunError> {
+        let started = Instant::now();
+        self.check_kinds(local)?;
+        // Fast path without the lock: when the history exists and nothing is
+        // pending, there is nothing to wait for (the cost every application pays
+        // at boot). Any problem goes through the locked path, because another
+        // runner may be in the middle of a migration.
+        let history = self.backend.read_history().await?;
+        if dry_run {
+            let applied = history.unwrap_or_default();
+            let p = plan::plan_up(local, &applied, target, policy).map_err(RunError::Plan)?;
+            return Ok(RunReport {
+                direction: Direction::Up,
+                batch: (!p.steps.is_empty()).then_some(p.batch),
+                steps: p.steps.iter().map(|m| StepReport::of(m, &m.up, 0, true)).collect(),
+                dry_run: true,
+                duration_ms: started.elapsed().as_millis() as u64,
+            });
+        }
+        if let Some(applied) = &history {
+            if let Ok(p) = plan::plan_up(local, applied, target, policy) {
+                if p.steps.is_empty() {
+                    return Ok(RunReport { direction: Direction::Up, batch: None, steps: vec![], dry_run: false, duration_ms: started.elapsed().as_millis() as u64 });
+                }
+            }
+        }
+        let target = target.clone();
+        let policy = policy.clone();
+        let mut report = async {
+            self.acquire().await?;
+            let this = &mut *self;
+            let r: Result<_, RunError> = async {
+                    this.backend.ensure_history().await?;
+                    let applied = this.backend.read_history().await?.unwrap_or_default();
+                    let p = plan::plan_up(local, &applied, &target, &policy).map_err(RunError::Plan)?;
+                    this.emit(Event::Planned { direction: Direction::Up, steps: p.steps.len(), batch: Some(p.batch) });
+                    if p.steps.is_empty() {
+                        return Ok(RunReport { direction: Direction::Up, batch: None, steps: vec![], dry_run: false, duration_ms: 0 });
+                    }
+                    let ctx = RecordContext { batch: p.batch, actor: this.settings.actor.clone() };
+                    let start = this.log_entry("run-start", None, Some(p.batch), None, Some(format!("up: {} pending", p.steps.len())));
+                    this.backend.log(&start).await?;
+                    let total = p.steps.len();
+                    let mut done: Vec<StepReport> = Vec::with_capacity(total);
+                    for (i, m) in p.steps.iter().enumerate() {
+                        this.emit(Event::StepStarted {
+                            direction: Direction::Up,
+                            version: m.version.text.clone(),
+                            name: m.description.clone(),
+                            index: i + 1,
+                            total,
+                        });
+                        let t = Instant::now();
+                        match this.backend.apply(m, &ctx).await {
+                            Ok(()) => {
+                                let d = t.elapsed();
+                                this.emit(Event::StepFinished { direction: Direction::Up, version: m.version.text.clone(), name: m.description.clone(), duration: d });
+                                done.push(StepReport::of(m, &m.up, d.as_millis() as u64, false));
+                            }
+                            Err(e) => return Err(this.step_failed(Direction::Up, m, e, &done, p.batch).await),
+                        }
+                    }
+                    let end = this.log_entry("run-end", None, Some(p.batch), None, Some(format!("up: {} applied", done.len())));
+                    this.backend.log(&end).await?; // also makes every commit of the run durable
+                    Ok(RunReport { direction: Direction::Up, batch: Some(p.batch), steps: done, dry_run: false, duration_ms: 0 })
+            }
+            .await;
+            self.release(r).await
+        }
+        .await?;
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        Ok(report)
+    }
+
+    async fn step_failed(&mut self, dir: Direction, m: &Migration, e: StepError, done: &[StepReport], batch: i64) -> RunError {
+        let done_versions: Vec<Version> = done.iter().filter_map(|s| Version::parse_arg(&s.version)).collect();
+        match e {
+            StepError::Body(a) => {
+                self.emit(Event::StepFailed { direction: dir, version: m.version.text.clone(), name: m.description.clone(), message: a.error.to_string() });
+                let end = self.log_entry(
+                    "run-end",
+                    None,
+                    Some(batch),
+                    None,
+                    Some(format!("{}: {} done, stopped at {}", if dir == Direction::Up { "up" } else { "down" }, done.len(), m.name())),
+                );
+                // The failure itself is logged by the backend; this commit makes the run durable.
+                let _ = self.backend.log(&end).await;
+                RunError::Migration { version: m.version.clone(), outcome: a.outcome, error: a.error, done: done_versions }
+            }
+            StepError::Engine(e) => {
+                self.emit(Event::StepFailed { direction: dir, version: m.version.text.clone(), name: m.description.clone(), message: e.to_string() });
+                RunError::Engine(e)
+            }
+        }
+    }
+
+    /// Revert applied migrations (`kiln down`).
+    ///
+    /// # Errors
+    /// As [`Runner::up`]; nothing is reverted unless every chosen migration can be.
+    pub async fn down(&mut self, local: &[Migration], target: &DownTarget, dry_run: bool) -> Result<RunReport, RunError> {
+        let started = Instant::now();
+        self.check_kinds(local)?;
+        if dry_run {
+            let applied = self.history().await?;
+            let p = plan::plan_down(local, &applied, target).map_err(RunError::Plan)?;
+            return Ok(RunReport {
+                direction: Direction::Down,
+                batch: None,
+                steps: p.steps.iter().map(|(m, _)| StepReport::of(m, m.down.as_ref().expect("planned"), 0, true)).collect(),
+                dry_run: true,
+                duration_ms: started.elapsed().as_millis() as u64,
+            });
+        }
+        let target = target.clone();
+        let mut report = async {
+            self.acquire().await?;
+            let this = &mut *self;
+            let r: Result<_, RunError> = async {
+                    let Some(applied) = this.backend.read_history().await? else {
+                        return Ok(RunReport { direction: Direction::Down, batch: None, steps: vec![], dry_run: false, duration_ms: 0 });
+                    };
+                    let p = plan::plan_down(local, &applied, &target).map_err(RunError::Plan)?;
+                    this.emit(Event::Planned { direction: Direction::Down, steps: p.steps.len(), batch: None });
+                    if p.steps.is_empty() {
+                        return Ok(RunReport { direction: Direction::Down, batch: None, steps: vec![], dry_run: false, duration_ms: 0 });
+                    }
+                    let batch = p.steps[0].1.batch;
+                    let ctx = RecordContext { batch, actor: this.settings.actor.clone() };
+                    let start = this.log_entry("run-start", None, Some(batch), None, Some(format!("down: {} to revert", p.steps.len())));
+                    this.backend.log(&start).await?;
+                    let total = p.steps.len();
+                    let mut done = Vec::with_capacity(total);
+                    for (i, (m, a)) in p.steps.iter().enumerate() {
+                        this.emit(Event::StepStarted { direction: Direction::Down, version: m.version.text.clone(), name: m.description.clone(), index: i + 1, total });
+                        let t = Instant::now();
+                        match this.backend.revert(m, a, &ctx).await {
+                            Ok(()) => {
+                                let d = t.elapsed();
+                                this.emit(Event::StepFinished { direction: Direction::Down, version: m.version.text.clone(), name: m.description.clone(), duration: d });
+                                done.push(StepReport::of(m, m.down.as_ref().expect("planned"), d.as_millis() as u64, false));
+                            }
+                            Err(e) => return Err(this.step_failed(Direction::Down, m, e, &done, batch).await),
+                        }
+                    }
+                    let end = this.log_entry("run-end", None, Some(batch), None, Some(format!("down: {} reverted", done.len())));
+                    this.backend.log(&end).await?;
+                    Ok(RunReport { direction: Direction::Down, batch: None, steps: done, dry_run: false, duration_ms: 0 })
+            }
+            .await;
+            self.release(r).await
+        }
+        .await?;
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        Ok(report)
+    }
+
+    /// Record every migration up to `version` as applied without running it
+    /// (`kiln baseline`), for databases that existed before kiln.
+    ///
+    /// # Errors
+    /// Refused when the history already records applied migrations.
+    pub async fn baseline(&mut self, local: &[Migration], version: &Version, reason: Option<&str>) -> Result<AdminReport, RunError> {
+        self.check_kinds(local)?;
+        let version = version.clone();
+        let reason = reason.map(str::to_string);
+        {
+            self.acquire().await?;
+            let this = &mut *self;
+            let r: Result<_, RunError> = async {
+                this.backend.ensure_history().await?;
+                let applied = this.backend.read_history().await?.unwrap_or_default();
+                if let Some(a) = applied.iter().find(|a| a.state != State::Retired) {
+                    return Err(PlanError::Refused(format!(
+                        "the history already records migrations (e.g. {} {} is {}); baseline is for databases that existed before kiln",
+                        a.version, a.description, a.state
+                    ))
+                    .into());
+                }
+                let batch = plan::next_batch(&applied);
+                let now = Utc::now();
+                let mk = |v: &Version, desc: &str, script: String, checksum: Checksum, group: Option<String>| AppliedMigration {
+                    version: v.clone(),
+                    description: desc.to_string(),
+                    script,
+                    group,
+                    checksum,
+                    state: State::Baseline,
+                    batch,
+                    applied_at: now,
+                    duration_ms: 0,
+                    applied_by: this.settings.actor.clone(),
+                    kiln_version: KILN_VERSION.into(),
+                    error: None,
+                };
+                let mut entries: Vec<AppliedMigration> = local
+                    .iter()
+                    .filter(|m| m.version <= version)
+                    .filter(|m| !applied.iter().any(|a| a.version == m.version))
+                    .map(|m| mk(&m.version, &m.description, m.display_path(), m.checksum.clone(), m.directives.group.clone()))
+                    .collect();
+                if !local.iter().any(|m| m.version == version) {
+                    entries.push(mk(&version, "<< baseline >>", String::new(), Checksum(String::new()), None));
+                }
+                this.backend.upsert_history(&entries).await?;
+                let changes: Vec<String> = entries.iter().map(|e| format!("{} {}: baseline", e.version, e.description)).collect();
+                let entry = this.log_entry(
+                    "baseline",
+                    Some((&version, "")),
+                    Some(batch),
+                    reason.as_deref(),
+                    Some(format!("{} migrations up to {} recorded as baseline", entries.len(), version)),
+                );
+                this.backend.log(&entry).await?;
+                Ok(AdminReport { action: "baseline".into(), changes })
+            }
+            .await;
+            self.release(r).await
+        }
+    }
+
+    /// Retire a migration (`kiln retire`): record it as retired, then rename its
+    /// file(s) under `dir` to `….retired` so it is never loaded again.
+    pub async fn retire(&mut self, local: &[Migration], dir: &Path, version: &Version, reason: &str) -> Result<AdminReport, RunError> {
+        let version = version.clone();
+        let reason = reason.to_string();
+        let dir = dir.to_path_buf();
+        {
+            self.acquire().await?;
+            let this = &mut *self;
+            let r: Result<_, RunError> = async {
+                this.backend.ensure_history().await?;
+                let applied = this.backend.read_history().await?.unwrap_or_default();
+                let file = local.iter().find(|m| m.version == version);
+                let rec = applied.iter().find(|a| a.version == version);
+                let entry = match (file, rec) {
+                    (_, Some(a)) if a.state == State::Retired => {
+                        return Err(PlanError::Refused(format!("migration {version} is already retired")).into())
+                    }
+                    (_, Some(a)) => AppliedMigration { state: State::Retired, error: None, ..a.clone() },
+                    (Some(m), None) => AppliedMigration {
+                        version: m.version.clone(),
+                        description: m.description.clone(),
+                        script: m.display_path(),
+                        group: m.directives.group.clone(),
+                        checksum: m.checksum.clone(),
+                        state: State::Retired,
+                        batch: 0,
+                        applied_at: Utc::now(),
+                        duration_ms: 0,
+                        applied_by: this.settings.actor.clone(),
+                        kiln_version: KILN_VERSION.into(),
+                        error: None,
+                    },
+                    (None, None) => {
+                        return Err(PlanError::UnknownVersion { version: version.to_string(), hint: "no file and no history entry".into() }.into())
+                    }
+                };
+                let old = rec.map(|a| a.state.to_string()).unwrap_or_else(|| "pending".into());
+                this.backend.upsert_history(std::slice::from_ref(&entry)).await?;
+                let mut changes = vec![format!("{} {}: {} -> retired", entry.version, entry.description, old)];
+                if let Some(m) = file {
+                    for p in files_of(m) {
+                        let from = dir.join(&p);
+                        let mut to = from.clone().into_os_string();
+                        to.push(".retired");
+                        std::fs::rename(&from, &to).map_err(|e| {
+                            EngineError::Unsupported(format!(
+                                "recorded {version} as retired but could not rename {}: {e}; rename it to {}.retired by hand",
+                                p.display(),
+                                p.display()
+                            ))
+                        })?;
+                        changes.push(format!("renamed {} to {}.retired", p.display(), p.display()));
+                    }
+                }
+                let log = this.log_entry("retire", Some((&entry.version, &entry.description)), None, Some(&reason), Some(format!("was {old}")));
+                this.backend.log(&log).await?;
+                Ok(AdminReport { action: "retire".into(), changes })
+            }
+            .await;
+            self.release(r).await
+        }
+    }
+
+    /// Accept deliberate changes (`kiln repair`): realign changed checksums and
+    /// clear failed or interrupted entries — all of them, or one version's.
+    /// A cleared entry is deleted (the migration is pending again), or with
+    /// `mark_applied` recorded as applied (it was completed by hand).
+    pub async fn repair(&mut self, local: &[Migration], version: Option<&Version>, mark_applied: bool, reason: &str) -> Result<AdminReport, RunError> {
+        let version = version.cloned();
+        let reason = reason.to_string();
+        {
+            self.acquire().await?;
+            let this = &mut *self;
+            let r: Result<_, RunError> = async {
+                let applied = this.backend.read_history().await?.unwrap_or_default();
+                if let Some(v) = &version {
+                    if !applied.iter().any(|a| &a.version == v) {
+                        return Err(PlanError::UnknownVersion { version: v.to_string(), hint: "it is not recorded in the history, so there is nothing to repair".into() }.into());
+                    }
+                }
+                let mut changes = Vec::new();
+                for a in &applied {
+                    if let Some(v) = &version {
+                        if &a.version != v {
+                            continue;
+                        }
+                    }
+                    let file = local.iter().find(|m| m.version == a.version);
+                    let name = a.description.clone();
+                    match a.state {
+                        State::Failed | State::Running => {
+                            if mark_applied {
+                                let mut e = AppliedMigration { state: State::Applied, error: None, ..a.clone() };
+                                if let Some(m) = file {
+                                    e.checksum = m.checksum.clone();
+                                }
+                                this.backend.upsert_history(std::slice::from_ref(&e)).await?;
+                                changes.push(format!("{} {}: {} -> applied (completed by hand)", a.version, name, a.state));
+                            } else {
+                                this.backend.delete_history(a.version.number).await?;
+                                changes.push(format!("{} {}: {} entry removed; it is pending again", a.version, name, a.state));
+                            }
+                            let detail = format!(
+                                "{} -> {}; recorded error: {}",
+                                a.state,
+                                if mark_applied { "applied" } else { "removed" },
+                                a.error.as_ref().map(|e| e.message.as_str()).unwrap_or("none")
+                            );
+                            let log = this.log_entry("repair", Some((&a.version, &name)), Some(a.batch), Some(&reason), Some(detail));
+                            this.backend.log(&log).await?;
+                        }
+                        State::Applied | State::Baseline => match file {
+                            Some(m) if m.checksum != a.checksum && !a.checksum.0.is_empty() => {
+                                let e = AppliedMigration { checksum: m.checksum.clone(), ..a.clone() };
+                                this.backend.upsert_history(std::slice::from_ref(&e)).await?;
+                                changes.push(format!("{} {}: checksum {} -> {}", a.version, name, a.checksum.short(), m.checksum.short()));
+                                let log = this.log_entry(
+                                    "repair",
+                                    Some((&a.version, &name)),
+                                    Some(a.batch),
+                                    Some(&reason),
+                                    Some(format!("checksum {} -> {}", a.checksum, m.checksum)),
+                                );
+                                this.backend.log(&log).await?;
+                            }
+                            None if version.is_some() && !a.script.is_empty() => {
+                                return Err(PlanError::Refused(format!(
+                                    "the file of {} {} is missing; restore it, or run `kiln retire {}` to drop it from every plan",
+                                    a.version, name, a.version
+                                ))
+                                .into())
+                            }
+                            _ => {}
+                        },
+                        State::Retired => {}
+                    }
+                }
+                if changes.is_empty() {
+                    changes.push(match &version {
+                        Some(v) => format!("{v}: nothing to repair"),
+                        None => "nothing to repair".into(),
+                    });
+                }
+                Ok(AdminReport { action: "repair".into(), changes })
+            }
+            .await;
+            self.release(r).await
+        }
+    }
+}
+
+/// The files that make up a migration, relative to the migrations directory.
+pub fn files_of(m: &Migration) -> Vec<std::path::PathBuf> {
+    let p = m.path.clone();
+    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if let Some(stem) = name.strip_suffix(".up.sql") {
+        let down = p.with_file_name(format!("{stem}.down.sql"));
+        if m.down.is_some() {
+            return vec![p, down];
+        }
+        return vec![p];
+    }
+    vec![p]
+}
