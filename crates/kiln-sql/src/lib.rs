@@ -1,1 +1,46 @@
+//! kiln-sql: the PostgreSQL, MySQL/MariaDB and SQLite engines, one module each
+//! behind a cargo feature.
+//!
+//! The design decision to know: each engine keeps **one connection** for its
+//! whole life and does the history write in the same transaction as the
+//! migration wherever the engine allows (PostgreSQL, SQLite). Where DDL commits
+//! implicitly (MySQL/MariaDB), an intent row in state `running` is committed
+//! first, so a crash mid-migration leaves an entry that blocks the next run
+//! instead of a silent disagreement between schema and history.
 
+#![warn(missing_docs)]
+
+pub mod common;
+#[cfg(feature = "mysql")]
+pub mod mysql;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+use kiln_core::url::{redact, EngineKind};
+use kiln_core::{Backend, BackendConfig, EngineError};
+
+/// Connect to the SQL database named by `cfg.url`.
+///
+/// # Errors
+/// [`EngineError::BadUrl`] for a URL that names no SQL engine (or one not
+/// compiled in), [`EngineError::Connect`] when the server cannot be reached.
+pub async fn connect(cfg: &BackendConfig) -> Result<Box<dyn Backend>, EngineError> {
+    match EngineKind::of(&cfg.url) {
+        #[cfg(feature = "postgres")]
+        Some(EngineKind::Postgres) => { let _b = postgres::PgBackend::connect(cfg).await?; unreachable!() },
+        #[cfg(feature = "mysql")]
+        Some(EngineKind::Mysql) => { let _b = mysql::MysqlBackend::connect(cfg).await?; unreachable!() },
+        #[cfg(feature = "sqlite")]
+        Some(EngineKind::Sqlite) => { let _b = sqlite::SqliteBackend::connect(cfg).await?; unreachable!() },
+        Some(other) => Err(EngineError::BadUrl {
+            url: redact(&cfg.url),
+            message: format!("{other:?} is not a SQL engine of this build"),
+        }),
+        None => Err(EngineError::BadUrl {
+            url: redact(&cfg.url),
+            message: "unknown scheme; use sqlite://, postgres://, mysql:// / mariadb:// or mongodb://".into(),
+        }),
+    }
+}
