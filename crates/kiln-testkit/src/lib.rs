@@ -106,7 +106,7 @@ impl TestDb {
                 let mut c = sqlx::MySqlConnection::connect(&admin).await.unwrap_or_else(|e| {
                     panic!("MySQL/MariaDB test server not reachable at {admin}: {e}. Start it (`start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd`) or set KILN_TEST_MYSQL_URL")
                 });
-                sqlx::raw_sql(&format!("CREATE DATABASE `{name}`")).execute(&mut c).await.expect("create test database");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE `{name}`"))).execute(&mut c).await.expect("create test database");
                 let _ = c.close().await;
                 TestDb { engine, url: with_db(&admin, &name), name, admin_url: admin, _dir: None }
             }
@@ -133,7 +133,7 @@ impl TestDb {
             Engine::Mysql => {
                 use sqlx::Connection;
                 let mut c = sqlx::MySqlConnection::connect(&self.url).await?;
-                sqlx::raw_sql(sql).execute(&mut c).await?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string())).execute(&mut c).await?;
                 c.close().await?;
                 Ok(())
             }
@@ -169,11 +169,7 @@ impl TestDb {
             Engine::Mysql => {
                 use sqlx::{Connection, Row};
                 let mut c = sqlx::MySqlConnection::connect(&self.url).await?;
-                let rows = sqlx::raw_sql(&format!("SELECT CAST(x.v AS CHAR) FROM ({sql}) AS x(v)")).fetch_all(&mut c).await;
-                let rows = match rows {
-                    Ok(r) => r,
-                    Err(_) => sqlx::raw_sql(sql).fetch_all(&mut c).await?,
-                };
+                let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string())).fetch_all(&mut c).await?;
                 let mut out = Vec::new();
                 for r in rows {
                     let v: Option<String> = r.try_get(0).or_else(|_| r.try_get::<Option<i64>, _>(0).map(|x| x.map(|n| n.to_string())))?;
@@ -219,7 +215,7 @@ impl Drop for TestDb {
                     Engine::Mysql => {
                         use sqlx::Connection;
                         if let Ok(mut c) = sqlx::MySqlConnection::connect(&admin).await {
-                            let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS `{name}`")).execute(&mut c).await;
+                            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS `{name}`"))).execute(&mut c).await;
                             let _ = c.close().await;
                         }
                     }
