@@ -33,12 +33,14 @@ pub struct BackendConfig {
     /// PostgreSQL schema for kiln's tables and the migrations' search_path
     /// (default: the connection's current schema). Used for schema-per-tenant.
     pub schema: Option<String>,
+    /// Database name to use when the URL names none (MongoDB: `[mongodb] database` in kiln.toml).
+    pub database: Option<String>,
 }
 
 impl BackendConfig {
     /// Defaults for `url`.
     pub fn new(url: impl Into<String>) -> Self {
-        BackendConfig { url: url.into(), history_table: "kiln_history".into(), log_table: "kiln_log".into(), schema: None }
+        BackendConfig { url: url.into(), history_table: "kiln_history".into(), log_table: "kiln_log".into(), schema: None, database: None }
     }
 }
 
