@@ -1,0 +1,478 @@
+//! Command-line flags and the commands behind them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kiln::config::{self, Config, Overrides, Versioning};
+use kiln::{Backend, DownTarget, Migration, Policy, RunError, Runner, RunnerSettings, UpTarget, Version};
+
+use crate::render;
+
+/// Database migrations for MongoDB, PostgreSQL, MySQL/MariaDB and SQLite.
+///
+/// Versioned up/down migrations with a history in the database, checksums that
+/// keep applied migrations immutable, and one runner at a time under a lock.
+#[derive(Parser, Debug)]
+#[command(name = "kiln", version, propagate_version = true, max_term_width = 100)]
+#[command(after_help = "The database URL comes from --url, else KILN_DATABASE_URL, else DATABASE_URL (also read from .env), else kiln.toml, else sqlite://kiln.db.\nExit codes: 0 success, 1 a migration or check failed, 2 bad usage or configuration.")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// Flags every command accepts.
+#[derive(Args, Debug)]
+pub struct Global {
+    /// Database URL: sqlite://file.db, postgres://…, mysql://… / mariadb://…, mongodb://…
+    #[arg(long, global = true, value_name = "URL")]
+    pub url: Option<String>,
+    /// Migrations directory [default: kiln.toml's `dir`, else migrations/]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Config file [default: kiln.toml; env KILN_CONFIG]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print one JSON document instead of human output
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// How long to wait for another runner's lock (e.g. 60, 90s, 2m) [default: 60s]
+    #[arg(long, global = true, value_name = "DURATION")]
+    pub lock_timeout: Option<String>,
+    /// Log filter for diagnostics on stderr (error, warn, info, debug, trace) [env: KILN_LOG]
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// Layout of a new SQL migration.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Layout {
+    /// One file with `-- kiln:up` and `-- kiln:down` sections
+    Single,
+    /// `NAME.up.sql` and `NAME.down.sql`
+    Pair,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Write kiln.toml and create the migrations directory
+    Init {
+        /// Overwrite an existing kiln.toml
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write the next migration file from a template
+    Create {
+        /// Description in lower-case snake case, e.g. add_user_index
+        name: String,
+        /// Number it with a UTC timestamp (default: kiln.toml's `versioning`)
+        #[arg(long, conflicts_with = "sequential")]
+        timestamp: bool,
+        /// Number it with the next sequential number
+        #[arg(long)]
+        sequential: bool,
+        /// File layout for SQL migrations
+        #[arg(long, value_enum, default_value = "single")]
+        layout: Layout,
+    },
+    /// Apply pending migrations, in order, as one batch
+    Up {
+        /// Apply pending migrations up to and including this version
+        #[arg(long, value_name = "VERSION")]
+        to: Option<String>,
+        /// Print the plan and change nothing (not even the history table)
+        #[arg(long)]
+        dry_run: bool,
+        /// Allow pending migrations older than the newest applied one
+        #[arg(long)]
+        allow_out_of_order: bool,
+        /// Only migrations of this group (schema/collection)
+        #[arg(long, visible_alias = "collection", value_name = "NAME")]
+        group: Option<String>,
+    },
+    /// Revert the last batch (or --steps N, or --to VERSION)
+    Down {
+        /// Revert the last N applied migrations
+        #[arg(long, value_name = "N", conflicts_with = "to")]
+        steps: Option<usize>,
+        /// Revert everything applied after VERSION (0 reverts all)
+        #[arg(long, value_name = "VERSION")]
+        to: Option<String>,
+        /// Print the plan and change nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show every migration: version, name, state, batch, applied at, duration, checksum
+    #[command(visible_alias = "list")]
+    Status {
+        /// Also show every collection: exists, documents, indexes, validator (MongoDB)
+        #[arg(long)]
+        collections: bool,
+        /// With --collections: count documents exactly instead of estimating
+        #[arg(long, requires = "collections")]
+        exact: bool,
+    },
+    /// Record every migration up to VERSION as applied without running it
+    Baseline {
+        /// The newest version the existing database already has
+        version: String,
+        /// Why (written to the event log)
+        #[arg(long, default_value = "baseline of a database that existed before kiln")]
+        reason: String,
+    },
+    /// Remove a migration from every future plan and rename its file to .retired
+    Retire {
+        /// Version to retire
+        version: String,
+        /// Why (written to the event log)
+        #[arg(long)]
+        reason: String,
+    },
+    /// Accept changed checksums and clear failed or interrupted migrations
+    Repair {
+        /// Only this version (default: every changed or failed migration)
+        version: Option<String>,
+        /// Record a failed migration as applied (you completed it by hand) instead of removing its entry
+        #[arg(long, requires = "version")]
+        mark_applied: bool,
+        /// Why (written to the event log)
+        #[arg(long)]
+        reason: String,
+    },
+    /// Create, compare and (with --prune) drop indexes declared in indexes/<collection>.yaml (MongoDB)
+    Sync {
+        /// Drop indexes that are not declared (never _id_)
+        #[arg(long)]
+        prune: bool,
+        /// Print the differences and change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Directory of index declarations [default: indexes/ beside the migrations directory]
+        #[arg(long, value_name = "DIR")]
+        indexes: Option<PathBuf>,
+    },
+}
+
+/// An error of the command line, with its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Configuration (exit 2).
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// A run (exit code from the error).
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// Bad usage (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// Something else failed (exit 1).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Config(_) | CliError::Usage(_) => 2,
+            CliError::Run(e) => e.exit_code(),
+            CliError::Failed(_) => 1,
+        }
+    }
+}
+
+impl From<kiln::EngineError> for CliError {
+    fn from(e: kiln::EngineError) -> Self {
+        CliError::Run(e.into())
+    }
+}
+impl From<kiln::SourceError> for CliError {
+    fn from(e: kiln::SourceError) -> Self {
+        CliError::Run(e.into())
+    }
+}
+
+fn parse_version(s: &str) -> Result<Version, CliError> {
+    Version::parse_arg(s).ok_or_else(|| CliError::Usage(format!("{s:?} is not a migration version (expected digits, e.g. 0007 or 20251101120000)")))
+}
+
+pub async fn run(cli: Cli) -> Result<i32, CliError> {
+    let g = &cli.global;
+    let lock_timeout = match &g.lock_timeout {
+        Some(t) => Some(config::parse_duration_text(t).map_err(|m| CliError::Usage(format!("--lock-timeout: {m}")))?),
+        None => None,
+    };
+    let allow_ooo = matches!(cli.cmd, Cmd::Up { allow_out_of_order: true, .. });
+    let overrides = Overrides { url: g.url.clone(), dir: g.dir.clone(), config: g.config.clone(), lock_timeout, allow_out_of_order: allow_ooo };
+    let json = g.json;
+
+    match &cli.cmd {
+        Cmd::Init { force } => return init(g, *force, json),
+        Cmd::Create { name, timestamp, sequential, layout } => {
+            let cfg = Config::load(&overrides)?;
+            let versioning = if *timestamp {
+                Versioning::Timestamp
+            } else if *sequential {
+                Versioning::Sequential
+            } else {
+                cfg.versioning
+            };
+            return create(&cfg, name, versioning, *layout, json);
+        }
+        _ => {}
+    }
+
+    let cfg = Config::load(&overrides)?;
+    if kiln::url::EngineKind::of(&cfg.url).is_none() {
+        return Err(CliError::Run(
+            kiln::EngineError::BadUrl {
+                url: cfg.redacted_url(),
+                message: "unknown scheme; use sqlite://, postgres://, mysql:// / mariadb://, mongodb:// or mongodb+srv://".into(),
+            }
+            .into(),
+        ));
+    }
+
+    if let Cmd::Sync { prune, dry_run, indexes } = &cli.cmd {
+        return sync(&cfg, *prune, *dry_run, indexes.clone(), json).await;
+    }
+
+    // Read the files while the connection is being set up: both wait on I/O.
+    let dir = cfg.dir.clone();
+    let opts = kiln::load_options(&cfg.url, cfg.name_rule.clone());
+    let loader = std::thread::spawn(move || kiln::load_dir(&dir, &opts));
+    let connected = kiln::connect(&cfg.backend_config()).await;
+    let local = loader.join().map_err(|_| CliError::Failed("loading migrations panicked".into()))?;
+    let local = local.map_err(|e| annotate_dir(e, &cfg.dir))?;
+    let mut backend = connected?;
+
+    let observer: Arc<dyn kiln::Observer> = if json { Arc::new(kiln::event::Silent) } else { Arc::new(render::Progress::new()) };
+    let settings = RunnerSettings { lock_timeout: cfg.lock_timeout, ..RunnerSettings::default() };
+    let result = command(&cli.cmd, &cfg, &local, backend.as_mut(), settings, observer, json).await;
+    let _ = backend.close().await;
+    result
+}
+
+fn annotate_dir(e: kiln::SourceError, dir: &Path) -> CliError {
+    match e {
+        kiln::SourceError::Dir { dir: d, source } if source.kind() == std::io::ErrorKind::NotFound => CliError::Usage(format!(
+            "migrations directory {} does not exist; run `kiln init`, or point --dir / kiln.toml's `dir` at it",
+            d.display()
+        )),
+        other => {
+            let _ = dir;
+            CliError::Run(other.into())
+        }
+    }
+}
+
+async fn command(
+    cmd: &Cmd,
+    cfg: &Config,
+    local: &[Migration],
+    backend: &mut dyn Backend,
+    settings: RunnerSettings,
+    observer: Arc<dyn kiln::Observer>,
+    json: bool,
+) -> Result<i32, CliError> {
+    let target = format!("{} ({} migrations in {})", cfg.redacted_url(), local.len(), cfg.dir.display());
+    let mut runner = Runner::new(backend, settings).with_observer(observer);
+    match cmd {
+        Cmd::Up { to, dry_run, group, .. } => {
+            let t = match to {
+                Some(v) => UpTarget::To(parse_version(v)?),
+                None => UpTarget::Latest,
+            };
+            let policy = Policy { allow_out_of_order: cfg.allow_out_of_order, group: group.clone() };
+            let r = runner.up(local, &t, &policy, *dry_run).await?;
+            render::run_report(&r, &target, json);
+            Ok(0)
+        }
+        Cmd::Down { steps, to, dry_run } => {
+            let t = match (steps, to) {
+                (Some(n), _) => DownTarget::Steps(*n),
+                (None, Some(v)) => DownTarget::To(parse_version(v)?),
+                (None, None) => DownTarget::LastBatch,
+            };
+            let r = runner.down(local, &t, *dry_run).await?;
+            render::run_report(&r, &target, json);
+            Ok(0)
+        }
+        Cmd::Status { collections, exact } => {
+            let rows = runner.status(local).await?;
+            drop(runner);
+            let cols = if *collections { Some(collection_status(cfg, local, *exact).await?) } else { None };
+            render::status(&rows, cols.as_ref(), &target, json);
+            Ok(0)
+        }
+        Cmd::Baseline { version, reason } => {
+            let v = parse_version(version)?;
+            let r = runner.baseline(local, &v, Some(reason)).await?;
+            render::admin(&r, json);
+            Ok(0)
+        }
+        Cmd::Retire { version, reason } => {
+            let v = parse_version(version)?;
+            let r = runner.retire(local, &cfg.dir, &v, reason).await?;
+            render::admin(&r, json);
+            Ok(0)
+        }
+        Cmd::Repair { version, mark_applied, reason } => {
+            let v = match version {
+                Some(v) => Some(parse_version(v)?),
+                None => None,
+            };
+            let r = runner.repair(local, v.as_ref(), *mark_applied, reason).await?;
+            render::admin(&r, json);
+            Ok(0)
+        }
+        Cmd::Init { .. } | Cmd::Create { .. } | Cmd::Sync { .. } => unreachable!("handled before connecting"),
+    }
+}
+
+#[cfg(feature = "mongodb")]
+async fn collection_status(cfg: &Config, local: &[Migration], exact: bool) -> Result<serde_json::Value, CliError> {
+    use kiln::url::EngineKind;
+    if EngineKind::of(&cfg.url) != Some(EngineKind::Mongodb) {
+        return Err(CliError::Usage("--collections is for MongoDB databases".into()));
+    }
+    // Collections the migrations and index declarations name, so missing ones show up too.
+    let mut extra: Vec<String> = Vec::new();
+    for m in local {
+        for body in std::iter::once(&m.up).chain(m.down.iter()) {
+            if let kiln::Body::Commands { commands, .. } = body {
+                for c in commands {
+                    if let Some((k, serde_json::Value::String(coll))) = c.doc.as_object().and_then(|o| o.iter().next()) {
+                        if matches!(k.as_str(), "create" | "createIndexes" | "collMod" | "insert" | "update") && !extra.contains(coll) {
+                            extra.push(coll.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let rows = kiln_mongo::collection_status(&cfg.backend_config(), &extra, exact).await?;
+    serde_json::to_value(rows).map_err(|e| CliError::Failed(e.to_string()))
+}
+
+#[cfg(not(feature = "mongodb"))]
+async fn collection_status(_cfg: &Config, _local: &[Migration], _exact: bool) -> Result<serde_json::Value, CliError> {
+    Err(CliError::Usage("this kiln was built without MongoDB support".into()))
+}
+
+#[cfg(feature = "mongodb")]
+async fn sync(cfg: &Config, prune: bool, dry_run: bool, indexes: Option<PathBuf>, json: bool) -> Result<i32, CliError> {
+    use kiln::url::EngineKind;
+    if EngineKind::of(&cfg.url) != Some(EngineKind::Mongodb) {
+        return Err(CliError::Usage("`kiln sync` manages declared MongoDB indexes; the database is not MongoDB".into()));
+    }
+    let dir = indexes.unwrap_or_else(|| cfg.dir.parent().map(|p| p.join("indexes")).unwrap_or_else(|| PathBuf::from("indexes")));
+    if !dir.is_dir() {
+        return Err(CliError::Usage(format!("index declarations directory {} does not exist (use --indexes DIR)", dir.display())));
+    }
+    let report = kiln_mongo::sync_indexes(&cfg.backend_config(), &dir, &kiln_mongo::SyncOptions { prune, dry_run })
+        .await
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+    render::sync_report(&report, json);
+    Ok(0)
+}
+
+#[cfg(not(feature = "mongodb"))]
+async fn sync(_cfg: &Config, _prune: bool, _dry_run: bool, _indexes: Option<PathBuf>, _json: bool) -> Result<i32, CliError> {
+    Err(CliError::Usage("this kiln was built without MongoDB support".into()))
+}
+
+fn init(g: &Global, force: bool, json: bool) -> Result<i32, CliError> {
+    let path = g.config.clone().unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG));
+    if path.exists() && !force {
+        return Err(CliError::Usage(format!("{} already exists; use --force to overwrite it", path.display())));
+    }
+    let url = g.url.clone().unwrap_or_else(|| config::DEFAULT_URL.to_string());
+    if kiln::url::EngineKind::of(&url).is_none() {
+        return Err(CliError::Usage(format!(
+            "--url {}: unknown scheme; use sqlite://, postgres://, mysql:// / mariadb://, mongodb:// or mongodb+srv://",
+            kiln::url::redact(&url)
+        )));
+    }
+    let dir = g.dir.clone().unwrap_or_else(|| PathBuf::from(config::DEFAULT_DIR));
+    let text = config::init_template(&url.replace('"', "\\\""), &dir.display().to_string());
+    std::fs::write(&path, text).map_err(|e| CliError::Failed(format!("cannot write {}: {e}", path.display())))?;
+    let dir_abs = path.parent().map(|p| p.join(&dir)).unwrap_or(dir.clone());
+    std::fs::create_dir_all(&dir_abs).map_err(|e| CliError::Failed(format!("cannot create {}: {e}", dir_abs.display())))?;
+    if json {
+        render::json(&serde_json::json!({"config": path, "dir": dir_abs, "url": kiln::url::redact(&url)}));
+    } else {
+        println!("Wrote {} (database {})", path.display(), kiln::url::redact(&url));
+        println!("Created {}/", dir_abs.display());
+        println!("Next: kiln create <name>, edit the file, kiln up");
+    }
+    Ok(0)
+}
+
+fn create(cfg: &Config, name: &str, versioning: Versioning, layout: Layout, json: bool) -> Result<i32, CliError> {
+    let snake = regex::Regex::new(r"^[a-z0-9]+(_[a-z0-9]+)*$").expect("valid");
+    if cfg.name_rule.is_none() && !snake.is_match(name) {
+        return Err(CliError::Usage(format!(
+            "{name:?}: migration names are lower-case snake_case (letters, digits, single underscores), e.g. add_user_index"
+        )));
+    }
+    let dir = &cfg.dir;
+    if !dir.is_dir() {
+        return Err(CliError::Usage(format!("migrations directory {} does not exist; run `kiln init` first", dir.display())));
+    }
+    // Highest version in use, counting retired files so no version is reused.
+    let mut max: u64 = 0;
+    let mut width = 4;
+    let rd = std::fs::read_dir(dir).map_err(|e| CliError::Failed(format!("cannot read {}: {e}", dir.display())))?;
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if let Some((v, _)) = kiln::source::split_version(n.split('.').next().unwrap_or("")) {
+            if v.number >= max {
+                max = v.number;
+                width = width.max(v.text.len());
+            }
+        }
+    }
+    let version = match versioning {
+        Versioning::Sequential => format!("{:0width$}", max + 1, width = width),
+        Versioning::Timestamp => {
+            let now: u64 = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string().parse().expect("digits");
+            now.max(max + 1).to_string()
+        }
+    };
+    let stem = format!("{version}_{name}");
+    kiln::source::check_name(&stem, &kiln::load_options(&cfg.url, cfg.name_rule.clone()))?;
+    let mongo = kiln::url::EngineKind::of(&cfg.url) == Some(kiln::url::EngineKind::Mongodb);
+    let files: Vec<(PathBuf, String)> = if mongo {
+        vec![(dir.join(format!("{stem}.yaml")), MONGO_TEMPLATE.to_string())]
+    } else if layout == Layout::Pair {
+        vec![
+            (dir.join(format!("{stem}.up.sql")), "-- Forward change. Statements end with `;`.\n\n".to_string()),
+            (dir.join(format!("{stem}.down.sql")), "-- Undo the forward change. Delete this file to make the migration irreversible.\n\n".to_string()),
+        ]
+    } else {
+        vec![(dir.join(format!("{stem}.sql")), SQL_TEMPLATE.to_string())]
+    };
+    for (p, text) in &files {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(p)
+            .map_err(|e| CliError::Failed(format!("cannot create {}: {e}", p.display())))?;
+        f.write_all(text.as_bytes()).map_err(|e| CliError::Failed(format!("cannot write {}: {e}", p.display())))?;
+    }
+    if json {
+        render::json(&serde_json::json!({"version": version, "files": files.iter().map(|(p, _)| p).collect::<Vec<_>>()}));
+    } else {
+        for (p, _) in &files {
+            println!("Created {}", p.display());
+        }
+    }
+    Ok(0)
+}
+
+const SQL_TEMPLATE: &str = "-- kiln:up\n-- Forward change. Statements end with `;`. Header directives go above this line,\n-- e.g. `-- kiln:depends 0001_create_users` or `-- kiln:transaction off`.\n\n\n-- kiln:down\n-- Undo the forward change. Delete this section to make the migration irreversible.\n\n";
+
+const MONGO_TEMPLATE: &str = "# MongoDB database commands, exactly as db.runCommand() takes them (Extended JSON\n# for dates and ids). Example:\n#   up:\n#     - createIndexes: users\n#       indexes:\n#         - key: { email: 1 }\n#           name: email_1\n#           unique: true\n#   down:\n#     - dropIndexes: users\n#       index: email_1\nup: []\ndown: []\n";

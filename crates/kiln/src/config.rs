@@ -1,0 +1,341 @@
+//! Configuration: `kiln.toml`, environment, `.env` and command-line flags.
+//!
+//! Precedence for the database URL: `--url`, then `KILN_DATABASE_URL`, then
+//! `DATABASE_URL` (either may come from a `.env` file, which never overrides
+//! the real environment), then `url` in `kiln.toml`, then the embedded default
+//! `sqlite://kiln.db`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The embedded default database.
+pub const DEFAULT_URL: &str = "sqlite://kiln.db";
+/// The default migrations directory.
+pub const DEFAULT_DIR: &str = "migrations";
+/// The default config file.
+pub const DEFAULT_CONFIG: &str = "kiln.toml";
+
+/// How new migration versions are numbered by `kiln create`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Versioning {
+    /// `0001`, `0002`, …
+    #[default]
+    Sequential,
+    /// `20251101120000` (UTC).
+    Timestamp,
+}
+
+/// A duration written as seconds (`60`) or with a unit (`"90s"`, `"2m"`, `"500ms"`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum DurationValue {
+    Secs(u64),
+    Text(String),
+}
+
+/// `[mongodb]` section.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MongoSection {
+    /// Database to use when the URL names none.
+    pub database: Option<String>,
+}
+
+/// The contents of `kiln.toml`. Every key is optional.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Database URL.
+    pub url: Option<String>,
+    /// Migrations directory (relative to the config file's directory).
+    pub dir: Option<PathBuf>,
+    /// History table/collection.
+    pub history_table: Option<String>,
+    /// Event log table/collection.
+    pub log_table: Option<String>,
+    /// Lock wait.
+    lock_timeout: Option<DurationValue>,
+    /// Numbering for `kiln create`.
+    pub versioning: Option<Versioning>,
+    /// Naming rule (regex on the file name without extension).
+    pub name_rule: Option<String>,
+    /// Allow pending migrations older than the newest applied one.
+    pub allow_out_of_order: Option<bool>,
+    /// PostgreSQL schema for kiln's tables and the migrations.
+    pub schema: Option<String>,
+    /// MongoDB settings.
+    pub mongodb: Option<MongoSection>,
+}
+
+/// A configuration problem (exit code 2).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// kiln.toml cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// kiln.toml cannot be parsed.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML error, with line and column.
+        message: String,
+    },
+    /// A `.env` file cannot be parsed.
+    #[error(".env: {0}")]
+    DotEnv(String),
+    /// A value is invalid.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Flags from the command line (or a library caller) that override the file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--url`.
+    pub url: Option<String>,
+    /// `--dir`.
+    pub dir: Option<PathBuf>,
+    /// `--config`.
+    pub config: Option<PathBuf>,
+    /// `--lock-timeout` in seconds.
+    pub lock_timeout: Option<Duration>,
+    /// `--allow-out-of-order`.
+    pub allow_out_of_order: bool,
+}
+
+/// Where the URL came from, for messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UrlSource {
+    /// `--url`.
+    Flag,
+    /// `KILN_DATABASE_URL`.
+    KilnEnv,
+    /// `DATABASE_URL`.
+    Env,
+    /// `kiln.toml`.
+    File,
+    /// The embedded default.
+    Default,
+}
+
+/// The resolved configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Database URL (may contain a password: print [`Config::redacted_url`]).
+    pub url: String,
+    /// Where the URL came from.
+    pub url_source: UrlSource,
+    /// Migrations directory.
+    pub dir: PathBuf,
+    /// Config file used, if one exists.
+    pub config_file: Option<PathBuf>,
+    /// History table/collection.
+    pub history_table: String,
+    /// Event log table/collection.
+    pub log_table: String,
+    /// Lock wait.
+    pub lock_timeout: Duration,
+    /// Numbering for `kiln create`.
+    pub versioning: Versioning,
+    /// Naming rule override.
+    pub name_rule: Option<String>,
+    /// Allow out-of-order pending migrations.
+    pub allow_out_of_order: bool,
+    /// PostgreSQL schema.
+    pub schema: Option<String>,
+    /// MongoDB database when the URL names none.
+    pub mongodb_database: Option<String>,
+}
+
+impl Config {
+    /// Resolve the configuration from the file, environment and overrides.
+    ///
+    /// # Errors
+    /// An unreadable or invalid `kiln.toml` or `.env`, or invalid values.
+    pub fn load(o: &Overrides) -> Result<Config, ConfigError> {
+        // .env never overrides the real environment.
+        match dotenvy::dotenv() {
+            Ok(_) => {}
+            Err(e) if e.not_found() => {}
+            Err(e) => return Err(ConfigError::DotEnv(e.to_string())),
+        }
+        let explicit = o.config.clone().or_else(|| std::env::var_os("KILN_CONFIG").map(PathBuf::from));
+        let path = explicit.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+        let file: FileConfig = match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.clone(), message: e.to_string().trim_end().to_string() })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => FileConfig::default(),
+            Err(e) => return Err(ConfigError::Read { path: path.clone(), source: e }),
+        };
+        let config_file = path.is_file().then(|| path.clone());
+        let base = config_file.as_ref().and_then(|p| p.parent()).map(Path::to_path_buf).unwrap_or_default();
+
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let (url, url_source) = if let Some(u) = &o.url {
+            (u.clone(), UrlSource::Flag)
+        } else if let Some(u) = env("KILN_DATABASE_URL") {
+            (u, UrlSource::KilnEnv)
+        } else if let Some(u) = env("DATABASE_URL") {
+            (u, UrlSource::Env)
+        } else if let Some(u) = &file.url {
+            (u.clone(), UrlSource::File)
+        } else {
+            (DEFAULT_URL.to_string(), UrlSource::Default)
+        };
+        let dir = match (&o.dir, &file.dir) {
+            (Some(d), _) => d.clone(),
+            (None, Some(d)) if d.is_relative() => base.join(d),
+            (None, Some(d)) => d.clone(),
+            (None, None) => base.join(DEFAULT_DIR),
+        };
+        let lock_timeout = match (&o.lock_timeout, &file.lock_timeout) {
+            (Some(d), _) => *d,
+            (None, Some(v)) => parse_duration(v).map_err(|m| ConfigError::Invalid(format!("{}: lock_timeout: {m}", path.display())))?,
+            (None, None) => Duration::from_secs(60),
+        };
+        if let Some(rule) = &file.name_rule {
+            regex::Regex::new(rule).map_err(|e| ConfigError::Invalid(format!("{}: name_rule is not a valid regex: {e}", path.display())))?;
+        }
+        for (key, v) in [("history_table", &file.history_table), ("log_table", &file.log_table), ("schema", &file.schema)] {
+            if let Some(v) = v {
+                if v.is_empty() || v.len() > 63 || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(ConfigError::Invalid(format!(
+                        "{}: {key} = {v:?}: use 1 to 63 letters, digits or underscores",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        Ok(Config {
+            url,
+            url_source,
+            dir,
+            config_file,
+            history_table: file.history_table.unwrap_or_else(|| "kiln_history".into()),
+            log_table: file.log_table.unwrap_or_else(|| "kiln_log".into()),
+            lock_timeout,
+            versioning: file.versioning.unwrap_or_default(),
+            name_rule: file.name_rule,
+            allow_out_of_order: o.allow_out_of_order || file.allow_out_of_order.unwrap_or(false),
+            schema: file.schema,
+            mongodb_database: file.mongodb.and_then(|m| m.database),
+        })
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted_url(&self) -> String {
+        kiln_core::url::redact(&self.url)
+    }
+
+    /// The engine settings for this configuration.
+    pub fn backend_config(&self) -> kiln_core::BackendConfig {
+        kiln_core::BackendConfig {
+            url: self.url.clone(),
+            history_table: self.history_table.clone(),
+            log_table: self.log_table.clone(),
+            schema: self.schema.clone(),
+            database: self.mongodb_database.clone(),
+        }
+    }
+}
+
+fn parse_duration(v: &DurationValue) -> Result<Duration, String> {
+    match v {
+        DurationValue::Secs(s) => Ok(Duration::from_secs(*s)),
+        DurationValue::Text(t) => parse_duration_text(t),
+    }
+}
+
+/// Parse `60`, `90s`, `2m`, `500ms`.
+pub fn parse_duration_text(t: &str) -> Result<Duration, String> {
+    let t = t.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len()));
+    let n: f64 = num.parse().map_err(|_| format!("{t:?} is not a duration (use e.g. 60, \"90s\", \"2m\", \"500ms\")"))?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => return Err(format!("unknown unit {other:?} in {t:?} (use ms, s, m or h)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// The `kiln.toml` that `kiln init` writes.
+pub fn init_template(url: &str, dir: &str) -> String {
+    format!(
+        r#"# kiln configuration. Every key is optional; the values shown are the defaults
+# unless set. The database URL can also come from --url, KILN_DATABASE_URL or
+# DATABASE_URL (also read from .env), which take precedence over this file.
+
+# Database: sqlite://file.db, postgres://user:pass@host/db, mysql://… / mariadb://…,
+# mongodb://host/db or mongodb+srv://…
+url = "{url}"
+
+# Directory holding the migration files (relative to this file).
+dir = "{dir}"
+
+# How `kiln create` numbers new migrations: "sequential" (0001, 0002, …) or
+# "timestamp" (20251101120000, UTC).
+versioning = "sequential"
+
+# Seconds to wait for another kiln run's lock before giving up.
+lock_timeout = 60
+
+# Names of kiln's own history table/collection and event log.
+# history_table = "kiln_history"
+# log_table = "kiln_log"
+
+# Naming rule for migration files (regex on the name without extension).
+# Default: version, underscore, lower-case snake description (0001_add_users).
+# name_rule = '^[0-9]+_[a-z0-9]+(_[a-z0-9]+)*$'
+
+# Allow applying a pending migration older than the newest applied one.
+# allow_out_of_order = false
+
+# PostgreSQL: schema for kiln's tables and the migrations' search_path.
+# schema = "public"
+
+# MongoDB: database to use when the URL names none.
+# [mongodb]
+# database = "app"
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_text("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration_text("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration_text("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration_text("5").unwrap(), Duration::from_secs(5));
+        assert!(parse_duration_text("soon").is_err());
+    }
+
+    #[test]
+    fn template_parses() {
+        let t = init_template("sqlite://kiln.db", "migrations");
+        let f: FileConfig = toml::from_str(&t).unwrap();
+        assert_eq!(f.url.as_deref(), Some("sqlite://kiln.db"));
+        assert_eq!(f.versioning, Some(Versioning::Sequential));
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let e = toml::from_str::<FileConfig>("urll = \"x\"\n").unwrap_err().to_string();
+        assert!(e.contains("urll"), "{e}");
+    }
+}

@@ -1,0 +1,320 @@
+//! Human and JSON output. Human output goes to stdout (errors and lock waits
+//! to stderr), coloured when the stream is a terminal (and NO_COLOR is unset).
+
+use std::io::Write;
+
+use anstream::{eprintln, println};
+use kiln::{AdminReport, Direction, Event, PlanError, RunError, RunReport, StatusRow};
+use owo_colors::OwoColorize;
+use serde::Serialize;
+
+use crate::cli::CliError;
+
+/// Print a value as pretty JSON on stdout.
+pub fn json<T: Serialize + ?Sized>(v: &T) {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer_pretty(&mut out, v);
+    let _ = writeln!(out);
+}
+
+/// Renders runner events as progress lines.
+pub struct Progress;
+
+impl Progress {
+    pub fn new() -> Self {
+        Progress
+    }
+}
+
+impl kiln::Observer for Progress {
+    fn on_event(&self, e: &Event) {
+        match e {
+            Event::LockWaiting { holder, timeout } => {
+                eprintln!("{} another kiln run holds the migration lock ({holder}); waiting up to {}s…", "wait".yellow(), timeout.as_secs())
+            }
+            Event::StepFinished { direction, version, name, duration } => {
+                let verb = if *direction == Direction::Up { "applied " } else { "reverted" };
+                println!("  {} {version} {name} {}", verb.green(), format!("({} ms)", duration.as_millis()).dimmed());
+            }
+            Event::StepFailed { direction, version, name, .. } => {
+                let verb = if *direction == Direction::Up { "failed  " } else { "failed  " };
+                println!("  {} {version} {name}", verb.red().bold());
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Print the result of `up` / `down`.
+pub fn run_report(r: &RunReport, target: &str, as_json: bool) {
+    if as_json {
+        json(r);
+        return;
+    }
+    let up = r.direction == Direction::Up;
+    if r.dry_run {
+        if r.steps.is_empty() {
+            println!("Dry run: nothing to {} on {target}.", if up { "apply" } else { "revert" });
+            return;
+        }
+        let batch = r.batch.map(|b| format!(" as batch {b}")).unwrap_or_default();
+        println!(
+            "Dry run: would {} {} migration(s){batch} on {target}; nothing was changed.",
+            if up { "apply" } else { "revert" },
+            r.steps.len()
+        );
+        for s in &r.steps {
+            let tx = match s.transaction {
+                kiln::TxMode::Off => ", no transaction",
+                kiln::TxMode::On => ", transaction",
+                kiln::TxMode::Default => "",
+            };
+            println!("  {} {} {} ({}, {} statement(s){tx})", "•".cyan(), s.version, s.name, s.file, s.statements);
+            if let Some(body) = &s.body {
+                match body {
+                    kiln::Body::Sql { statements, .. } => {
+                        for st in statements {
+                            for (i, l) in st.sql.lines().enumerate() {
+                                println!("      {}{}", if i == 0 { "" } else { "  " }, l.dimmed());
+                            }
+                        }
+                    }
+                    kiln::Body::Commands { commands, .. } => {
+                        for c in commands {
+                            println!("      {}", c.doc.to_string().dimmed());
+                        }
+                    }
+                    kiln::Body::Code => {}
+                }
+            }
+        }
+        return;
+    }
+    if r.steps.is_empty() {
+        println!("Nothing to {}: {target} is up to date.", if up { "apply" } else { "revert" });
+        return;
+    }
+    let batch = r.batch.map(|b| format!(" (batch {b})")).unwrap_or_default();
+    println!(
+        "{} {} migration(s){batch} in {} ms.",
+        if up { "Applied" } else { "Reverted" }.green().bold(),
+        r.steps.len(),
+        r.duration_ms
+    );
+}
+
+fn state_cell(state: &str, width: usize) -> String {
+    let padded = format!("{state:<width$}");
+    match state {
+        "applied" => padded.green().to_string(),
+        "baseline" => padded.cyan().to_string(),
+        "pending" => padded.yellow().to_string(),
+        "failed" | "running" | "missing" => padded.red().bold().to_string(),
+        "retired" => padded.dimmed().to_string(),
+        _ => padded,
+    }
+}
+
+/// Print `kiln status`.
+pub fn status(rows: &[StatusRow], collections: Option<&serde_json::Value>, target: &str, as_json: bool) {
+    if as_json {
+        let mut v = serde_json::json!({ "migrations": rows });
+        if let Some(c) = collections {
+            v["collections"] = c.clone();
+        }
+        json(&v);
+        return;
+    }
+    let mut out = String::with_capacity(rows.len() * 100);
+    use std::fmt::Write as _;
+    let _ = writeln!(out, "{target}");
+    if rows.is_empty() {
+        let _ = writeln!(out, "No migrations yet: `kiln create <name>` writes one.");
+    } else {
+        let wv = rows.iter().map(|r| r.version.len()).max().unwrap_or(7).max(7);
+        let wn = rows.iter().map(|r| r.name.chars().count()).max().unwrap_or(4).clamp(4, 48);
+        let ws = 8;
+        let _ = writeln!(
+            out,
+            "{:<wv$}  {:<wn$}  {:<ws$}  {:>5}  {:<20}  {:>8}  {}",
+            "VERSION", "NAME", "STATE", "BATCH", "APPLIED AT (UTC)", "DURATION", "CHECKSUM"
+        );
+        for r in rows {
+            let mut name: String = r.name.chars().take(wn).collect();
+            if r.name.chars().count() > wn {
+                name.pop();
+                name.push('…');
+            }
+            let state = if r.state == "pending" && r.out_of_order { "pending*" } else { r.state.as_str() };
+            let checksum = match (r.checksum_ok, &r.checksum) {
+                (Some(true), _) => "ok".green().to_string(),
+                (Some(false), _) => "CHANGED".red().bold().to_string(),
+                (None, Some(c)) if r.state == "pending" => (&c[..12.min(c.len())]).dimmed().to_string(),
+                _ => "-".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "{:<wv$}  {:<wn$}  {}  {:>5}  {:<20}  {:>8}  {}",
+                r.version,
+                name,
+                state_cell(state, ws),
+                r.batch.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
+                r.applied_at.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_else(|| "-".into()),
+                r.duration_ms.map(|d| format!("{d} ms")).unwrap_or_else(|| "-".into()),
+                checksum
+            );
+            if let Some(e) = &r.error {
+                if r.state == "failed" || r.state == "running" {
+                    let at = e.statement.map(|s| format!("statement {s}{}: ", e.line.map(|l| format!(", line {l}")).unwrap_or_default())).unwrap_or_default();
+                    let _ = writeln!(out, "{:wv$}  {} {at}{}", "", "↳".red(), e.message);
+                }
+            }
+        }
+        let count = |s: &str| rows.iter().filter(|r| r.state == s).count();
+        let mut summary = format!(
+            "{} applied, {} pending",
+            count("applied") + count("baseline"),
+            count("pending")
+        );
+        for s in ["failed", "running", "missing", "retired"] {
+            let n = count(s);
+            if n > 0 {
+                let _ = write!(summary, ", {n} {s}");
+            }
+        }
+        let changed = rows.iter().filter(|r| r.checksum_ok == Some(false)).count();
+        if changed > 0 {
+            let _ = write!(summary, ", {changed} changed since applied");
+        }
+        let _ = writeln!(out, "{summary}");
+        if rows.iter().any(|r| r.state == "pending" && r.out_of_order) {
+            let _ = writeln!(out, "* pending but older than the newest applied migration (needs --allow-out-of-order)");
+        }
+    }
+    print!("{out}");
+    if let Some(serde_json::Value::Array(cols)) = collections {
+        println!();
+        println!("{:<32}  {:>6}  {:>12}  {:>7}  {:<9}  INDEX NAMES", "COLLECTION", "EXISTS", "DOCUMENTS", "INDEXES", "VALIDATOR");
+        for c in cols {
+            let idx: Vec<String> = c["indexes"].as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default();
+            let docs = c["documents"].as_u64().unwrap_or(0);
+            let docs = if c["exact"].as_bool().unwrap_or(true) { docs.to_string() } else { format!("~{docs}") };
+            println!(
+                "{:<32}  {:>6}  {:>12}  {:>7}  {:<9}  {}",
+                c["name"].as_str().unwrap_or("?"),
+                if c["exists"].as_bool().unwrap_or(false) { "yes" } else { "no" },
+                docs,
+                idx.len(),
+                if c["validator"].as_bool().unwrap_or(false) { "yes" } else { "no" },
+                idx.join(", ")
+            );
+        }
+    }
+}
+
+/// Print the result of baseline / retire / repair.
+pub fn admin(r: &AdminReport, as_json: bool) {
+    if as_json {
+        json(r);
+        return;
+    }
+    for c in &r.changes {
+        println!("  {} {c}", r.action.green());
+    }
+}
+
+#[cfg(feature = "mongodb")]
+pub fn sync_report(r: &kiln_mongo::SyncReport, as_json: bool) {
+    if as_json {
+        json(r);
+    } else {
+        print!("{r}");
+    }
+}
+
+/// A stable machine code for an error.
+fn code_of(e: &CliError) -> &'static str {
+    match e {
+        CliError::Config(_) => "config",
+        CliError::Usage(_) => "usage",
+        CliError::Failed(_) => "failed",
+        CliError::Run(r) => match r {
+            RunError::Source(s) => match s {
+                kiln::SourceError::BadName { .. } => "bad_name",
+                kiln::SourceError::DuplicateVersion { .. } => "duplicate_version",
+                kiln::SourceError::Parse { .. } => "parse_error",
+                kiln::SourceError::BadRule { .. } => "config",
+                _ => "source_unreadable",
+            },
+            RunError::Plan(_) => "plan_refused",
+            RunError::Engine(en) => match en {
+                kiln::EngineError::BadUrl { .. } => "bad_url",
+                kiln::EngineError::Connect { .. } => "connect_failed",
+                kiln::EngineError::LockTimeout { .. } => "lock_timeout",
+                kiln::EngineError::ConnectionLost { .. } => "connection_lost",
+                _ => "engine_error",
+            },
+            RunError::Migration { .. } => "migration_failed",
+        },
+    }
+}
+
+fn problem_code(p: &PlanError) -> &'static str {
+    match p {
+        PlanError::ChecksumMismatch { .. } => "checksum_mismatch",
+        PlanError::MissingFile { .. } => "missing_file",
+        PlanError::OutOfOrder { .. } => "out_of_order",
+        PlanError::UnknownDependency { .. } => "unknown_dependency",
+        PlanError::LaterDependency { .. } => "later_dependency",
+        PlanError::UnmetDependency { .. } => "unmet_dependency",
+        PlanError::Blocked { .. } => "blocked_by_failed",
+        PlanError::Irreversible { .. } => "irreversible",
+        PlanError::NotRevertible { .. } => "not_revertible",
+        PlanError::UnknownVersion { .. } => "unknown_version",
+        PlanError::WrongKind { .. } => "wrong_kind",
+        PlanError::Refused(_) => "refused",
+    }
+}
+
+/// Print an error (stderr for humans, stdout JSON for machines) and return the exit code.
+pub fn error(e: &CliError, as_json: bool) -> i32 {
+    let code = e.exit_code();
+    if as_json {
+        let mut v = serde_json::json!({ "error": { "code": code_of(e), "message": e.to_string(), "exit_code": code } });
+        if let CliError::Run(RunError::Plan(ps)) = e {
+            v["error"]["problems"] = ps.iter().map(|p| serde_json::json!({"code": problem_code(p), "message": p.to_string()})).collect();
+        }
+        if let CliError::Run(RunError::Migration { version, error, done, outcome }) = e {
+            v["error"]["version"] = serde_json::json!(version.text);
+            v["error"]["file"] = serde_json::json!(error.file);
+            v["error"]["statement"] = serde_json::json!(error.statement);
+            v["error"]["line"] = serde_json::json!(error.line);
+            v["error"]["database_code"] = serde_json::json!(error.code);
+            v["error"]["rolled_back"] = serde_json::json!(*outcome == kiln::FailureOutcome::RolledBack);
+            v["error"]["done_before_failure"] = serde_json::json!(done.iter().map(|d| d.text.clone()).collect::<Vec<_>>());
+        }
+        json(&v);
+        return code;
+    }
+    let mut msg = e.to_string();
+    // Show the cause chain of wrapped errors.
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !msg.contains(&t) {
+            msg.push_str(": ");
+            msg.push_str(&t);
+        }
+        src = s.source();
+    }
+    eprintln!("{} {msg}", "error:".red().bold());
+    if let CliError::Run(RunError::Migration { done, .. }) = e {
+        if done.is_empty() {
+            eprintln!("nothing was applied in this run before the failure");
+        } else {
+            let list: Vec<&str> = done.iter().map(|v| v.text.as_str()).collect();
+            eprintln!("applied in this run before the failure (still applied): {}", list.join(", "));
+        }
+    }
+    code
+}
