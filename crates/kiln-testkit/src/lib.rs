@@ -118,6 +118,28 @@ impl TestDb {
         }
     }
 
+    /// Names of the tables (SQL) or collections (MongoDB) whose name starts with
+    /// `prefix`, sorted: what a migration created, seen without kiln.
+    pub async fn objects(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
+        let mut names = match self.engine {
+            Engine::Postgres => {
+                self.query_strings("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()").await?
+            }
+            Engine::Mysql => {
+                self.query_strings("SELECT CAST(table_name AS CHAR) FROM information_schema.tables WHERE table_schema = DATABASE()").await?
+            }
+            Engine::Sqlite => self.query_strings("SELECT name FROM sqlite_master WHERE type = 'table'").await?,
+            Engine::Mongodb => {
+                let client = mongodb::Client::with_uri_str(&self.url).await?;
+                let db = client.default_database().ok_or_else(|| anyhow::anyhow!("test URL names no database"))?;
+                db.list_collection_names().await?
+            }
+        };
+        names.retain(|n| n.starts_with(prefix));
+        names.sort();
+        Ok(names)
+    }
+
     /// Run SQL (or, for MongoDB, nothing) directly against the test database,
     /// bypassing kiln: to inspect or tamper with what kiln did.
     pub async fn sql(&self, sql: &str) -> anyhow::Result<()> {
