@@ -15,6 +15,7 @@ pub mod event;
 pub mod model;
 pub mod plan;
 pub mod runner;
+pub mod schema;
 pub mod source;
 pub mod split;
 pub mod url;
