@@ -33,7 +33,7 @@ pub async fn connect(cfg: &BackendConfig) -> Result<Box<dyn Backend>, EngineErro
         #[cfg(feature = "mysql")]
         Some(EngineKind::Mysql) => { let _b = mysql::MysqlBackend::connect(cfg).await?; unreachable!() },
         #[cfg(feature = "sqlite")]
-        Some(EngineKind::Sqlite) => { let _b = sqlite::SqliteBackend::connect(cfg).await?; unreachable!() },
+        Some(EngineKind::Sqlite) => Ok(Box::new(sqlite::SqliteBackend::connect(cfg).await?)),
         Some(other) => Err(EngineError::BadUrl {
             url: redact(&cfg.url),
             message: format!("{other:?} is not a SQL engine of this build"),

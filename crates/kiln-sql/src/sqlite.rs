@@ -1,13 +1,722 @@
-//! The sqlite engine (being written).
+//! The SQLite engine: one `rusqlite` connection, one transaction per migration.
+//!
+//! SQLite has transactional DDL, so a migration's statements, its history row
+//! and its `applied` event commit together in one `BEGIN IMMEDIATE … COMMIT`:
+//! whatever happens, either all of it is in the database or none of it is.
+//!
+//! The migration lock is an OS file lock on a sidecar file `<db file>-kiln.lock`,
+//! which the OS releases when the process dies, so a crashed runner never
+//! blocks the next one. The database file itself is never opened a second time
+//! for locking: closing another descriptor on it would drop SQLite's own POSIX
+//! locks on it.
+//!
+//! rusqlite is synchronous; with a single connection, running it inline in the
+//! async methods is simpler and faster than shipping every call to a blocking
+//! thread, and a migration run is sequential anyway.
 
-use kiln_core::{BackendConfig, EngineError};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-/// The sqlite backend.
-pub struct SqliteBackend;
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
+use kiln_core::url::redact;
+use kiln_core::{
+    AppliedMigration, ApplyError, Backend, BackendConfig, Body, Capabilities, EngineError, FailureOutcome, Kind, LogEntry, Migration,
+    RecordContext, State, Statement, StatementError, StepError, TxMode, KILN_VERSION,
+};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::common::{quote_double, RawHistoryRow, HISTORY_COLUMNS, LOG_COLUMNS};
+
+/// How long a statement waits for another connection's write lock on the
+/// database before failing with `SQLITE_BUSY`.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the database lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Location {
+    /// `sqlite::memory:` (tests only: the database dies with the connection).
+    Memory,
+    /// A file, created if missing.
+    File(PathBuf),
+}
+
+/// The SQLite engine (see the module docs for its transaction and lock model).
+pub struct SqliteBackend {
+    conn: Connection,
+    target: String,
+    /// `<db file>-kiln.lock`; `None` for an in-memory database, which no other
+    /// process can reach, so its lock is a flag.
+    lock_path: Option<PathBuf>,
+    /// The locked sidecar file while we hold the lock: dropping it releases the lock.
+    lock_file: Option<File>,
+    memory_locked: bool,
+    history_name: String,
+    sql: Sql,
+}
+
+/// SQL text built once from the configured table names, so prepared statements
+/// are found again in rusqlite's statement cache.
+struct Sql {
+    create: String,
+    select_history: String,
+    insert_history: String,
+    upsert_history: String,
+    set_state: String,
+    fail: String,
+    finish: String,
+    delete_history: String,
+    insert_log: String,
+}
+
+impl Sql {
+    fn new(history: &str, log: &str) -> Self {
+        let h = quote_double(history);
+        let l = quote_double(log);
+        let cols14 = "?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14";
+        Sql {
+            // `version INTEGER PRIMARY KEY` makes the version the rowid (no
+            // separate index to maintain); the log's `id` likewise. The log needs
+            // no AUTOINCREMENT: kiln never deletes from it, so ids are never reused.
+            create: format!(
+                "CREATE TABLE IF NOT EXISTS {h} (
+                    version INTEGER PRIMARY KEY,
+                    description TEXT NOT NULL,
+                    script TEXT NOT NULL,
+                    migration_group TEXT,
+                    checksum TEXT NOT NULL,
+                    state TEXT NOT NULL,
+                    batch INTEGER NOT NULL,
+                    applied_at TEXT NOT NULL,
+                    duration_ms INTEGER NOT NULL,
+                    applied_by TEXT NOT NULL,
+                    kiln_version TEXT NOT NULL,
+                    error TEXT,
+                    error_statement INTEGER,
+                    error_line INTEGER
+                );
+                CREATE TABLE IF NOT EXISTS {l} (
+                    id INTEGER PRIMARY KEY,
+                    at TEXT NOT NULL,
+                    event TEXT NOT NULL,
+                    version INTEGER,
+                    name TEXT,
+                    batch INTEGER,
+                    actor TEXT NOT NULL,
+                    reason TEXT,
+                    detail TEXT
+                );"
+            ),
+            select_history: format!("SELECT {HISTORY_COLUMNS} FROM {h} ORDER BY version"),
+            insert_history: format!("INSERT INTO {h} ({HISTORY_COLUMNS}) VALUES ({cols14})"),
+            upsert_history: format!("INSERT OR REPLACE INTO {h} ({HISTORY_COLUMNS}) VALUES ({cols14})"),
+            set_state: format!("UPDATE {h} SET state = ?2, error = ?3 WHERE version = ?1"),
+            fail: format!(
+                "UPDATE {h} SET state = 'failed', error = ?2, error_statement = ?3, error_line = ?4, applied_at = ?5, duration_ms = ?6 WHERE version = ?1"
+            ),
+            finish: format!("UPDATE {h} SET state = 'applied', error = NULL, applied_at = ?2, duration_ms = ?3 WHERE version = ?1"),
+            delete_history: format!("DELETE FROM {h} WHERE version = ?1"),
+            insert_log: format!("INSERT INTO {l} ({LOG_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+        }
+    }
+}
+
+/// Which way a body runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Up,
+    Down,
+}
 
 impl SqliteBackend {
-    /// Connect.
-    pub async fn connect(_cfg: &BackendConfig) -> Result<Self, EngineError> {
-        Err(EngineError::Unsupported("sqlite engine not built yet".into()))
+    /// Open (creating it if missing) the database named by `cfg.url`:
+    /// `sqlite://relative/or/absolute.db` (`sqlite:///abs/path.db`),
+    /// `sqlite:file.db`, or `sqlite::memory:` (tests only). Query parameters
+    /// are ignored. The journal mode and every other setting of the database
+    /// are left as they are; the connection gets a 5 s busy timeout.
+    /// `cfg.schema` does not apply to SQLite and is ignored.
+    ///
+    /// # Errors
+    /// [`EngineError::BadUrl`] for a URL without a path, [`EngineError::Connect`]
+    /// when the file cannot be opened or is not a database.
+    pub async fn connect(cfg: &BackendConfig) -> Result<Self, EngineError> {
+        let target = redact(&cfg.url);
+        let location = parse_url(&cfg.url, &target)?;
+        let connect_err = |e: rusqlite::Error| {
+            let mut message = e.to_string();
+            if let Location::File(p) = &location {
+                match p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    Some(dir) if !dir.is_dir() => message.push_str(&format!(" (directory {} does not exist)", dir.display())),
+                    _ => message.push_str(&format!(" ({})", p.display())),
+                }
+            }
+            EngineError::Connect { url: target.clone(), message }
+        };
+        let conn = match &location {
+            Location::Memory => Connection::open_in_memory(),
+            Location::File(p) => Connection::open(p),
+        }
+        .map_err(connect_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(connect_err)?;
+        // Opening is lazy: read the schema now so a file that is not a database
+        // fails here, with the URL, rather than in the middle of a run.
+        conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0)).map_err(connect_err)?;
+        let lock_path = match &location {
+            Location::Memory => None,
+            Location::File(p) => {
+                let mut s = p.clone().into_os_string();
+                s.push("-kiln.lock");
+                Some(PathBuf::from(s))
+            }
+        };
+        Ok(SqliteBackend {
+            conn,
+            target,
+            lock_path,
+            lock_file: None,
+            memory_locked: false,
+            history_name: cfg.history_table.clone(),
+            sql: Sql::new(&cfg.history_table, &cfg.log_table),
+        })
+    }
+
+    fn query_err(&self, context: impl Into<String>, e: rusqlite::Error) -> EngineError {
+        EngineError::Query { context: format!("{} ({})", context.into(), self.target), message: e.to_string() }
+    }
+
+    /// Roll back whatever is open; used on failure paths, where the original
+    /// error is what matters, so a failing rollback is only logged.
+    fn rollback(&self) {
+        if !self.conn.is_autocommit() {
+            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
+                tracing::warn!(target = %self.target, "ROLLBACK failed: {e}");
+            }
+        }
+    }
+
+    fn insert_log(&self, e: &LogEntry) -> rusqlite::Result<()> {
+        self.conn.prepare_cached(&self.sql.insert_log)?.execute(params![
+            ts(&e.at),
+            e.event,
+            e.version.map(|v| v as i64),
+            e.name,
+            e.batch,
+            e.actor,
+            e.reason,
+            e.detail
+        ])?;
+        Ok(())
+    }
+
+    fn insert_history(&self, a: &AppliedMigration) -> rusqlite::Result<()> {
+        self.write_history(&self.sql.insert_history, a)
+    }
+
+    fn write_history(&self, sql: &str, a: &AppliedMigration) -> rusqlite::Result<()> {
+        self.conn.prepare_cached(sql)?.execute(params![
+            a.version.number as i64,
+            a.description,
+            a.script,
+            a.group,
+            a.checksum.0,
+            a.state.as_str(),
+            a.batch,
+            ts(&a.applied_at),
+            a.duration_ms,
+            a.applied_by,
+            a.kiln_version,
+            a.error.as_ref().map(|e| e.message.as_str()),
+            a.error.as_ref().and_then(|e| e.statement).map(i64::from),
+            a.error.as_ref().and_then(|e| e.line).map(i64::from),
+        ])?;
+        Ok(())
+    }
+
+    /// Run `statements` of `m` in direction `dir`, recording the outcome.
+    fn run(&mut self, m: &Migration, dir: Dir, applied: Option<&AppliedMigration>, ctx: &RecordContext) -> Result<(), StepError> {
+        let body = match dir {
+            Dir::Up => &m.up,
+            Dir::Down => m.down.as_ref().ok_or_else(|| {
+                EngineError::Unsupported(format!("{} (version {}) has no down section, so it cannot be reverted", m.display_path(), m.version))
+            })?,
+        };
+        let (file, statements) = match body {
+            Body::Sql { file, statements } => (file.as_path(), statements.as_slice()),
+            Body::Commands { .. } => {
+                return Err(EngineError::Unsupported(format!("{}: MongoDB commands cannot run on SQLite", m.display_path())).into())
+            }
+            Body::Code => {
+                return Err(EngineError::Unsupported(format!(
+                    "{}: code migrations are run by the library's registered code, not by the SQLite engine",
+                    m.display_path()
+                ))
+                .into())
+            }
+        };
+        if m.directives.transaction == TxMode::Off {
+            self.run_without_tx(m, dir, file, statements, applied, ctx)
+        } else {
+            self.run_in_tx(m, dir, file, statements, ctx)
+        }
+    }
+
+    /// The normal path: body, history change and event in one transaction.
+    fn run_in_tx(&mut self, m: &Migration, dir: Dir, file: &Path, statements: &[Statement], ctx: &RecordContext) -> Result<(), StepError> {
+        // A body that ends kiln's transaction itself would make the history
+        // write land outside it; refuse before running anything.
+        if let Some((i, st)) = statements.iter().enumerate().find(|(_, s)| controls_transaction(&s.sql)) {
+            let error = StatementError {
+                file: file.display().to_string(),
+                statement: i + 1,
+                line: st.line,
+                message: "the statement controls the transaction itself, but kiln runs every SQLite migration in its own transaction; \
+                          remove BEGIN/COMMIT/END/ROLLBACK from the file, or add `-- kiln:transaction off` to manage transactions yourself"
+                    .into(),
+                code: None,
+            };
+            return Err(self.failed(m, dir, ctx, error, FailureOutcome::RolledBack));
+        }
+        let started = Instant::now();
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| self.query_err(format!("starting the transaction of {}", m.name()), e))?;
+        for (i, st) in statements.iter().enumerate() {
+            if let Err(e) = self.conn.execute_batch(&st.sql) {
+                self.rollback();
+                let error = statement_error(file, i, st, &e);
+                return Err(self.failed(m, dir, ctx, error, FailureOutcome::RolledBack));
+            }
+        }
+        let now = Utc::now();
+        let ms = started.elapsed().as_millis() as i64;
+        let recorded = (|| -> rusqlite::Result<()> {
+            match dir {
+                Dir::Up => self.insert_history(&history_entry(m, ctx, State::Applied, now, ms, None))?,
+                Dir::Down => {
+                    self.conn.prepare_cached(&self.sql.delete_history)?.execute([m.version.number as i64])?;
+                }
+            }
+            self.insert_log(&event(dir_event(dir), m, ctx, now, Some(format!("{ms} ms"))))?;
+            self.conn.execute_batch("COMMIT")
+        })();
+        if let Err(e) = recorded {
+            self.rollback();
+            return Err(self.query_err(format!("recording {} of {} in {}", dir_event(dir), m.name(), self.history_name), e).into());
+        }
+        Ok(())
+    }
+
+    /// `-- kiln:transaction off` (e.g. `VACUUM`): every statement commits on its
+    /// own, so an intent row (`running`) is committed first; a process killed
+    /// mid-migration leaves it behind and it blocks the next run.
+    fn run_without_tx(
+        &mut self,
+        m: &Migration,
+        dir: Dir,
+        file: &Path,
+        statements: &[Statement],
+        applied: Option<&AppliedMigration>,
+        ctx: &RecordContext,
+    ) -> Result<(), StepError> {
+        let started = Instant::now();
+        let intent_error = interrupted_message(dir, ctx);
+        let intent = match dir {
+            Dir::Up => {
+                let mut e = history_entry(m, ctx, State::Running, Utc::now(), 0, None);
+                e.error = Some(kiln_core::FailureInfo { message: intent_error, statement: None, line: None });
+                self.insert_history(&e)
+            }
+            Dir::Down => self
+                .conn
+                .prepare_cached(&self.sql.set_state)
+                .and_then(|mut s| s.execute(params![m.version.number as i64, State::Running.as_str(), intent_error]))
+                .map(|_| ()),
+        };
+        intent.map_err(|e| self.query_err(format!("recording the start of {}", m.name()), e))?;
+
+        for (i, st) in statements.iter().enumerate() {
+            if let Err(e) = self.conn.execute_batch(&st.sql) {
+                self.rollback();
+                let mut error = statement_error(file, i, st, &e);
+                let now = Utc::now();
+                let ms = started.elapsed().as_millis() as i64;
+                if i == 0 {
+                    // Nothing ran: undo the intent.
+                    let undo = match dir {
+                        Dir::Up => self.conn.prepare_cached(&self.sql.delete_history).and_then(|mut s| s.execute([m.version.number as i64])),
+                        Dir::Down => self.conn.prepare_cached(&self.sql.set_state).and_then(|mut s| {
+                            let state = applied.map(|a| a.state).unwrap_or(State::Applied);
+                            s.execute(params![m.version.number as i64, state.as_str(), Option::<String>::None])
+                        }),
+                    };
+                    undo.map_err(|e| self.query_err(format!("clearing the start of {}", m.name()), e))?;
+                    return Err(self.failed(m, dir, ctx, error, FailureOutcome::RolledBack));
+                }
+                let why = format!(
+                    "the migration runs with `-- kiln:transaction off`, so statements 1–{i} were each committed and remain in the database"
+                );
+                let recorded = format!("{}{} ({why})", if dir == Dir::Down { "the down migration failed: " } else { "" }, error.message);
+                self.conn
+                    .prepare_cached(&self.sql.fail)
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            m.version.number as i64,
+                            recorded,
+                            error.statement as i64,
+                            error.line as i64,
+                            ts(&now),
+                            ms
+                        ])
+                    })
+                    .map_err(|e| self.query_err(format!("recording the failure of {}", m.name()), e))?;
+                error.message = format!(
+                    "{}; {why}: fix the database by hand, then run `kiln repair {}`",
+                    error.message, m.version
+                );
+                return Err(self.failed(m, dir, ctx, error, FailureOutcome::RecordedFailed));
+            }
+        }
+        let now = Utc::now();
+        let ms = started.elapsed().as_millis() as i64;
+        let recorded = (|| -> rusqlite::Result<()> {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            match dir {
+                Dir::Up => {
+                    self.conn.prepare_cached(&self.sql.finish)?.execute(params![m.version.number as i64, ts(&now), ms])?;
+                }
+                Dir::Down => {
+                    self.conn.prepare_cached(&self.sql.delete_history)?.execute([m.version.number as i64])?;
+                }
+            }
+            self.insert_log(&event(dir_event(dir), m, ctx, now, Some(format!("{ms} ms"))))?;
+            self.conn.execute_batch("COMMIT")
+        })();
+        if let Err(e) = recorded {
+            self.rollback();
+            return Err(self.query_err(format!("recording {} of {} in {}", dir_event(dir), m.name(), self.history_name), e).into());
+        }
+        Ok(())
+    }
+
+    /// Log a `failed` event and build the step error. A failure to write the
+    /// event is reported instead, since the operator must know the log is incomplete.
+    fn failed(&self, m: &Migration, dir: Dir, ctx: &RecordContext, error: StatementError, outcome: FailureOutcome) -> StepError {
+        let detail = format!("{}{error}", if dir == Dir::Down { "down: " } else { "" });
+        if let Err(e) = self.insert_log(&event("failed", m, ctx, Utc::now(), Some(detail))) {
+            return StepError::Engine(self.query_err(format!("logging the failure of {} ({error})", m.name()), e));
+        }
+        StepError::Body(ApplyError { error, outcome })
+    }
+
+    fn read_history_sync(&self) -> Result<Option<Vec<AppliedMigration>>, EngineError> {
+        let exists = self
+            .conn
+            .prepare_cached("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1")
+            .and_then(|mut s| s.query_row([&self.history_name], |_| Ok(())).optional())
+            .map_err(|e| self.query_err("looking for the history table", e))?;
+        if exists.is_none() {
+            return Ok(None);
+        }
+        let ctx = || format!("reading {}", self.history_name);
+        let mut stmt = self.conn.prepare_cached(&self.sql.select_history).map_err(|e| self.query_err(ctx(), e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                let at: String = r.get(7)?;
+                Ok((
+                    at,
+                    RawHistoryRow {
+                        version: r.get(0)?,
+                        description: r.get(1)?,
+                        script: r.get(2)?,
+                        group: r.get(3)?,
+                        checksum: r.get(4)?,
+                        state: r.get(5)?,
+                        batch: r.get(6)?,
+                        applied_at: DateTime::<Utc>::UNIX_EPOCH,
+                        duration_ms: r.get(8)?,
+                        applied_by: r.get(9)?,
+                        kiln_version: r.get(10)?,
+                        error: r.get(11)?,
+                        error_statement: r.get(12)?,
+                        error_line: r.get(13)?,
+                    },
+                ))
+            })
+            .map_err(|e| self.query_err(ctx(), e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (at, mut raw) = row.map_err(|e| self.query_err(ctx(), e))?;
+            raw.applied_at = parse_ts(&at).ok_or_else(|| EngineError::Query {
+                context: ctx(),
+                message: format!("version {}: applied_at {at:?} is not an RFC 3339 timestamp", raw.version),
+            })?;
+            out.push(raw.into_applied());
+        }
+        Ok(Some(out))
+    }
+}
+
+#[async_trait]
+impl Backend for SqliteBackend {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { engine: "sqlite", transactional_ddl: true, kind: Kind::Sql }
+    }
+
+    fn target(&self) -> String {
+        self.target.clone()
+    }
+
+    async fn try_lock(&mut self) -> Result<bool, EngineError> {
+        if self.lock_file.is_some() || self.memory_locked {
+            return Ok(true);
+        }
+        let Some(path) = &self.lock_path else {
+            self.memory_locked = true;
+            return Ok(true);
+        };
+        let lock_err = |e: std::io::Error| EngineError::Query { context: format!("taking the lock file {}", path.display()), message: e.to_string() };
+        // Not truncated on open: the holder's note must survive until we hold the lock.
+        let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(lock_err)?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(false),
+            Err(std::fs::TryLockError::Error(e)) => return Err(lock_err(e)),
+        }
+        let note = format!(
+            "pid {} {} since {}",
+            std::process::id(),
+            kiln_core::current_actor(),
+            Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
+        );
+        // The note is only for messages; the lock is what matters, so a failed write is not fatal.
+        let _ = f.set_len(0).and_then(|_| f.write_all(note.as_bytes())).and_then(|_| f.flush());
+        self.lock_file = Some(f);
+        Ok(true)
+    }
+
+    async fn lock_holder(&mut self) -> Option<String> {
+        let path = self.lock_path.as_ref()?;
+        let mut s = String::new();
+        File::open(path).ok()?.read_to_string(&mut s).ok()?;
+        let s = s.trim();
+        (!s.is_empty()).then(|| format!("{s} (lock file {})", path.display()))
+    }
+
+    async fn unlock(&mut self) -> Result<(), EngineError> {
+        self.memory_locked = false;
+        if let Some(f) = self.lock_file.take() {
+            // Clear the note so a stale one is never shown; closing the file releases the lock.
+            let _ = f.set_len(0);
+            let _ = f.unlock();
+        }
+        Ok(())
+    }
+
+    async fn ensure_history(&mut self) -> Result<(), EngineError> {
+        self.conn.execute_batch(&self.sql.create).map_err(|e| self.query_err(format!("creating {}", self.history_name), e))
+    }
+
+    async fn read_history(&mut self) -> Result<Option<Vec<AppliedMigration>>, EngineError> {
+        self.read_history_sync()
+    }
+
+    async fn apply(&mut self, m: &Migration, ctx: &RecordContext) -> Result<(), StepError> {
+        self.run(m, Dir::Up, None, ctx)
+    }
+
+    async fn revert(&mut self, m: &Migration, applied: &AppliedMigration, ctx: &RecordContext) -> Result<(), StepError> {
+        self.run(m, Dir::Down, Some(applied), ctx)
+    }
+
+    async fn upsert_history(&mut self, entries: &[AppliedMigration]) -> Result<(), EngineError> {
+        let r = (|| -> rusqlite::Result<()> {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            for e in entries {
+                self.write_history(&self.sql.upsert_history, e)?;
+            }
+            self.conn.execute_batch("COMMIT")
+        })();
+        r.map_err(|e| {
+            self.rollback();
+            self.query_err(format!("writing {}", self.history_name), e)
+        })
+    }
+
+    async fn delete_history(&mut self, version: u64) -> Result<(), EngineError> {
+        self.conn
+            .prepare_cached(&self.sql.delete_history)
+            .and_then(|mut s| s.execute([version as i64]))
+            .map(|_| ())
+            .map_err(|e| self.query_err(format!("deleting version {version} from {}", self.history_name), e))
+    }
+
+    async fn log(&mut self, entry: &LogEntry) -> Result<(), EngineError> {
+        // Outside a transaction every statement commits (durably, unless the
+        // user chose a weaker `synchronous` setting for the database).
+        self.insert_log(entry).map_err(|e| self.query_err("writing the event log", e))
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<(), EngineError> {
+        self.unlock().await?;
+        let SqliteBackend { conn, target, .. } = *self;
+        conn.close().map_err(|(_, e)| EngineError::Query { context: format!("closing {target}"), message: e.to_string() })
+    }
+}
+
+fn parse_url(url: &str, shown: &str) -> Result<Location, EngineError> {
+    let lower = url.to_ascii_lowercase();
+    let rest = ["sqlite3://", "sqlite://", "sqlite3:", "sqlite:"]
+        .iter()
+        .find(|p| lower.starts_with(*p))
+        .map(|p| &url[p.len()..])
+        .ok_or_else(|| EngineError::BadUrl { url: shown.into(), message: "expected sqlite://PATH, sqlite:PATH or sqlite::memory:".into() })?;
+    let path = rest.split('?').next().unwrap_or("");
+    match path {
+        "" => Err(EngineError::BadUrl { url: shown.into(), message: "no database file; use e.g. sqlite://kiln.db or sqlite:///var/lib/app/app.db".into() }),
+        ":memory:" => Ok(Location::Memory),
+        p => Ok(Location::File(PathBuf::from(p))),
+    }
+}
+
+/// True for statements that begin or end a transaction (savepoints excepted).
+fn controls_transaction(sql: &str) -> bool {
+    let mut words = leading_words(sql);
+    match words.next().as_deref() {
+        Some("BEGIN" | "COMMIT" | "END") => true,
+        // `ROLLBACK [TRANSACTION] TO [SAVEPOINT] x` only rewinds to a savepoint.
+        Some("ROLLBACK") => {
+            let next = words.next();
+            let to = if next.as_deref() == Some("TRANSACTION") { words.next() } else { next };
+            to.as_deref() != Some("TO")
+        }
+        _ => false,
+    }
+}
+
+/// Upper-cased words at the start of a statement, skipping comments.
+fn leading_words(sql: &str) -> impl Iterator<Item = String> + '_ {
+    let mut rest = sql;
+    std::iter::from_fn(move || loop {
+        rest = rest.trim_start();
+        if let Some(r) = rest.strip_prefix("--") {
+            rest = r.find('\n').map(|i| &r[i..]).unwrap_or("");
+        } else if let Some(r) = rest.strip_prefix("/*") {
+            rest = r.find("*/").map(|i| &r[i + 2..]).unwrap_or("");
+        } else {
+            let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
+            if end == 0 {
+                return None;
+            }
+            let w = rest[..end].to_ascii_uppercase();
+            rest = &rest[end..];
+            return Some(w);
+        }
+    })
+}
+
+fn statement_error(file: &Path, index: usize, st: &Statement, e: &rusqlite::Error) -> StatementError {
+    let (message, code) = match e {
+        rusqlite::Error::SqliteFailure(err, msg) => {
+            let text = msg.clone().unwrap_or_else(|| err.to_string());
+            (format!("{text} (SQLite error {})", err.extended_code), Some(err.extended_code.to_string()))
+        }
+        other => (other.to_string(), None),
+    };
+    StatementError { file: file.display().to_string(), statement: index + 1, line: st.line, message, code }
+}
+
+fn history_entry(m: &Migration, ctx: &RecordContext, state: State, at: DateTime<Utc>, ms: i64, error: Option<kiln_core::FailureInfo>) -> AppliedMigration {
+    AppliedMigration {
+        version: m.version.clone(),
+        description: m.description.clone(),
+        script: m.display_path(),
+        group: m.directives.group.clone(),
+        checksum: m.checksum.clone(),
+        state,
+        batch: ctx.batch,
+        applied_at: at,
+        duration_ms: ms,
+        applied_by: ctx.actor.clone(),
+        kiln_version: KILN_VERSION.into(),
+        error,
+    }
+}
+
+fn event(kind: &str, m: &Migration, ctx: &RecordContext, at: DateTime<Utc>, detail: Option<String>) -> LogEntry {
+    LogEntry {
+        at,
+        event: kind.into(),
+        version: Some(m.version.number),
+        name: Some(m.description.clone()),
+        batch: Some(ctx.batch),
+        actor: ctx.actor.clone(),
+        reason: None,
+        detail,
+    }
+}
+
+fn dir_event(dir: Dir) -> &'static str {
+    match dir {
+        Dir::Up => "applied",
+        Dir::Down => "reverted",
+    }
+}
+
+/// The error recorded with an intent row, shown if the runner never finishes it.
+fn interrupted_message(dir: Dir, ctx: &RecordContext) -> String {
+    format!(
+        "{} by {} at {} was interrupted (the process died or lost its connection) before it finished; statements before the interruption may have been committed",
+        if dir == Dir::Up { "the run started" } else { "the revert started" },
+        ctx.actor,
+        Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
+    )
+}
+
+/// RFC 3339, UTC, milliseconds: sorts as text and reads back exactly.
+fn ts(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// RFC 3339, or SQLite's own `YYYY-MM-DD HH:MM:SS[.fff]` (UTC) for adopted tables.
+fn parse_ts(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|d| d.with_timezone(&Utc))
+        .ok()
+        .or_else(|| NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f").ok().map(|n| n.and_utc()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let p = |u: &str| parse_url(u, u);
+        assert_eq!(p("sqlite://kiln.db").unwrap(), Location::File("kiln.db".into()));
+        assert_eq!(p("sqlite:///tmp/x.db").unwrap(), Location::File("/tmp/x.db".into()));
+        assert_eq!(p("sqlite:rel/x.db?mode=rwc").unwrap(), Location::File("rel/x.db".into()));
+        assert_eq!(p("sqlite::memory:").unwrap(), Location::Memory);
+        assert!(matches!(p("sqlite://"), Err(EngineError::BadUrl { .. })));
+        assert!(matches!(p("postgres://x"), Err(EngineError::BadUrl { .. })));
+    }
+
+    #[test]
+    fn transaction_control() {
+        assert!(controls_transaction("BEGIN"));
+        assert!(controls_transaction("-- c\ncommit"));
+        assert!(controls_transaction("END TRANSACTION"));
+        assert!(controls_transaction("ROLLBACK"));
+        assert!(!controls_transaction("ROLLBACK TO sp1"));
+        assert!(!controls_transaction("CREATE TRIGGER t AFTER INSERT ON a BEGIN SELECT 1; END"));
+        assert!(!controls_transaction("SAVEPOINT a"));
+    }
+
+    #[test]
+    fn timestamps_round_trip() {
+        let t = DateTime::parse_from_rfc3339("2025-11-01T12:30:00.123Z").unwrap().with_timezone(&Utc);
+        assert_eq!(ts(&t), "2025-11-01T12:30:00.123Z");
+        assert_eq!(parse_ts(&ts(&t)), Some(t));
+        assert!(parse_ts("2025-11-01 12:30:00").is_some());
+        assert!(parse_ts("yesterday").is_none());
     }
 }
