@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use anstream::{eprintln, println};
+use anstream::{eprintln, print, println};
 use kiln::{AdminReport, Direction, Event, PlanError, RunError, RunReport, StatusRow};
 use owo_colors::OwoColorize;
 use serde::Serialize;
