@@ -1,1 +1,44 @@
+//! kiln-mongo: kiln's MongoDB engine.
+//!
+//! Migrations are lists of database commands run exactly as `db.runCommand()`
+//! runs them (Extended JSON in, BSON out, key order kept), so everything the
+//! server can do is reachable and nothing new has to be learnt.
+//!
+//! The design decision to know: MongoDB DDL (index builds, `create`,
+//! `collMod`, …) cannot be rolled back, so by default each migration commits
+//! an intent entry (`running`) to the history *before* its first command and
+//! marks it `applied` after its last. A failure after the first command (or a
+//! crash) leaves a `failed`/`running` entry that blocks the next run until
+//! `kiln repair`, instead of a silent disagreement between database and
+//! history. With `transaction: true` on a replica set or sharded cluster, the
+//! commands and the history entry commit together in one multi-document
+//! transaction instead.
+//!
+//! Besides the [`kiln_core::Backend`] ([`MongoBackend`]), the crate offers
+//! per-collection status ([`collection_status`]) and declarative indexes
+//! ([`sync_indexes`]).
 
+#![warn(missing_docs)]
+
+mod backend;
+mod command;
+mod conn;
+mod history;
+mod lock;
+mod status;
+mod sync;
+
+pub use backend::MongoBackend;
+pub use conn::Topology;
+pub use history::MIGRATE_MONGO_ACTOR;
+pub use lock::{DEFAULT_TTL as DEFAULT_LEASE_TTL, LOCK_COLLECTION};
+pub use status::{collection_status, CollectionStatus, EXACT_COUNT_LIMIT};
+pub use sync::{sync_indexes, SyncAction, SyncError, SyncOptions, SyncReport};
+
+/// Connect to the MongoDB database named by `cfg`, boxed as a [`kiln_core::Backend`].
+///
+/// # Errors
+/// As [`MongoBackend::connect`].
+pub async fn connect(cfg: &kiln_core::BackendConfig) -> Result<Box<dyn kiln_core::Backend>, kiln_core::EngineError> {
+    Ok(Box::new(MongoBackend::connect(cfg).await?))
+}

@@ -1,0 +1,252 @@
+//! Connecting: URL checks, client options, and what the server says about
+//! itself (`hello`): topology (for transactions) and its clock (for leases).
+
+use std::time::Duration;
+
+use bson::{doc, Document};
+use kiln_core::url::redact;
+use kiln_core::{BackendConfig, EngineError};
+use mongodb::options::ClientOptions;
+use mongodb::{Client, Database};
+
+/// How long kiln waits for a server unless the URL says otherwise
+/// (`serverSelectionTimeoutMS`, `connectTimeoutMS`): the driver's 30 s default
+/// makes a typo in the host name look like a hang.
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What kind of deployment the server belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// A single `mongod` without replication: no multi-document transactions.
+    Standalone,
+    /// A replica set member (also a one-node replica set).
+    ReplicaSet,
+    /// A `mongos` router of a sharded cluster.
+    Sharded,
+}
+
+impl Topology {
+    /// From a `hello` reply: `msg: "isdbgrid"` is a mongos, `setName` a
+    /// replica set member, anything else a standalone server.
+    pub fn from_hello(hello: &Document) -> Topology {
+        if hello.get_str("msg").ok() == Some("isdbgrid") {
+            Topology::Sharded
+        } else if hello.get_str("setName").is_ok() {
+            Topology::ReplicaSet
+        } else {
+            Topology::Standalone
+        }
+    }
+
+    /// Multi-document transactions need a replica set or a sharded cluster.
+    pub fn supports_transactions(self) -> bool {
+        !matches!(self, Topology::Standalone)
+    }
+}
+
+/// An open connection to one database.
+#[derive(Clone)]
+pub(crate) struct Conn {
+    pub client: Client,
+    pub db: Database,
+    pub db_name: String,
+    /// The URL with its password redacted, plus the database when the URL does not name it.
+    pub target: String,
+    /// The password as written in the URL (raw and decoded), to scrub from driver messages.
+    secrets: Vec<String>,
+    pub topology: Topology,
+    /// Server clock minus local clock, from `hello.localTime`: lease times are
+    /// written in the server's time so runners on machines with skewed clocks agree.
+    pub skew: chrono::Duration,
+}
+
+impl Conn {
+    /// Connect to the database named by `cfg` and check the server answers.
+    ///
+    /// # Errors
+    /// [`EngineError::BadUrl`] for a URL that is not `mongodb://`/`mongodb+srv://`,
+    /// cannot be parsed, or names no database (and `cfg.database` is unset);
+    /// [`EngineError::Connect`] when no server answers within the selection
+    /// timeout (5 s unless the URL sets `serverSelectionTimeoutMS`) or it refuses us.
+    pub async fn open(cfg: &BackendConfig) -> Result<Conn, EngineError> {
+        let url = cfg.url.as_str();
+        let redacted = redact(url);
+        let secrets = url_secrets(url);
+        let scrub = |m: String| scrub_secrets(&m, &secrets);
+        let lower = url.to_ascii_lowercase();
+        if !(lower.starts_with("mongodb://") || lower.starts_with("mongodb+srv://")) {
+            return Err(EngineError::BadUrl { url: redacted, message: "a MongoDB URL starts with mongodb:// or mongodb+srv://".into() });
+        }
+        let mut opts = match ClientOptions::parse(url).await {
+            Ok(o) => o,
+            Err(e) => {
+                let message = scrub(e.to_string());
+                // An SRV lookup failure is a connection problem, not a bad URL.
+                return Err(if matches!(*e.kind, mongodb::error::ErrorKind::DnsResolve { .. }) {
+                    EngineError::Connect { url: redacted, message }
+                } else {
+                    EngineError::BadUrl { url: redacted, message }
+                });
+            }
+        };
+        let (db_name, target) = match (opts.default_database.clone(), &cfg.database) {
+            (Some(d), _) if !d.is_empty() => (d, redacted.clone()),
+            (_, Some(d)) if !d.is_empty() => (d.clone(), format!("{redacted} (database {d})")),
+            _ => {
+                return Err(EngineError::BadUrl {
+                    url: redacted,
+                    message: "the URL names no database; add /dbname or set [mongodb] database in kiln.toml".into(),
+                })
+            }
+        };
+        if opts.server_selection_timeout.is_none() {
+            opts.server_selection_timeout = Some(DEFAULT_TIMEOUT);
+        }
+        if opts.connect_timeout.is_none() {
+            opts.connect_timeout = Some(DEFAULT_TIMEOUT);
+        }
+        if opts.app_name.is_none() {
+            opts.app_name = Some("kiln".into());
+        }
+        let client = Client::with_options(opts).map_err(|e| EngineError::BadUrl { url: redacted.clone(), message: scrub(e.to_string()) })?;
+        let asked = chrono::Utc::now();
+        let hello = client
+            .database("admin")
+            .run_command(doc! { "hello": 1 })
+            .await
+            .map_err(|e| EngineError::Connect { url: redacted.clone(), message: scrub(e.to_string()) })?;
+        let answered = chrono::Utc::now();
+        let skew = match hello.get_datetime("localTime") {
+            Ok(t) => t.to_chrono() - (asked + (answered - asked) / 2),
+            Err(_) => chrono::Duration::zero(),
+        };
+        let db = client.database(&db_name);
+        Ok(Conn { client, db, db_name, target, secrets, topology: Topology::from_hello(&hello), skew })
+    }
+
+    /// Now, in the server's clock.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc::now() + self.skew
+    }
+
+    /// A driver message with any password from the URL replaced by `***`.
+    pub fn scrub(&self, message: impl Into<String>) -> String {
+        scrub_secrets(&message.into(), &self.secrets)
+    }
+
+    /// A kiln-side failure (history, log, lock) as an [`EngineError`]: a lost
+    /// connection is told apart from a query the server refused.
+    pub fn engine_error(&self, context: impl Into<String>, e: &mongodb::error::Error) -> EngineError {
+        let context = context.into();
+        let message = self.scrub(e.to_string());
+        if is_connection_error(e) {
+            EngineError::ConnectionLost { context, message }
+        } else {
+            EngineError::Query { context, message }
+        }
+    }
+
+    /// Whether a collection exists, without creating it.
+    pub async fn collection_exists(&self, name: &str) -> Result<bool, EngineError> {
+        let names = self
+            .db
+            .list_collection_names()
+            .filter(doc! { "name": name })
+            .await
+            .map_err(|e| self.engine_error(format!("looking for collection {name}"), &e))?;
+        Ok(!names.is_empty())
+    }
+}
+
+/// True when the driver could not talk to the server at all (as opposed to a
+/// server that answered with an error).
+pub(crate) fn is_connection_error(e: &mongodb::error::Error) -> bool {
+    use mongodb::error::ErrorKind;
+    matches!(
+        *e.kind,
+        ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. } | ErrorKind::ServerSelection { .. } | ErrorKind::Shutdown
+    )
+}
+
+/// The server's error code of a driver error, if the server answered with one.
+pub(crate) fn error_code(e: &mongodb::error::Error) -> Option<i32> {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    match &*e.kind {
+        ErrorKind::Command(c) => Some(c.code),
+        ErrorKind::Write(WriteFailure::WriteError(w)) => Some(w.code),
+        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => Some(w.code),
+        ErrorKind::InsertMany(m) => m
+            .write_errors
+            .as_ref()
+            .and_then(|w| w.first().map(|w| w.code))
+            .or_else(|| m.write_concern_error.as_ref().map(|w| w.code)),
+        _ => None,
+    }
+}
+
+/// The password of a MongoDB URL, raw and percent-decoded (URLs with several
+/// hosts are not valid for the `url` crate, so the user info is cut by hand).
+fn url_secrets(url: &str) -> Vec<String> {
+    let Some(rest) = url.split_once("://").map(|(_, r)| r) else { return vec![] };
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let Some((userinfo, _)) = authority.rsplit_once('@') else { return vec![] };
+    let Some((_, password)) = userinfo.split_once(':') else { return vec![] };
+    if password.is_empty() {
+        return vec![];
+    }
+    let mut out = vec![password.to_string()];
+    let decoded = percent_decode(password);
+    if decoded != password {
+        out.push(decoded);
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn scrub_secrets(message: &str, secrets: &[String]) -> String {
+    let mut m = message.to_string();
+    for s in secrets {
+        m = m.replace(s.as_str(), "***");
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_found_and_scrubbed() {
+        let s = url_secrets("mongodb://u:p%40ss@h1:1,h2:2/db?replicaSet=rs");
+        assert_eq!(s, vec!["p%40ss".to_string(), "p@ss".to_string()]);
+        assert_eq!(scrub_secrets("auth failed for p@ss", &s), "auth failed for ***");
+        assert!(url_secrets("mongodb://h/db").is_empty());
+        assert!(url_secrets("mongodb://user@h/db").is_empty());
+    }
+
+    #[test]
+    fn topology_from_hello() {
+        assert_eq!(Topology::from_hello(&doc! { "isWritablePrimary": true }), Topology::Standalone);
+        assert_eq!(Topology::from_hello(&doc! { "setName": "rs0" }), Topology::ReplicaSet);
+        assert_eq!(Topology::from_hello(&doc! { "msg": "isdbgrid" }), Topology::Sharded);
+        assert!(!Topology::Standalone.supports_transactions());
+        assert!(Topology::ReplicaSet.supports_transactions());
+    }
+}
