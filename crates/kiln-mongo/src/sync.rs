@@ -215,7 +215,7 @@ pub enum SyncError {
         /// Index name.
         name: String,
         /// `create` or `drop`.
-        action: String,
+        action: &'static str,
         /// The server's code.
         code: Option<i32>,
         /// `code N (Name): message`.
@@ -606,7 +606,7 @@ pub async fn sync_indexes(cfg: &BackendConfig, indexes_dir: &Path, opts: &SyncOp
             let failed = |code: Option<i32>, message: String, done: &Vec<SyncAction>| SyncError::Index {
                 collection: a.collection().to_string(),
                 name: a.name().to_string(),
-                action: action.into(),
+                action,
                 code,
                 message,
                 done: done.clone(),

@@ -159,7 +159,7 @@ async fn a_lost_lease_stops_the_runner_before_the_next_migration() {
     a.ensure_history().await.unwrap();
     let m = &env.load()[0];
     let ctx = kiln_core::RecordContext { batch: 1, actor: "t@h".into() };
-    let e = a.apply(m, &ctx).await.err().expect("must refuse");
+    let e = a.apply(m, &ctx).await.expect_err("must refuse");
     let kiln_core::StepError::Engine(e) = e else { panic!("expected an engine error") };
     assert!(e.to_string().contains("lease") && e.to_string().contains("lost"), "{e}");
     assert!(!env.collections().await.contains(&"a".to_string()));
