@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use crate::error::{EngineError, FailureOutcome, StatementError};
-use crate::model::{AppliedMigration, Kind, LogEntry, Migration};
+use crate::model::{AppliedMigration, FailureInfo, Kind, LogEntry, Migration, State};
+use crate::schema::{Snapshot, Violation};
 
 /// What an engine can do; the runner reads this instead of assuming.
 #[derive(Clone, Debug)]
@@ -30,6 +31,8 @@ pub struct BackendConfig {
     pub history_table: String,
     /// Event log table/collection name (default `kiln_log`).
     pub log_table: String,
+    /// Table/collection holding the schema snapshot of the last run (default `kiln_snapshot`).
+    pub snapshot_table: String,
     /// PostgreSQL schema for kiln's tables and the migrations' search_path
     /// (default: the connection's current schema). Used for schema-per-tenant.
     pub schema: Option<String>,
@@ -40,7 +43,7 @@ pub struct BackendConfig {
 impl BackendConfig {
     /// Defaults for `url`.
     pub fn new(url: impl Into<String>) -> Self {
-        BackendConfig { url: url.into(), history_table: "kiln_history".into(), log_table: "kiln_log".into(), schema: None, database: None }
+        BackendConfig { url: url.into(), history_table: "kiln_history".into(), log_table: "kiln_log".into(), snapshot_table: "kiln_snapshot".into(), schema: None, database: None }
     }
 }
 
@@ -62,11 +65,22 @@ pub struct ApplyError {
     pub outcome: FailureOutcome,
 }
 
+/// A check of the live schema run before a migration commits (see
+/// [`Backend::apply_checked`]): returns the violations that make it fail.
+pub type SchemaCheck = dyn Fn(&Snapshot) -> Vec<Violation> + Send + Sync;
+
 /// Either a body failure or an engine failure (connection lost, history write failed).
 #[derive(Debug)]
 pub enum StepError {
     /// The migration's own statement failed.
     Body(ApplyError),
+    /// The migration ran but left the schema breaking the contract (`schema.yaml`).
+    Invalid {
+        /// What is wrong.
+        violations: Vec<Violation>,
+        /// Rolled back, or recorded as failed.
+        outcome: FailureOutcome,
+    },
     /// kiln could not talk to the database.
     Engine(EngineError),
 }
@@ -138,6 +152,60 @@ pub trait Backend: Send {
     /// Run `m`'s down body and delete its history entry, with a `reverted` event.
     /// Same atomicity contract as [`Backend::apply`].
     async fn revert(&mut self, m: &Migration, applied: &AppliedMigration, ctx: &RecordContext) -> Result<(), StepError>;
+
+    /// Like [`Backend::apply`], but `check` sees the live schema after the body ran
+    /// and its violations fail the migration. Engines with transactional DDL
+    /// override this to inspect inside the migration's transaction and roll back
+    /// (outcome `RolledBack`). The default applies, inspects after the commit and,
+    /// on violations, records the migration as `failed` (outcome `RecordedFailed`).
+    async fn apply_checked(&mut self, m: &Migration, ctx: &RecordContext, check: &SchemaCheck) -> Result<(), StepError> {
+        self.apply(m, ctx).await?;
+        let snapshot = self.inspect().await?;
+        let violations = check(&snapshot);
+        if violations.is_empty() {
+            return Ok(());
+        }
+        let message = format!(
+            "schema validation failed after this migration: {}",
+            violations.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("; ")
+        );
+        let mut rows = self.read_history().await?.unwrap_or_default();
+        if let Some(row) = rows.iter_mut().find(|r| r.version == m.version) {
+            row.state = State::Failed;
+            row.error = Some(FailureInfo { message, statement: None, line: None });
+            let row = row.clone();
+            self.upsert_history(std::slice::from_ref(&row)).await?;
+        }
+        Err(StepError::Invalid { violations, outcome: FailureOutcome::RecordedFailed })
+    }
+
+    /// The live schema: tables (columns, indexes, constraints) or collections
+    /// (indexes, validator), kiln's own objects excluded.
+    async fn inspect(&mut self) -> Result<Snapshot, EngineError> {
+        Err(EngineError::Unsupported(format!("schema inspection is not available for {}", self.capabilities().engine)))
+    }
+
+    /// Store the snapshot taken after a successful run, replacing the previous
+    /// one (the reference `kiln diff` compares with).
+    async fn save_snapshot(&mut self, _snapshot: &Snapshot) -> Result<(), EngineError> {
+        Err(EngineError::Unsupported(format!("schema snapshots are not available for {}", self.capabilities().engine)))
+    }
+
+    /// The stored snapshot, or `None` when none was stored yet.
+    async fn load_snapshot(&mut self) -> Result<Option<Snapshot>, EngineError> {
+        Err(EngineError::Unsupported(format!("schema snapshots are not available for {}", self.capabilities().engine)))
+    }
+
+    /// Create an empty database (or schema) named `name` on the same server, for
+    /// `kiln verify`; returns its URL.
+    async fn create_scratch(&mut self, _name: &str) -> Result<String, EngineError> {
+        Err(EngineError::Unsupported(format!("scratch databases are not available for {}", self.capabilities().engine)))
+    }
+
+    /// Drop a database made by [`Backend::create_scratch`].
+    async fn drop_scratch(&mut self, _name: &str) -> Result<(), EngineError> {
+        Err(EngineError::Unsupported(format!("scratch databases are not available for {}", self.capabilities().engine)))
+    }
 
     /// Insert or replace history entries by version (baseline, retire, repair).
     async fn upsert_history(&mut self, entries: &[AppliedMigration]) -> Result<(), EngineError>;

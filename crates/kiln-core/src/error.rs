@@ -265,9 +265,31 @@ pub enum RunError {
         /// Versions successfully applied (or reverted) in this run before the failure.
         done: Vec<Version>,
     },
+    /// A migration left the schema breaking the contract (`schema.yaml`).
+    #[error("migration {version} ({file}) leaves the schema invalid ({outcome}):{}", .violations.iter().map(|v| format!("\n  - {v}")).collect::<String>())]
+    Invalid {
+        /// Version.
+        version: Version,
+        /// File.
+        file: String,
+        /// What it did to the database and history.
+        outcome: FailureOutcome,
+        /// The violations.
+        violations: Vec<crate::schema::Violation>,
+        /// Versions applied in this run before it.
+        done: Vec<Version>,
+    },
 }
 
 impl RunError {
+    /// Versions applied (or reverted) in this run before it stopped.
+    pub fn done(&self) -> &[Version] {
+        match self {
+            RunError::Migration { done, .. } | RunError::Invalid { done, .. } => done,
+            _ => &[],
+        }
+    }
+
     /// 1 for a migration/check failure, 2 for bad usage or configuration.
     pub fn exit_code(&self) -> i32 {
         match self {

@@ -61,6 +61,11 @@ pub enum Event {
         /// How long it took.
         duration: Duration,
     },
+    /// Something worth telling the operator that does not stop the run.
+    Warning {
+        /// What.
+        message: String,
+    },
     /// A migration failed.
     StepFailed {
         /// Direction.

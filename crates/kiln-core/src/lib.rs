@@ -20,7 +20,7 @@ pub mod source;
 pub mod split;
 pub mod url;
 
-pub use backend::{ApplyError, Backend, BackendConfig, Capabilities, RecordContext, StepError};
+pub use backend::{ApplyError, Backend, BackendConfig, Capabilities, RecordContext, SchemaCheck, StepError};
 pub use error::{EngineError, FailureOutcome, PlanError, RunError, SourceError, StatementError};
 pub use event::{Direction, Event, Observer};
 pub use model::*;

@@ -16,6 +16,7 @@ use crate::error::{EngineError, PlanError, RunError};
 use crate::event::{Direction, Event, Observer, Silent};
 use crate::model::*;
 use crate::plan::{self, DownTarget, Policy, StatusRow, UpTarget};
+use crate::schema::{self, Change, Contract, Snapshot, Violation};
 
 /// Settings of a runner.
 #[derive(Clone, Debug)]
@@ -95,12 +96,46 @@ pub struct Runner<'b> {
     backend: &'b mut dyn Backend,
     settings: RunnerSettings,
     observer: Arc<dyn Observer>,
+    contract: Option<Arc<Contract>>,
+}
+
+/// What `kiln check` found. `ok` is false when anything below is non-empty
+/// (warnings aside).
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckReport {
+    /// Nothing wrong.
+    pub ok: bool,
+    /// Pending migrations (`version_name`).
+    pub pending: Vec<String>,
+    /// Failed or interrupted migrations, with their errors.
+    pub failed: Vec<String>,
+    /// Applied migrations whose file changed, and applied migrations whose file is gone.
+    pub changed: Vec<String>,
+    /// Other plan problems (bad dependencies).
+    pub problems: Vec<String>,
+    /// Contract errors and warnings.
+    pub violations: Vec<Violation>,
+    /// Differences between the live schema and the snapshot stored by the last run.
+    pub drift: Vec<Change>,
+    /// Whether a snapshot was stored to compare with.
+    pub snapshot_found: bool,
+    /// Whether a contract (schema.yaml) was checked.
+    pub contract_checked: bool,
 }
 
 impl<'b> Runner<'b> {
     /// A runner over `backend`.
     pub fn new(backend: &'b mut dyn Backend, settings: RunnerSettings) -> Self {
-        Runner { backend, settings, observer: Arc::new(Silent) }
+        Runner { backend, settings, observer: Arc::new(Silent), contract: None }
+    }
+
+    /// Validate every migration of `up` against `contract` before it commits: a
+    /// migration that breaks something the contract requires (and the database
+    /// had), or that brings the database to its newest version without
+    /// satisfying the contract, fails and is rolled back where the engine allows.
+    pub fn with_contract(mut self, contract: Option<Arc<Contract>>) -> Self {
+        self.contract = contract;
+        self
     }
 
     /// Send events to `observer`.
@@ -229,6 +264,13 @@ impl<'b> Runner<'b> {
                     this.backend.log(&start).await?;
                     let total = p.steps.len();
                     let mut done: Vec<StepReport> = Vec::with_capacity(total);
+                    // With a contract, each migration is checked before it commits.
+                    let reaches_head = target == UpTarget::Latest && policy.group.is_none();
+                    let contract = this.contract.clone();
+                    let mut before: Option<Snapshot> = match &contract {
+                        Some(_) => Some(this.backend.inspect().await?),
+                        None => None,
+                    };
                     for (i, m) in p.steps.iter().enumerate() {
                         this.emit(Event::StepStarted {
                             direction: Direction::Up,
@@ -238,7 +280,30 @@ impl<'b> Runner<'b> {
                             total,
                         });
                         let t = Instant::now();
-                        match this.backend.apply(m, &ctx).await {
+                        let result = match (&contract, before.take()) {
+                            (Some(c), Some(prev)) => {
+                                let last = reaches_head && i + 1 == total;
+                                let seen = std::sync::Arc::new(std::sync::Mutex::new(None::<Snapshot>));
+                                let seen2 = seen.clone();
+                                let c2 = c.clone();
+                                let check = move |s: &Snapshot| {
+                                    *seen2.lock().expect("not poisoned") = Some(s.clone());
+                                    if last {
+                                        schema::validate(&c2, s).into_iter().filter(|v| v.severity == schema::Severity::Error).collect()
+                                    } else {
+                                        schema::regressions(&c2, &prev, s)
+                                    }
+                                };
+                                let r = this.backend.apply_checked(m, &ctx, &check).await;
+                                before = seen.lock().expect("not poisoned").take();
+                                if before.is_none() && r.is_ok() {
+                                    before = Some(this.backend.inspect().await?);
+                                }
+                                r
+                            }
+                            _ => this.backend.apply(m, &ctx).await,
+                        };
+                        match result {
                             Ok(()) => {
                                 let d = t.elapsed();
                                 this.emit(Event::StepFinished { direction: Direction::Up, version: m.version.text.clone(), name: m.description.clone(), duration: d });
@@ -247,6 +312,7 @@ impl<'b> Runner<'b> {
                             Err(e) => return Err(this.step_failed(Direction::Up, m, e, &done, p.batch).await),
                         }
                     }
+                    this.save_snapshot().await;
                     let end = this.log_entry("run-end", None, Some(p.batch), None, Some(format!("up: {} applied", done.len())));
                     this.backend.log(&end).await?; // also makes every commit of the run durable
                     Ok(RunReport { direction: Direction::Up, batch: Some(p.batch), steps: done, dry_run: false, duration_ms: 0 })
@@ -261,7 +327,17 @@ impl<'b> Runner<'b> {
 
     async fn step_failed(&mut self, dir: Direction, m: &Migration, e: StepError, done: &[StepReport], batch: i64) -> RunError {
         let done_versions: Vec<Version> = done.iter().filter_map(|s| Version::parse_arg(&s.version)).collect();
+        if !done.is_empty() {
+            self.save_snapshot().await;
+        }
         match e {
+            StepError::Invalid { violations, outcome } => {
+                let message = violations.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("; ");
+                self.emit(Event::StepFailed { direction: dir, version: m.version.text.clone(), name: m.description.clone(), message: message.clone() });
+                let fail = self.log_entry("failed", Some((&m.version, &m.description)), Some(batch), None, Some(format!("schema validation: {message}")));
+                let _ = self.backend.log(&fail).await;
+                RunError::Invalid { version: m.version.clone(), file: m.display_path(), outcome, violations, done: done_versions }
+            }
             StepError::Body(a) => {
                 self.emit(Event::StepFailed { direction: dir, version: m.version.text.clone(), name: m.description.clone(), message: a.error.to_string() });
                 let end = self.log_entry(
@@ -280,6 +356,107 @@ impl<'b> Runner<'b> {
                 RunError::Engine(e)
             }
         }
+    }
+
+    /// Store the live schema as the drift reference. A failure here does not undo
+    /// the run: it is reported as a warning event.
+    async fn save_snapshot(&mut self) {
+        let r = match self.backend.inspect().await {
+            Ok(s) => self.backend.save_snapshot(&s).await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) | Err(EngineError::Unsupported(_)) => {}
+            Err(e) => self.emit(Event::Warning { message: format!("could not store the schema snapshot for drift detection: {e}") }),
+        }
+    }
+
+    /// The live schema (kiln's own objects excluded).
+    pub async fn inspect(&mut self) -> Result<Snapshot, RunError> {
+        Ok(self.backend.inspect().await?)
+    }
+
+    /// What changed in the live schema since the snapshot stored by the last run;
+    /// `None` when no snapshot was stored yet.
+    pub async fn diff(&mut self) -> Result<Option<Vec<Change>>, RunError> {
+        let Some(stored) = self.backend.load_snapshot().await? else {
+            return Ok(None);
+        };
+        let live = self.backend.inspect().await?;
+        Ok(Some(schema::diff(&stored, &live)))
+    }
+
+    /// Everything that should stop an application from starting (`kiln check`):
+    /// pending, failed or changed migrations, plan problems, contract errors and
+    /// drift. Takes no lock and changes nothing.
+    pub async fn check(&mut self, local: &[Migration], contract: Option<&Contract>) -> Result<CheckReport, RunError> {
+        self.check_kinds(local)?;
+        let history = self.backend.read_history().await?;
+        let applied = history.clone().unwrap_or_default();
+        let mut r = CheckReport {
+            ok: true,
+            pending: vec![],
+            failed: vec![],
+            changed: vec![],
+            problems: vec![],
+            violations: vec![],
+            drift: vec![],
+            snapshot_found: false,
+            contract_checked: contract.is_some(),
+        };
+        for row in plan::status(local, &applied) {
+            match row.state.as_str() {
+                "pending" => r.pending.push(format!("{}_{}{}", row.version, row.name, if row.out_of_order { " (out of order)" } else { "" })),
+                "failed" | "running" => r.failed.push(format!(
+                    "{}_{} ({}): {}",
+                    row.version,
+                    row.name,
+                    row.state,
+                    row.error.as_ref().map(|e| e.message.as_str()).unwrap_or("interrupted")
+                )),
+                "missing" => r.changed.push(format!("{}_{}: applied but its file is missing", row.version, row.name)),
+                _ => {}
+            }
+            if row.checksum_ok == Some(false) {
+                r.changed.push(format!("{}_{}: file changed since it was applied", row.version, row.name));
+            }
+        }
+        for p in plan::dependency_problems(local, &applied) {
+            r.problems.push(p.to_string());
+        }
+        let needs_schema = contract.is_some() || history.is_some();
+        let live = if needs_schema {
+            match self.backend.inspect().await {
+                Ok(s) => Some(s),
+                Err(EngineError::Unsupported(m)) if contract.is_none() => {
+                    let _ = m;
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            None
+        };
+        if let (Some(c), Some(live)) = (contract, &live) {
+            r.violations = schema::validate(c, live);
+        }
+        if let (Some(_), Some(live)) = (&history, &live) {
+            match self.backend.load_snapshot().await {
+                Ok(Some(stored)) => {
+                    r.snapshot_found = true;
+                    r.drift = schema::diff(&stored, live);
+                }
+                Ok(None) | Err(EngineError::Unsupported(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        r.ok = r.pending.is_empty()
+            && r.failed.is_empty()
+            && r.changed.is_empty()
+            && r.problems.is_empty()
+            && !schema::has_errors(&r.violations)
+            && r.drift.is_empty();
+        Ok(r)
     }
 
     /// Revert applied migrations (`kiln down`).
@@ -331,6 +508,7 @@ impl<'b> Runner<'b> {
                             Err(e) => return Err(this.step_failed(Direction::Down, m, e, &done, batch).await),
                         }
                     }
+                    this.save_snapshot().await;
                     let end = this.log_entry("run-end", None, Some(batch), None, Some(format!("down: {} reverted", done.len())));
                     this.backend.log(&end).await?;
                     Ok(RunReport { direction: Direction::Down, batch: None, steps: done, dry_run: false, duration_ms: 0 })
@@ -391,6 +569,7 @@ impl<'b> Runner<'b> {
                     entries.push(mk(&version, "<< baseline >>", String::new(), Checksum(String::new()), None));
                 }
                 this.backend.upsert_history(&entries).await?;
+                this.save_snapshot().await;
                 let changes: Vec<String> = entries.iter().map(|e| format!("{} {}: baseline", e.version, e.description)).collect();
                 let entry = this.log_entry(
                     "baseline",

@@ -423,6 +423,89 @@ pub fn validate(contract: &Contract, live: &Snapshot) -> Vec<Violation> {
     out
 }
 
+/// Keys of the contract's required items that `live` does not satisfy (a
+/// missing table leaves every one of its items unsatisfied). Used to tell a
+/// migration that *breaks* the contract from one that simply has not reached it.
+pub fn unsatisfied(contract: &Contract, live: &Snapshot) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for (name, t) in &contract.tables {
+        let obj = live.objects.get(name);
+        if obj.is_none() {
+            out.insert(format!("{name}"));
+        }
+        let empty = ObjectInfo::default();
+        let o = obj.unwrap_or(&empty);
+        for c in &t.required {
+            let mut v = Vec::new();
+            check_column(name, c, o, true, &mut v);
+            if !v.is_empty() || obj.is_none() {
+                out.insert(format!("{name}.column.{}", c.name()));
+            }
+        }
+        for c in &t.optional {
+            let mut v = Vec::new();
+            check_column(name, c, o, false, &mut v);
+            if v.iter().any(|x| x.severity == Severity::Error) || obj.is_none() {
+                out.insert(format!("{name}.column.{}", c.name()));
+            }
+        }
+        for i in &t.indexes {
+            if obj.is_none() || !index_matches(i, o, false) {
+                out.insert(format!("{name}.index.{}", describe_index(i)));
+            }
+        }
+        for u in &t.unique {
+            if obj.is_none() || !index_matches(u, o, true) {
+                out.insert(format!("{name}.unique.{}", describe_index(u)));
+            }
+        }
+    }
+    for (name, c) in &contract.collections {
+        let obj = live.objects.get(name);
+        if obj.is_none() {
+            out.insert(name.to_string());
+        }
+        for f in &c.required {
+            let ok = obj.and_then(|o| o.validator.as_ref()).map(|v| v.required.contains(f)).unwrap_or(false);
+            if !ok {
+                out.insert(format!("{name}.required.{f}"));
+            }
+        }
+        for i in &c.indexes {
+            if obj.map(|o| !index_matches(i, o, false)).unwrap_or(true) {
+                out.insert(format!("{name}.index.{}", describe_index(i)));
+            }
+        }
+    }
+    out
+}
+
+/// Errors `after` has that `before` did not: what a migration broke. Items the
+/// database had not reached yet (a table a later migration creates) are not
+/// regressions.
+pub fn regressions(contract: &Contract, before: &Snapshot, after: &Snapshot) -> Vec<Violation> {
+    let was = unsatisfied(contract, before);
+    let now = unsatisfied(contract, after);
+    let broken: Vec<&String> = now.difference(&was).collect();
+    if broken.is_empty() {
+        return Vec::new();
+    }
+    validate(contract, after)
+        .into_iter()
+        .filter(|v| v.severity == Severity::Error)
+        .filter(|v| broken.iter().any(|k| k.split('.').next() == Some(v.object.as_str())))
+        .filter(|v| {
+            // keep the violations that name a broken item
+            broken.iter().any(|k| {
+                let mut parts = k.splitn(3, '.');
+                let obj = parts.next().unwrap_or("");
+                let item = parts.nth(1).unwrap_or("");
+                obj == v.object && (item.is_empty() || v.message.contains(item))
+            })
+        })
+        .collect()
+}
+
 /// True when any violation is an error.
 pub fn has_errors(v: &[Violation]) -> bool {
     v.iter().any(|x| x.severity == Severity::Error)
@@ -653,6 +736,23 @@ mod tests {
         let text = c.to_yaml();
         let back = Contract::parse(&text, "dump").unwrap();
         assert!(validate(&back, &s).is_empty(), "{text}");
+    }
+
+    #[test]
+    fn regressions_only_count_what_was_satisfied() {
+        let c = Contract::parse("tables:\n  users:\n    required: [id, email]\n    indexes: [users_email_key]\n", "s").unwrap();
+        let empty = Snapshot::default();
+        // creating the table without email yet is progress, not a regression
+        let mut partial = users();
+        partial.objects.get_mut("users").unwrap().columns.remove("email");
+        partial.objects.get_mut("users").unwrap().indexes.clear();
+        assert!(regressions(&c, &empty, &partial).is_empty());
+        // dropping a required column that existed is a regression
+        let full = users();
+        let r = regressions(&c, &full, &partial);
+        assert!(r.iter().any(|v| v.message.contains("email")), "{r:?}");
+        assert!(r.iter().any(|v| v.message.contains("users_email_key")), "{r:?}");
+        assert!(regressions(&c, &full, &full).is_empty());
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub struct FileConfig {
     pub history_table: Option<String>,
     /// Event log table/collection.
     pub log_table: Option<String>,
+    /// Schema snapshot table/collection.
+    pub snapshot_table: Option<String>,
     /// Lock wait.
     lock_timeout: Option<DurationValue>,
     /// Numbering for `kiln create`.
@@ -143,6 +145,8 @@ pub struct Config {
     pub history_table: String,
     /// Event log table/collection.
     pub log_table: String,
+    /// Schema snapshot table/collection.
+    pub snapshot_table: String,
     /// Lock wait.
     pub lock_timeout: Duration,
     /// Numbering for `kiln create`.
@@ -205,7 +209,7 @@ impl Config {
         if let Some(rule) = &file.name_rule {
             regex::Regex::new(rule).map_err(|e| ConfigError::Invalid(format!("{}: name_rule is not a valid regex: {e}", path.display())))?;
         }
-        for (key, v) in [("history_table", &file.history_table), ("log_table", &file.log_table), ("schema", &file.schema)] {
+        for (key, v) in [("history_table", &file.history_table), ("log_table", &file.log_table), ("snapshot_table", &file.snapshot_table), ("schema", &file.schema)] {
             if let Some(v) = v {
                 if v.is_empty() || v.len() > 63 || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                     return Err(ConfigError::Invalid(format!(
@@ -222,6 +226,7 @@ impl Config {
             config_file,
             history_table: file.history_table.unwrap_or_else(|| "kiln_history".into()),
             log_table: file.log_table.unwrap_or_else(|| "kiln_log".into()),
+            snapshot_table: file.snapshot_table.unwrap_or_else(|| "kiln_snapshot".into()),
             lock_timeout,
             versioning: file.versioning.unwrap_or_default(),
             name_rule: file.name_rule,
@@ -242,6 +247,7 @@ impl Config {
             url: self.url.clone(),
             history_table: self.history_table.clone(),
             log_table: self.log_table.clone(),
+            snapshot_table: self.snapshot_table.clone(),
             schema: self.schema.clone(),
             database: self.mongodb_database.clone(),
         }
@@ -294,6 +300,7 @@ lock_timeout = 60
 # Names of kiln's own history table/collection and event log.
 # history_table = "kiln_history"
 # log_table = "kiln_log"
+# snapshot_table = "kiln_snapshot"
 
 # Naming rule for migration files (regex on the name without extension).
 # Default: version, underscore, lower-case snake description (0001_add_users).
