@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# MongoDB benchmark: N generated migrations (default 1,000), each a
+# `createIndexes` on its own collection, run with the release binary:
+#
+#   1. apply all on a fresh database   (kiln up)
+#   2. no-op up with everything applied (kiln up)
+#   3. status                           (kiln status)
+#
+# Server: KILN_BENCH_MONGODB_URL, else KILN_TEST_MONGODB_URL (a URL without a
+# database; a fresh database is used and dropped afterwards), else a SecantusDB
+# server started here (installed by scripts/install-mongo-test-server.sh) and
+# stopped on exit.
+#
+# Usage: bench/mongo-bench.sh [N]       (hyperfine is used when installed)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+N="${1:-${N:-1000}}"
+KILN="$ROOT/target/release/kiln"
+RUNS="${RUNS:-10}"
+
+if [[ ! -x "$KILN" ]]; then
+    echo "building the release binary (cargo build --release -p kiln)…" >&2
+    (cd "$ROOT" && cargo build --release -p kiln)
+fi
+
+WORK="$(mktemp -d -t kiln-mongo-bench.XXXXXX)"
+SERVER_PID=""
+cleanup() {
+    if [[ -n "$SERVER_PID" ]]; then
+        kill "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+BASE="${KILN_BENCH_MONGODB_URL:-${KILN_TEST_MONGODB_URL:-}}"
+if [[ -z "$BASE" ]]; then
+    bash "$ROOT/scripts/install-mongo-test-server.sh"
+    PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    "$ROOT/.venv-test/bin/secantusd-py" --host 127.0.0.1 --port "$PORT" --storage-path :memory: >"$WORK/server.log" 2>&1 &
+    SERVER_PID=$!
+    BASE="mongodb://127.0.0.1:$PORT/?directConnection=true"
+    for _ in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then break; fi
+        sleep 0.2
+    done
+    sleep 0.5
+    SERVER_DESC="SecantusDB $(grep -o 'secantusdb==[^"]*' "$ROOT/scripts/install-mongo-test-server.sh" | head -1) (in memory)"
+else
+    SERVER_DESC="$(echo "$BASE" | sed -E 's#//[^/@]*@#//***@#')"
+fi
+
+# A fresh database on the server: the URL's path replaced, query kept.
+DB="kiln_bench_$(date +%s)_$$"
+case "$BASE" in
+    *\?*) QUERY="?${BASE#*\?}"; HOSTPART="${BASE%%\?*}" ;;
+    *) QUERY=""; HOSTPART="$BASE" ;;
+esac
+SCHEME="${HOSTPART%%://*}://"
+REST="${HOSTPART#*://}"
+URL="${SCHEME}${REST%%/*}/${DB}${QUERY}"
+
+DIR="$WORK/migrations"
+mkdir -p "$DIR"
+echo "generating $N migrations…" >&2
+for i in $(seq 1 "$N"); do
+    printf 'up:\n  - createIndexes: bench_%d\n    indexes:\n      - key: { tenantId: 1, createdAt: -1 }\n        name: tenant_created\ndown:\n  - drop: bench_%d\n' "$i" "$i" \
+        >"$DIR/$(printf '%06d' "$i")_index_bench_$i.yaml"
+done
+
+export KILN_LOG=warn
+ms() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
+
+echo "server:     $SERVER_DESC" >&2
+echo "migrations: $N (createIndexes, one collection each)" >&2
+
+t0=$(date +%s%N)
+"$KILN" up --url "$URL" --dir "$DIR" >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; exit 1; }
+APPLY_MS=$(ms "$t0")
+printf 'apply all (%d):  %d ms total, %.2f ms per migration\n' "$N" "$APPLY_MS" "$(echo "$APPLY_MS / $N" | bc -l)"
+
+# Both must succeed (and the no-op must apply nothing) before they are timed.
+"$KILN" up --url "$URL" --dir "$DIR" >"$WORK/noop.log" 2>&1 || { cat "$WORK/noop.log" >&2; exit 1; }
+"$KILN" status --url "$URL" --dir "$DIR" >"$WORK/status.log" 2>&1 || { cat "$WORK/status.log" >&2; exit 1; }
+APPLIED=$(grep -c 'applied' "$WORK/status.log" || true)
+echo "status lists $APPLIED applied rows" >&2
+
+if command -v hyperfine >/dev/null 2>&1; then
+    hyperfine --warmup 1 --runs "$RUNS" -N --style basic \
+        -n "no-op up ($N applied)" "$KILN up --url $URL --dir $DIR" \
+        -n "status ($N applied)" "$KILN status --url $URL --dir $DIR"
+else
+    for what in up status; do
+        total=0
+        for _ in $(seq 1 "$RUNS"); do
+            t0=$(date +%s%N)
+            "$KILN" "$what" --url "$URL" --dir "$DIR" >/dev/null 2>&1
+            total=$(( total + $(ms "$t0") ))
+        done
+        label=$([[ $what == up ]] && echo "no-op up" || echo "status")
+        printf '%-10s %d ms mean over %d runs\n' "$label:" $(( total / RUNS )) "$RUNS"
+    done
+fi
+
+if [[ -z "$SERVER_PID" ]]; then
+    # An external server keeps running: drop the benchmark database.
+    if [[ -x "$ROOT/.venv-test/bin/python" ]]; then
+        "$ROOT/.venv-test/bin/python" -c 'import sys, pymongo; pymongo.MongoClient(sys.argv[1]).drop_database(sys.argv[2])' "$URL" "$DB" || true
+    else
+        echo "note: drop the benchmark database $DB by hand" >&2
+    fi
+fi
