@@ -141,6 +141,24 @@ pub enum Cmd {
         #[arg(long)]
         reason: String,
     },
+    /// Fail (exit 1) on pending, failed or changed migrations, an invalid schema, or drift
+    Check,
+    /// Show what changed in the database schema since the last kiln run (exit 1 if anything)
+    Diff,
+    /// Schema contract tools
+    Schema {
+        #[command(subcommand)]
+        cmd: SchemaCmd,
+    },
+    /// On a scratch database: apply everything, validate, revert, apply again; report every down that does not undo its up
+    Verify {
+        /// Use this (empty) database instead of creating one on the configured server
+        #[arg(long, value_name = "URL")]
+        scratch_url: Option<String>,
+        /// Keep the scratch database afterwards (to inspect it)
+        #[arg(long)]
+        keep: bool,
+    },
     /// Create, compare and (with --prune) drop indexes declared in indexes/<collection>.yaml (MongoDB)
     Sync {
         /// Drop indexes that are not declared (never _id_)
@@ -152,6 +170,19 @@ pub enum Cmd {
         /// Directory of index declarations [default: indexes/ beside the migrations directory]
         #[arg(long, value_name = "DIR")]
         indexes: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SchemaCmd {
+    /// Print the live schema in schema.yaml format (to bootstrap the contract)
+    Dump {
+        /// Write to FILE instead of stdout (refuses to overwrite without --force)
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Overwrite FILE
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -249,7 +280,8 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
 
     let observer: Arc<dyn kiln::Observer> = if json { Arc::new(kiln::event::Silent) } else { Arc::new(render::Progress::new()) };
     let settings = RunnerSettings { lock_timeout: cfg.lock_timeout, ..RunnerSettings::default() };
-    let result = command(&cli.cmd, &cfg, &local, backend.as_mut(), settings, observer, json).await;
+    let contract = cfg.contract()?;
+    let result = command(&cli.cmd, &cfg, &local, contract, backend.as_mut(), settings, observer, json).await;
     let _ = backend.close().await;
     result
 }
@@ -267,10 +299,12 @@ fn annotate_dir(e: kiln::SourceError, dir: &Path) -> CliError {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn command(
     cmd: &Cmd,
     cfg: &Config,
     local: &[Migration],
+    contract: Option<kiln::schema::Contract>,
     backend: &mut dyn Backend,
     settings: RunnerSettings,
     observer: Arc<dyn kiln::Observer>,
@@ -285,6 +319,9 @@ async fn command(
                 None => UpTarget::Latest,
             };
             let policy = Policy { allow_out_of_order: cfg.allow_out_of_order, group: group.clone() };
+            if cfg.validate == config::ValidateMode::AfterEach {
+                runner = runner.with_contract(contract.map(Arc::new));
+            }
             let r = runner.up(local, &t, &policy, *dry_run).await?;
             render::run_report(&r, &target, json);
             Ok(0)
@@ -326,6 +363,52 @@ async fn command(
             let r = runner.repair(local, v.as_ref(), *mark_applied, reason).await?;
             render::admin(&r, json);
             Ok(0)
+        }
+        Cmd::Check => {
+            let r = runner.check(local, contract.as_ref()).await?;
+            render::check(&r, &target, json);
+            Ok(if r.ok { 0 } else { 1 })
+        }
+        Cmd::Diff => {
+            let d = runner.diff().await?;
+            render::diff(d.as_deref(), json);
+            Ok(if d.map(|d| d.is_empty()).unwrap_or(true) { 0 } else { 1 })
+        }
+        Cmd::Schema { cmd: SchemaCmd::Dump { output, force } } => {
+            let live = runner.inspect().await?;
+            let mongo = kiln::url::EngineKind::of(&cfg.url) == Some(kiln::url::EngineKind::Mongodb);
+            let c = kiln::schema::dump(&live, mongo);
+            if json {
+                render::json(&c);
+                return Ok(0);
+            }
+            let text = format!(
+                "# Expected schema for kiln (`kiln check`, `kiln verify`, validation during `kiln up`).\n# Dumped from {} — trim it to what the application relies on;\n# move columns it can live without to `optional:`.\n{}",
+                cfg.redacted_url(),
+                c.to_yaml()
+            );
+            match output {
+                None => print!("{text}"),
+                Some(p) => {
+                    if p.exists() && !force {
+                        return Err(CliError::Usage(format!("{} already exists; use --force to overwrite it", p.display())));
+                    }
+                    std::fs::write(p, text).map_err(|e| CliError::Failed(format!("cannot write {}: {e}", p.display())))?;
+                    eprintln!("Wrote {}", p.display());
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Verify { scratch_url, keep } => {
+            drop(runner);
+            let scratch = match scratch_url {
+                Some(u) => kiln::verify::Scratch::Url(u.clone()),
+                None => kiln::verify::Scratch::Create,
+            };
+            let settings = RunnerSettings { lock_timeout: cfg.lock_timeout, ..RunnerSettings::default() };
+            let r = kiln::verify::verify(&cfg.backend_config(), local, contract.as_ref(), scratch, *keep, settings).await?;
+            render::verify(&r, json);
+            Ok(if r.ok { 0 } else { 1 })
         }
         Cmd::Init { .. } | Cmd::Create { .. } | Cmd::Sync { .. } => unreachable!("handled before connecting"),
     }

@@ -68,8 +68,23 @@ pub struct FileConfig {
     pub allow_out_of_order: Option<bool>,
     /// PostgreSQL schema for kiln's tables and the migrations.
     pub schema: Option<String>,
+    /// Expected schema file.
+    pub schema_file: Option<PathBuf>,
+    /// When to validate against it.
+    pub validate: Option<ValidateMode>,
     /// MongoDB settings.
     pub mongodb: Option<MongoSection>,
+}
+
+/// When `up` validates the schema against `schema.yaml`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ValidateMode {
+    /// Before every migration commits (the default when the schema file exists).
+    #[default]
+    AfterEach,
+    /// Never during `up` (`kiln check` and `kiln verify` still validate).
+    Off,
 }
 
 /// A configuration problem (exit code 2).
@@ -159,6 +174,12 @@ pub struct Config {
     pub schema: Option<String>,
     /// MongoDB database when the URL names none.
     pub mongodb_database: Option<String>,
+    /// Expected schema file (may not exist).
+    pub schema_file: PathBuf,
+    /// Whether the schema file path was set explicitly (then it must exist).
+    pub schema_file_explicit: bool,
+    /// When `up` validates.
+    pub validate: ValidateMode,
 }
 
 impl Config {
@@ -233,7 +254,28 @@ impl Config {
             allow_out_of_order: o.allow_out_of_order || file.allow_out_of_order.unwrap_or(false),
             schema: file.schema,
             mongodb_database: file.mongodb.and_then(|m| m.database),
+            schema_file_explicit: file.schema_file.is_some(),
+            schema_file: match file.schema_file {
+                Some(p) if p.is_relative() => base.join(p),
+                Some(p) => p,
+                None => base.join("schema.yaml"),
+            },
+            validate: file.validate.unwrap_or_default(),
         })
+    }
+
+    /// The expected schema, when the schema file exists.
+    ///
+    /// # Errors
+    /// An unreadable or invalid file, or an explicitly configured file that is missing.
+    pub fn contract(&self) -> Result<Option<kiln_core::schema::Contract>, ConfigError> {
+        match std::fs::read_to_string(&self.schema_file) {
+            Ok(text) => kiln_core::schema::Contract::parse(&text, &self.schema_file.display().to_string())
+                .map(Some)
+                .map_err(|e| ConfigError::Invalid(e.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !self.schema_file_explicit => Ok(None),
+            Err(e) => Err(ConfigError::Read { path: self.schema_file.clone(), source: e }),
+        }
     }
 
     /// The URL with any password replaced by `***`.
@@ -308,6 +350,12 @@ lock_timeout = 60
 
 # Allow applying a pending migration older than the newest applied one.
 # allow_out_of_order = false
+
+# Expected schema (see docs/schema.md) and when `kiln up` validates against it:
+# "after-each" (every migration, before it commits; the default when the file
+# exists) or "off". `kiln check` and `kiln verify` always use it.
+# schema_file = "schema.yaml"
+# validate = "after-each"
 
 # PostgreSQL: schema for kiln's tables and the migrations' search_path.
 # schema = "public"

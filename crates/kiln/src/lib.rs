@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod verify;
 
 use std::path::PathBuf;
 use std::sync::Arc;

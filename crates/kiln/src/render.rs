@@ -36,6 +36,7 @@ impl kiln::Observer for Progress {
                 let verb = if *direction == Direction::Up { "applied " } else { "reverted" };
                 println!("  {} {version} {name} {}", verb.green(), format!("({} ms)", duration.as_millis()).dimmed());
             }
+            Event::Warning { message } => eprintln!("{} {message}", "warning:".yellow().bold()),
             Event::StepFailed { direction, version, name, .. } => {
                 let verb = if *direction == Direction::Up { "failed  " } else { "failed  " };
                 println!("  {} {version} {name}", verb.red().bold());
@@ -212,6 +213,101 @@ pub fn status(rows: &[StatusRow], collections: Option<&serde_json::Value>, targe
     }
 }
 
+/// Print `kiln check`.
+pub fn check(r: &kiln::runner::CheckReport, target: &str, as_json: bool) {
+    if as_json {
+        json(r);
+        return;
+    }
+    println!("{target}");
+    let section = |title: &str, items: &[String]| {
+        if !items.is_empty() {
+            println!("{} {title}:", "✗".red().bold());
+            for i in items {
+                println!("    {i}");
+            }
+        }
+    };
+    section("pending migrations", &r.pending);
+    section("failed migrations (run `kiln repair` after fixing the database)", &r.failed);
+    section("applied migrations changed or missing", &r.changed);
+    section("plan problems", &r.problems);
+    let errors: Vec<String> = r.violations.iter().filter(|v| v.severity == kiln::schema::Severity::Error).map(|v| format!("{}: {}", v.object, v.message)).collect();
+    section("schema contract violations", &errors);
+    let warnings: Vec<String> = r.violations.iter().filter(|v| v.severity == kiln::schema::Severity::Warning).map(|v| format!("{}: {}", v.object, v.message)).collect();
+    if !warnings.is_empty() {
+        println!("{} schema warnings:", "!".yellow().bold());
+        for w in &warnings {
+            println!("    {w}");
+        }
+    }
+    let drift: Vec<String> = r.drift.iter().map(|c| c.to_string()).collect();
+    section("drift since the last kiln run (changed by hand?)", &drift);
+    if r.ok {
+        let mut what = vec!["migrations up to date"];
+        if r.contract_checked {
+            what.push("schema valid");
+        }
+        if r.snapshot_found {
+            what.push("no drift");
+        }
+        println!("{} {}", "✓".green().bold(), what.join(", "));
+    }
+}
+
+/// Print `kiln diff`.
+pub fn diff(d: Option<&[kiln::schema::Change]>, as_json: bool) {
+    if as_json {
+        json(&serde_json::json!({ "snapshot_found": d.is_some(), "changes": d.unwrap_or(&[]) }));
+        return;
+    }
+    match d {
+        None => println!("No schema snapshot stored yet: kiln stores one after every run that changes something."),
+        Some([]) => println!("No changes since the last kiln run."),
+        Some(changes) => {
+            println!("{} change(s) since the last kiln run:", changes.len());
+            for c in changes {
+                let line = c.to_string();
+                let colored = match c.kind.as_str() {
+                    "added" => line.green().to_string(),
+                    "removed" => line.red().to_string(),
+                    _ => line.yellow().to_string(),
+                };
+                println!("  {colored}");
+            }
+        }
+    }
+}
+
+/// Print `kiln verify`.
+pub fn verify(r: &kiln::verify::VerifyReport, as_json: bool) {
+    if as_json {
+        json(r);
+        return;
+    }
+    println!("Verified {} migration(s) on scratch database {}", r.migrations, r.scratch);
+    for f in &r.findings {
+        println!("{} {}: {}", "✗".red().bold(), f.migration, f.problem);
+        for d in &f.differences {
+            println!("      {d}");
+        }
+        for v in &f.violations {
+            println!("      {v}");
+        }
+    }
+    for n in &r.notes {
+        println!("{} {n}", "note:".dimmed());
+    }
+    if !r.irreversible.is_empty() {
+        println!("{} irreversible (down not checked): {}", "note:".dimmed(), r.irreversible.join(", "));
+    }
+    if r.ok {
+        println!("{} every migration applies, validates, and its down undoes its up", "✓".green().bold());
+    } else {
+        println!("{} {} problem(s)", "✗".red().bold(), r.findings.len());
+    }
+}
+
 /// Print the result of baseline / retire / repair.
 pub fn admin(r: &AdminReport, as_json: bool) {
     if as_json {
@@ -255,6 +351,7 @@ fn code_of(e: &CliError) -> &'static str {
                 _ => "engine_error",
             },
             RunError::Migration { .. } => "migration_failed",
+            RunError::Invalid { .. } => "schema_invalid",
         },
     }
 }
@@ -284,6 +381,13 @@ pub fn error(e: &CliError, as_json: bool) -> i32 {
         if let CliError::Run(RunError::Plan(ps)) = e {
             v["error"]["problems"] = ps.iter().map(|p| serde_json::json!({"code": problem_code(p), "message": p.to_string()})).collect();
         }
+        if let CliError::Run(RunError::Invalid { version, file, violations, done, outcome }) = e {
+            v["error"]["version"] = serde_json::json!(version.text);
+            v["error"]["file"] = serde_json::json!(file);
+            v["error"]["violations"] = serde_json::json!(violations);
+            v["error"]["rolled_back"] = serde_json::json!(*outcome == kiln::FailureOutcome::RolledBack);
+            v["error"]["done_before_failure"] = serde_json::json!(done.iter().map(|d| d.text.clone()).collect::<Vec<_>>());
+        }
         if let CliError::Run(RunError::Migration { version, error, done, outcome }) = e {
             v["error"]["version"] = serde_json::json!(version.text);
             v["error"]["file"] = serde_json::json!(error.file);
@@ -308,7 +412,8 @@ pub fn error(e: &CliError, as_json: bool) -> i32 {
         src = s.source();
     }
     eprintln!("{} {msg}", "error:".red().bold());
-    if let CliError::Run(RunError::Migration { done, .. }) = e {
+    if let CliError::Run(r @ (RunError::Migration { .. } | RunError::Invalid { .. })) = e {
+        let done = r.done();
         if done.is_empty() {
             eprintln!("nothing was applied in this run before the failure");
         } else {
