@@ -108,6 +108,16 @@ impl MongoBackend {
         self.lease.set_ttl(ttl);
     }
 
+    /// The live schema (collections, indexes, validators; kiln's own
+    /// collections excluded), for schema contracts and drift.
+    ///
+    /// # Errors
+    /// [`EngineError::Query`] / [`EngineError::ConnectionLost`] when the listing fails.
+    pub async fn snapshot(&self) -> Result<kiln_core::schema::Snapshot, EngineError> {
+        let own = [self.history_name.as_str(), self.log_coll.name(), LOCK_COLLECTION];
+        crate::snapshot::take(&self.conn, &own).await
+    }
+
     fn history_for_txn(&self) -> Collection<Document> {
         // Operations inside a transaction must not carry their own write concern.
         self.conn.db.collection(&self.history_name)

@@ -15,8 +15,9 @@
 //! transaction instead.
 //!
 //! Besides the [`kiln_core::Backend`] ([`MongoBackend`]), the crate offers
-//! per-collection status ([`collection_status`]) and declarative indexes
-//! ([`sync_indexes`]).
+//! per-collection status ([`collection_status`]), declarative indexes
+//! ([`sync_indexes`]) and the live schema for schema contracts
+//! ([`schema_snapshot`], [`MongoBackend::snapshot`]).
 
 #![warn(missing_docs)]
 
@@ -25,6 +26,7 @@ mod command;
 mod conn;
 mod history;
 mod lock;
+mod snapshot;
 mod status;
 mod sync;
 
@@ -32,6 +34,7 @@ pub use backend::MongoBackend;
 pub use conn::Topology;
 pub use history::MIGRATE_MONGO_ACTOR;
 pub use lock::{DEFAULT_TTL as DEFAULT_LEASE_TTL, LOCK_COLLECTION};
+pub use snapshot::schema_snapshot;
 pub use status::{collection_status, CollectionStatus, EXACT_COUNT_LIMIT};
 pub use sync::{sync_indexes, SyncAction, SyncError, SyncOptions, SyncReport};
 

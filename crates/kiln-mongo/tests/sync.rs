@@ -209,3 +209,22 @@ async fn large_collections_are_estimated_unless_exact_is_asked() {
     assert!(s[0].exact);
     assert_eq!(s[0].documents, n);
 }
+
+#[tokio::test]
+async fn schema_snapshot_lists_collections_indexes_and_validators() {
+    let env = Env::new().await;
+    env.write("0001_users.yaml", "up:\n  - create: users\n    validator: { $jsonSchema: { bsonType: object, required: [email] } }\n  - createIndexes: users\n    indexes: [ { key: { email: 1 }, name: email_1, unique: true }, { key: { at: -1 }, name: at_ttl, expireAfterSeconds: 60 } ]\n  - create: plain\n");
+    env.up().await.unwrap();
+    let s = kiln_mongo::schema_snapshot(&env.cfg).await.unwrap();
+    assert_eq!(s.objects.keys().collect::<Vec<_>>(), vec!["plain", "users"], "kiln's own collections are left out");
+    let users = &s.objects["users"];
+    assert_eq!(users.validator.as_ref().unwrap().required, vec!["email"]);
+    assert!(users.indexes["email_1"].unique);
+    assert_eq!(users.indexes["at_ttl"].columns, vec!["at:-1"]);
+    assert_eq!(users.indexes["at_ttl"].options.as_deref(), Some("expireAfterSeconds=60"));
+    assert!(s.objects["plain"].validator.is_none());
+    let b = env.backend().await;
+    assert_eq!(b.snapshot().await.unwrap(), s);
+    let contract = kiln_core::schema::dump(&s, true);
+    assert!(kiln_core::schema::validate(&contract, &s).is_empty());
+}
