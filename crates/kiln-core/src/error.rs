@@ -294,7 +294,7 @@ impl RunError {
     pub fn exit_code(&self) -> i32 {
         match self {
             RunError::Source(_) => 2,
-            RunError::Plan(p) if p.iter().all(|e| matches!(e, PlanError::UnknownVersion { .. } | PlanError::Refused(_))) => 2,
+            RunError::Plan(p) if p.iter().all(|e| matches!(e, PlanError::UnknownVersion { .. })) => 2,
             RunError::Engine(EngineError::BadUrl { .. }) => 2,
             _ => 1,
         }

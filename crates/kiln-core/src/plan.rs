@@ -55,6 +55,16 @@ pub struct DownPlan<'a> {
     pub steps: Vec<(&'a Migration, &'a AppliedMigration)>,
 }
 
+/// The version of a history entry as its file wrote it (`0001` rather than `1`),
+/// recovered from the recorded script name when the file itself is gone.
+pub fn recorded_version(a: &AppliedMigration) -> Version {
+    let file = a.script.rsplit('/').next().unwrap_or("");
+    match crate::source::split_version(file.split('.').next().unwrap_or("")) {
+        Some((v, _)) if v == a.version => v,
+        _ => a.version.clone(),
+    }
+}
+
 fn by_version(applied: &[AppliedMigration]) -> HashMap<u64, &AppliedMigration> {
     applied.iter().map(|a| (a.version.number, a)).collect()
 }
@@ -76,7 +86,7 @@ pub fn integrity_problems(local: &[Migration], applied: &[AppliedMigration]) -> 
             State::Applied | State::Baseline => match file {
                 None if a.state == State::Baseline && a.script.is_empty() => {} // baseline marker
                 None => problems.push(PlanError::MissingFile {
-                    version: a.version.clone(),
+                    version: recorded_version(a),
                     name: if a.script.is_empty() { a.description.clone() } else { a.script.clone() },
                 }),
                 Some(m) if m.checksum != a.checksum => problems.push(PlanError::ChecksumMismatch {
@@ -243,7 +253,7 @@ pub fn plan_down<'a>(
             continue;
         }
         let Some(m) = files.get(&a.version.number) else {
-            problems.push(PlanError::MissingFile { version: a.version.clone(), name: a.script.clone() });
+            problems.push(PlanError::MissingFile { version: recorded_version(a), name: a.script.clone() });
             continue;
         };
         if m.checksum != a.checksum {
@@ -331,7 +341,7 @@ pub fn status(local: &[Migration], applied: &[AppliedMigration]) -> Vec<StatusRo
     }
     for a in applied {
         let row = rows.entry(a.version.number).or_insert_with(|| StatusRow {
-            version: a.version.text.clone(),
+            version: recorded_version(a).text,
             version_number: a.version.number,
             name: a.description.clone(),
             file: None,

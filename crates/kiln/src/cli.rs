@@ -117,7 +117,8 @@ pub enum Cmd {
     /// Record every migration up to VERSION as applied without running it
     Baseline {
         /// The newest version the existing database already has
-        version: String,
+        #[arg(value_name = "VERSION")]
+        migration: String,
         /// Why (written to the event log)
         #[arg(long, default_value = "baseline of a database that existed before kiln")]
         reason: String,
@@ -125,7 +126,8 @@ pub enum Cmd {
     /// Remove a migration from every future plan and rename its file to .retired
     Retire {
         /// Version to retire
-        version: String,
+        #[arg(value_name = "VERSION")]
+        migration: String,
         /// Why (written to the event log)
         #[arg(long)]
         reason: String,
@@ -133,9 +135,10 @@ pub enum Cmd {
     /// Accept changed checksums and clear failed or interrupted migrations
     Repair {
         /// Only this version (default: every changed or failed migration)
-        version: Option<String>,
+        #[arg(value_name = "VERSION")]
+        migration: Option<String>,
         /// Record a failed migration as applied (you completed it by hand) instead of removing its entry
-        #[arg(long, requires = "version")]
+        #[arg(long, requires = "migration")]
         mark_applied: bool,
         /// Why (written to the event log)
         #[arg(long)]
@@ -343,20 +346,20 @@ async fn command(
             render::status(&rows, cols.as_ref(), &target, json);
             Ok(0)
         }
-        Cmd::Baseline { version, reason } => {
-            let v = parse_version(version)?;
+        Cmd::Baseline { migration, reason } => {
+            let v = parse_version(migration)?;
             let r = runner.baseline(local, &v, Some(reason)).await?;
             render::admin(&r, json);
             Ok(0)
         }
-        Cmd::Retire { version, reason } => {
-            let v = parse_version(version)?;
+        Cmd::Retire { migration, reason } => {
+            let v = parse_version(migration)?;
             let r = runner.retire(local, &cfg.dir, &v, reason).await?;
             render::admin(&r, json);
             Ok(0)
         }
-        Cmd::Repair { version, mark_applied, reason } => {
-            let v = match version {
+        Cmd::Repair { migration, mark_applied, reason } => {
+            let v = match migration {
                 Some(v) => Some(parse_version(v)?),
                 None => None,
             };
@@ -559,3 +562,33 @@ fn create(cfg: &Config, name: &str, versioning: Versioning, layout: Layout, json
 const SQL_TEMPLATE: &str = "-- kiln:up\n-- Forward change. Statements end with `;`. Header directives go above this line,\n-- e.g. `-- kiln:depends 0001_create_users` or `-- kiln:transaction off`.\n\n\n-- kiln:down\n-- Undo the forward change. Delete this section to make the migration irreversible.\n\n";
 
 const MONGO_TEMPLATE: &str = "# MongoDB database commands, exactly as db.runCommand() takes them (Extended JSON\n# for dates and ids). Example:\n#   up:\n#     - createIndexes: users\n#       indexes:\n#         - key: { email: 1 }\n#           name: email_1\n#           unique: true\n#   down:\n#     - dropIndexes: users\n#       index: email_1\nup: []\ndown: []\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_the_documented_commands() {
+        for args in [
+            vec!["kiln", "up", "--to", "0003", "--dry-run"],
+            vec!["kiln", "down", "--steps", "2"],
+            vec!["kiln", "list", "--json"],
+            vec!["kiln", "baseline", "0002"],
+            vec!["kiln", "retire", "0002", "--reason", "x"],
+            vec!["kiln", "repair", "0002", "--mark-applied", "--reason", "x"],
+            vec!["kiln", "schema", "dump"],
+            vec!["kiln", "verify", "--keep"],
+            vec!["kiln", "up", "--collection", "users"],
+        ] {
+            Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+        assert!(Cli::try_parse_from(["kiln", "retire", "0002"]).is_err(), "retire needs --reason");
+        assert!(Cli::try_parse_from(["kiln", "down", "--steps", "1", "--to", "2"]).is_err());
+    }
+}
