@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bson::{doc, Document};
 use futures::TryStreamExt;
+use kiln_core::schema::Snapshot;
 use kiln_core::url::redact;
 use kiln_core::{
     AppliedMigration, ApplyError, Backend, BackendConfig, Body, Capabilities, Command, EngineError, FailureInfo, FailureOutcome, Kind,
@@ -46,6 +47,7 @@ pub struct MongoBackend {
     history_name: String,
     history: Collection<Document>,
     log_coll: Collection<Document>,
+    snapshot_coll: Collection<Document>,
     lease: Lease,
     actor: String,
 }
@@ -70,7 +72,7 @@ impl MongoBackend {
     /// ```
     pub async fn connect(cfg: &BackendConfig) -> Result<Self, EngineError> {
         let conn = Conn::open(cfg).await?;
-        for (what, name) in [("history", &cfg.history_table), ("event log", &cfg.log_table)] {
+        for (what, name) in [("history", &cfg.history_table), ("event log", &cfg.log_table), ("snapshot", &cfg.snapshot_table)] {
             if name.is_empty() || name.contains('$') || name.starts_with("system.") || name == LOCK_COLLECTION {
                 return Err(EngineError::BadUrl {
                     url: redact(&cfg.url),
@@ -82,8 +84,9 @@ impl MongoBackend {
         let durable = WriteConcern::builder().w(mongodb::options::Acknowledgment::Majority).journal(true).build();
         let history = conn.db.collection_with_options(&cfg.history_table, mongodb::options::CollectionOptions::builder().write_concern(majority).build());
         let log_coll = conn.db.collection_with_options(&cfg.log_table, mongodb::options::CollectionOptions::builder().write_concern(durable).build());
+        let snapshot_coll = conn.db.collection(&cfg.snapshot_table);
         let lease = Lease::new(&conn, &cfg.history_table);
-        Ok(MongoBackend { history_name: cfg.history_table.clone(), history, log_coll, lease, conn, actor: kiln_core::current_actor() })
+        Ok(MongoBackend { history_name: cfg.history_table.clone(), history, log_coll, snapshot_coll, lease, conn, actor: kiln_core::current_actor() })
     }
 
     /// The database migrations run in.
@@ -114,7 +117,7 @@ impl MongoBackend {
     /// # Errors
     /// [`EngineError::Query`] / [`EngineError::ConnectionLost`] when the listing fails.
     pub async fn snapshot(&self) -> Result<kiln_core::schema::Snapshot, EngineError> {
-        let own = [self.history_name.as_str(), self.log_coll.name(), LOCK_COLLECTION];
+        let own = [self.history_name.as_str(), self.log_coll.name(), self.snapshot_coll.name(), LOCK_COLLECTION];
         crate::snapshot::take(&self.conn, &own).await
     }
 
@@ -523,6 +526,59 @@ impl Backend for MongoBackend {
 
     async fn revert(&mut self, m: &Migration, _applied: &AppliedMigration, ctx: &RecordContext) -> Result<(), StepError> {
         self.run_body(m, Dir::Down, ctx).await
+    }
+
+    async fn inspect(&mut self) -> Result<Snapshot, EngineError> {
+        self.snapshot().await
+    }
+
+    /// One document per history collection, `{_id: <history>, at, snapshot:
+    /// "<JSON>"}`: the snapshot is stored as JSON text because collection and
+    /// index names may contain dots, which make awkward field names.
+    async fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), EngineError> {
+        let json = serde_json::to_string(snapshot).map_err(|e| EngineError::Unsupported(format!("serialising the schema snapshot: {e}")))?;
+        let d = doc! { "_id": &self.history_name, "at": bson::DateTime::from_chrono(self.conn.now()), "snapshot": json };
+        self.snapshot_coll
+            .replace_one(doc! { "_id": &self.history_name }, d)
+            .upsert(true)
+            .await
+            .map_err(|e| self.conn.engine_error(format!("writing the schema snapshot to {}", self.snapshot_coll.name()), &e))?;
+        Ok(())
+    }
+
+    async fn load_snapshot(&mut self) -> Result<Option<Snapshot>, EngineError> {
+        let ctx = || format!("reading the schema snapshot from {}", self.snapshot_coll.name());
+        let Some(d) = self.snapshot_coll.find_one(doc! { "_id": &self.history_name }).await.map_err(|e| self.conn.engine_error(ctx(), &e))? else {
+            return Ok(None);
+        };
+        let json = d.get_str("snapshot").map_err(|_| EngineError::Query { context: ctx(), message: "the document has no `snapshot` text".into() })?;
+        serde_json::from_str(json).map(Some).map_err(|e| EngineError::Query { context: ctx(), message: format!("invalid snapshot: {e}") })
+    }
+
+    /// MongoDB creates databases on first write: this checks the name is free
+    /// and returns the URL with the database replaced (credentials and options kept).
+    async fn create_scratch(&mut self, name: &str) -> Result<String, EngineError> {
+        if name == self.conn.db_name {
+            return Err(EngineError::Unsupported(format!("the scratch database cannot be the migration database {name}")));
+        }
+        let existing = self
+            .conn
+            .client
+            .database(name)
+            .list_collection_names()
+            .await
+            .map_err(|e| self.conn.engine_error(format!("checking that database {name} is free"), &e))?;
+        if !existing.is_empty() {
+            return Err(EngineError::Unsupported(format!("database {name} already exists ({} collections); choose another name", existing.len())));
+        }
+        Ok(crate::conn::url_with_database(&self.conn.url, name))
+    }
+
+    async fn drop_scratch(&mut self, name: &str) -> Result<(), EngineError> {
+        if name == self.conn.db_name {
+            return Err(EngineError::Unsupported(format!("refusing to drop the migration database {name}")));
+        }
+        self.conn.client.database(name).drop().await.map_err(|e| self.conn.engine_error(format!("dropping database {name}"), &e))
     }
 
     async fn upsert_history(&mut self, entries: &[AppliedMigration]) -> Result<(), EngineError> {

@@ -47,6 +47,8 @@ impl Topology {
 /// An open connection to one database.
 #[derive(Clone)]
 pub(crate) struct Conn {
+    /// The URL as given (holds the password: never print it).
+    pub url: String,
     pub client: Client,
     pub db: Database,
     pub db_name: String,
@@ -121,7 +123,7 @@ impl Conn {
             Err(_) => chrono::Duration::zero(),
         };
         let db = client.database(&db_name);
-        Ok(Conn { client, db, db_name, target, secrets, topology: Topology::from_hello(&hello), skew })
+        Ok(Conn { url: url.to_string(), client, db, db_name, target, secrets, topology: Topology::from_hello(&hello), skew })
     }
 
     /// Now, in the server's clock.
@@ -155,6 +157,25 @@ impl Conn {
             .await
             .map_err(|e| self.engine_error(format!("looking for collection {name}"), &e))?;
         Ok(!names.is_empty())
+    }
+}
+
+/// `url` with its database (the path) replaced by `db`; user, password,
+/// hosts and options kept. Done by hand because a URL with several hosts is
+/// not a valid URL for the `url` crate.
+pub(crate) fn url_with_database(url: &str, db: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("mongodb", url));
+    let (before_query, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    // The host list ends at the first `/` after the user info.
+    let after_at = before_query.rfind('@').map(|i| i + 1).unwrap_or(0);
+    let authority_end = before_query[after_at..].find('/').map(|i| i + after_at).unwrap_or(before_query.len());
+    let authority = &before_query[..authority_end];
+    match query {
+        Some(q) => format!("{scheme}://{authority}/{db}?{q}"),
+        None => format!("{scheme}://{authority}/{db}"),
     }
 }
 
@@ -239,6 +260,14 @@ mod tests {
         assert_eq!(scrub_secrets("auth failed for p@ss", &s), "auth failed for ***");
         assert!(url_secrets("mongodb://h/db").is_empty());
         assert!(url_secrets("mongodb://user@h/db").is_empty());
+    }
+
+    #[test]
+    fn database_is_replaced_in_urls() {
+        assert_eq!(url_with_database("mongodb://u:p@h1:1,h2:2/app?replicaSet=rs", "scratch"), "mongodb://u:p@h1:1,h2:2/scratch?replicaSet=rs");
+        assert_eq!(url_with_database("mongodb://h/?directConnection=true", "s"), "mongodb://h/s?directConnection=true");
+        assert_eq!(url_with_database("mongodb://h", "s"), "mongodb://h/s");
+        assert_eq!(url_with_database("mongodb+srv://u:p%2Fq@cluster.example.net/app", "s"), "mongodb+srv://u:p%2Fq@cluster.example.net/s");
     }
 
     #[test]

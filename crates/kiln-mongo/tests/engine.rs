@@ -466,7 +466,7 @@ async fn tampered_file_baseline_and_retire() {
     assert_eq!(env.states().await, vec!["0001:baseline", "0002:baseline", "0003:pending"]);
     let r = env.up().await.unwrap();
     assert_eq!(r.steps.len(), 1);
-    assert_eq!(env.collections().await, vec!["c", "kiln_history", "kiln_lock", "kiln_log"]);
+    assert_eq!(env.collections().await, vec!["c", "kiln_history", "kiln_lock", "kiln_log", "kiln_snapshot"]);
 }
 
 #[tokio::test]
