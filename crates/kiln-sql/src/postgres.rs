@@ -12,7 +12,7 @@
 //! the first error is *the* error and nothing of the migration remains. Bodies
 //! that could change the transaction state themselves (`COMMIT`, `ROLLBACK TO
 //! SAVEPOINT`, …) are refused or run one statement at a time, see
-//! [`BodyPlan`].
+//! `BodyPlan`.
 //!
 //! Durability: migrations commit with `synchronous_commit = off` (no WAL flush
 //! per migration), and [`Backend::log`] commits with it `on`. The runner ends
@@ -21,7 +21,15 @@
 //! durable by the time `kiln up` returns. A crash before that loses whole
 //! migrations only (each one is a single transaction with its history row), so
 //! schema and history always agree.
+//!
+//! Schema contracts: [`Backend::inspect`] reads the whole schema with three
+//! catalog queries in one pipeline, whatever the number of tables. With a
+//! contract, [`Backend::apply_checked`] sends the same pipeline without the
+//! `COMMIT`, inspects inside the open transaction, and commits or rolls back
+//! on the check's verdict — a migration that breaks the contract leaves
+//! nothing behind.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -33,10 +41,11 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::future::{maybe_done, MaybeDone};
+use kiln_core::schema::{ColumnInfo, ConstraintInfo, IndexInfo, Snapshot};
 use kiln_core::url::redact;
 use kiln_core::{
     ApplyError, AppliedMigration, Backend, BackendConfig, Body, Capabilities, EngineError, FailureOutcome, Kind, LogEntry,
-    Migration, RecordContext, Statement, StatementError, StepError, TxMode, KILN_VERSION,
+    Migration, RecordContext, SchemaCheck, Statement, StatementError, StepError, TxMode, KILN_VERSION,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -70,14 +79,25 @@ pub struct PgBackend {
     conn_error: Arc<Mutex<Option<String>>>,
     /// URL with the password redacted (plus the schema, when one is configured).
     target: String,
+    /// The URL as configured, password included: only to derive the scratch
+    /// database's URL from (never shown; `target` is what messages use).
+    url: String,
     /// Configured schema (schema-per-tenant); `None` means the session's default.
     schema: Option<String>,
     /// The history table, quoted and schema-qualified.
     history: String,
     /// The event log table, quoted and schema-qualified.
     log_table: String,
+    /// The schema snapshot table, quoted and schema-qualified.
+    snapshot_table: String,
     /// Raw names, for `to_regclass`-free existence checks and messages.
     history_raw: String,
+    /// Raw names of kiln's own tables, which [`Backend::inspect`] leaves out.
+    own_tables: Vec<String>,
+    /// The schema [`Backend::inspect`] reports: the configured one, else the
+    /// session's current schema at connect (captured once, because a migration
+    /// may move the search_path). `None` when the session had no current schema.
+    inspect_schema: Option<String>,
     lock_key: i64,
     locked: bool,
 }
@@ -137,11 +157,15 @@ impl PgBackend {
         Ok(PgBackend {
             history: qualify(&cfg.history_table),
             log_table: qualify(&cfg.log_table),
+            snapshot_table: qualify(&cfg.snapshot_table),
             history_raw: cfg.history_table.clone(),
+            own_tables: vec![cfg.history_table.clone(), cfg.log_table.clone(), cfg.snapshot_table.clone()],
+            inspect_schema: schema.clone(),
             client: opened.client,
             conn_task: opened.task,
             conn_error: opened.error,
             target,
+            url: cfg.url.clone(),
             schema: cfg.schema.clone(),
             lock_key: lock_key(&key_name),
             locked: false,
@@ -208,7 +232,20 @@ impl PgBackend {
     }
 
     /// Run `body` and record the outcome in one transaction (default mode).
-    async fn run_transactional(&mut self, m: &Migration, body: &Body, ctx: &RecordContext, dir: Direction) -> Result<(), StepError> {
+    ///
+    /// With `check`, the pipeline stops short of `COMMIT`: the schema is
+    /// inspected inside the still-open transaction (it sees the body's
+    /// uncommitted DDL), and violations roll everything back — body, history
+    /// row and `applied` event alike. Without it, `COMMIT` rides in the same
+    /// pipeline as the body: one round trip per migration.
+    async fn run_transactional(
+        &mut self,
+        m: &Migration,
+        body: &Body,
+        ctx: &RecordContext,
+        dir: Direction,
+        check: Option<&SchemaCheck>,
+    ) -> Result<(), StepError> {
         let (file, statements) = sql_body(m, body)?;
         let plan = match BodyPlan::transactional(statements) {
             Ok(p) => p,
@@ -267,16 +304,39 @@ impl PgBackend {
                 ],
             ),
         ));
-        items.push((Tag::Commit, Item::Simple("COMMIT")));
+        if check.is_none() {
+            items.push((Tag::Commit, Item::Simple("COMMIT")));
+        }
 
-        let Err((tag, e)) = run_items(&self.client, &items, plan.pipelined).await else {
+        let mut result = run_items(&self.client, &items, plan.pipelined).await;
+        if let (Ok(()), Some(check)) = (&result, check) {
+            let violations = match self.inspect_in(true).await {
+                Ok(snapshot) => check(&snapshot),
+                Err(e) => {
+                    // The transaction is aborted (or the session gone): nothing of the migration may stay.
+                    let _ = self.client.batch_execute("ROLLBACK").await;
+                    return Err(StepError::Engine(e));
+                }
+            };
+            if !violations.is_empty() {
+                if let Err(e) = self.client.batch_execute("ROLLBACK").await {
+                    return Err(StepError::Engine(self.engine_error(&format!("rolling back {}, which breaks the schema contract", m.name()), &e)));
+                }
+                // The runner logs the `failed` event with the violations (as for
+                // every engine), so it is not logged here a second time.
+                return Err(StepError::Invalid { violations, outcome: FailureOutcome::RolledBack });
+            }
+            result = self.client.batch_execute("COMMIT").await.map_err(|e| (Tag::Commit, e));
+        }
+        let Err((tag, e)) = result else {
             return Ok(());
         };
         if is_connection_loss(&e) {
             return Err(StepError::Engine(self.engine_error(&format!("running {} ({})", m.name(), dir.word()), &e)));
         }
-        if !plan.pipelined && tag != Tag::Commit {
-            // Sequential runs stop at the failure with the transaction still open.
+        if (check.is_some() || !plan.pipelined) && tag != Tag::Commit {
+            // Without COMMIT in the pipeline (sequential runs, or a check still to
+            // come), a failure leaves the aborted transaction open.
             if let Err(re) = self.client.batch_execute("ROLLBACK").await {
                 return Err(StepError::Engine(self.engine_error("rolling back a failed migration", &re)));
             }
@@ -459,7 +519,150 @@ impl PgBackend {
     async fn run(&mut self, m: &Migration, body: &Body, ctx: &RecordContext, dir: Direction) -> Result<(), StepError> {
         match m.directives.transaction {
             TxMode::Off => self.run_autocommit(m, body, ctx, dir).await,
-            TxMode::Default | TxMode::On => self.run_transactional(m, body, ctx, dir).await,
+            TxMode::Default | TxMode::On => self.run_transactional(m, body, ctx, dir, None).await,
+        }
+    }
+}
+
+impl PgBackend {
+    /// The live schema of [`PgBackend::inspect_schema`] (see [`Backend::inspect`]).
+    ///
+    /// Three catalog queries — columns, indexes, constraints — each covering
+    /// every table at once, sent as one pipeline: the cost does not grow with a
+    /// round trip per table. `in_transaction` says whether a migration's
+    /// transaction is open (then its uncommitted DDL is what is seen, and the
+    /// transaction is left open for the caller to commit or roll back);
+    /// otherwise the queries run in their own read-only repeatable-read
+    /// transaction, so they agree with each other.
+    ///
+    /// The search_path is pinned to the inspected schema for the duration
+    /// (`SET LOCAL`): `format_type`, `pg_get_expr` and `pg_get_constraintdef`
+    /// qualify names that are not on the search_path, so without it the same
+    /// schema would read differently depending on what the session (or the
+    /// last migration) set — and `kiln diff` would report drift that is not there.
+    async fn inspect_in(&self, in_transaction: bool) -> Result<Snapshot, EngineError> {
+        let Some(schema) = self.inspect_schema.as_deref() else {
+            // No current schema at connect: nothing can have been created "here".
+            return Ok(Snapshot::default());
+        };
+        let context = format!("inspecting the schema {}", quote_double(schema));
+        let set_path = format!("SET LOCAL search_path TO {}", quote_double(schema));
+        let prelude = if in_transaction { set_path } else { format!("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {set_path}") };
+        let schema_param = schema.to_string();
+        let params: [(&(dyn ToSql + Sync), Type); 2] = [(&schema_param, Type::TEXT), (&self.own_tables, Type::TEXT_ARRAY)];
+        let columns_sql = format!("{INSPECT_TABLES} {INSPECT_COLUMNS}");
+        let indexes_sql = format!("{INSPECT_TABLES} {INSPECT_INDEXES}");
+        let constraints_sql = format!("{INSPECT_TABLES} {INSPECT_CONSTRAINTS}");
+        let client = &self.client;
+        // `join!` polls in order, and each request goes on the wire at its first
+        // poll: one round trip for the whole inspection.
+        let (begun, columns, indexes, constraints, ended) = futures::join!(
+            client.batch_execute(&prelude),
+            client.query_typed(&columns_sql, &params),
+            client.query_typed(&indexes_sql, &params),
+            client.query_typed(&constraints_sql, &params),
+            async {
+                if in_transaction {
+                    Ok(())
+                } else {
+                    client.batch_execute("COMMIT").await
+                }
+            },
+        );
+        let fail = |e: tokio_postgres::Error| self.engine_error(&context, &e);
+        begun.map_err(fail)?;
+        let (columns, indexes, constraints) = (columns.map_err(fail)?, indexes.map_err(fail)?, constraints.map_err(fail)?);
+        ended.map_err(fail)?;
+        let bad_row = |e: tokio_postgres::Error| EngineError::Query { context: context.clone(), message: format!("unexpected catalog row: {e}") };
+
+        let mut snapshot = Snapshot::default();
+        // Table oid → name, and (table oid, column number) → column name, to name
+        // the columns of constraints.
+        let mut table_names: HashMap<u32, String> = HashMap::new();
+        let mut column_names: HashMap<(u32, i16), String> = HashMap::new();
+        for r in columns {
+            let oid: u32 = r.try_get(0).map_err(bad_row)?;
+            let table: String = r.try_get(1).map_err(bad_row)?;
+            // Every table gets an entry, also one without columns (`CREATE TABLE t ()`).
+            let object = snapshot.objects.entry(table.clone()).or_default();
+            table_names.insert(oid, table);
+            let column: Option<String> = r.try_get(3).map_err(bad_row)?;
+            if let Some(column) = column {
+                let number: i16 = r.try_get(2).map_err(bad_row)?;
+                let data_type: String = r.try_get(4).map_err(bad_row)?;
+                let nullable: bool = r.try_get(5).map_err(bad_row)?;
+                column_names.insert((oid, number), column.clone());
+                object.columns.insert(column, ColumnInfo { data_type, nullable });
+            }
+        }
+        for r in indexes {
+            let table: String = r.try_get(0).map_err(bad_row)?;
+            let name: String = r.try_get(1).map_err(bad_row)?;
+            let row = IndexRow {
+                unique: r.try_get(2).map_err(bad_row)?,
+                method: r.try_get(3).map_err(bad_row)?,
+                keys: r.try_get(4).map_err(bad_row)?,
+                decorations: r.try_get(5).map_err(bad_row)?,
+                include: r.try_get(6).map_err(bad_row)?,
+                nulls_not_distinct: r.try_get(7).map_err(bad_row)?,
+                predicate: r.try_get(8).map_err(bad_row)?,
+                valid: r.try_get(9).map_err(bad_row)?,
+            };
+            snapshot.objects.entry(table).or_default().indexes.insert(name, row.into_info());
+        }
+        for r in constraints {
+            let table: String = r.try_get(0).map_err(bad_row)?;
+            let name: String = r.try_get(1).map_err(bad_row)?;
+            let oid: u32 = r.try_get(18).map_err(bad_row)?;
+            let names = |rel: u32, numbers: &[i16]| -> Vec<String> {
+                numbers.iter().map(|n| column_names.get(&(rel, *n)).cloned().unwrap_or_else(|| format!("#{n}"))).collect()
+            };
+            let conkey: Option<Vec<i16>> = r.try_get(3).map_err(bad_row)?;
+            let ref_oid: u32 = r.try_get(4).map_err(bad_row)?;
+            let confkey: Option<Vec<i16>> = r.try_get(5).map_err(bad_row)?;
+            let index_key: Option<Vec<i16>> = r.try_get(13).map_err(bad_row)?;
+            let index_key_count: Option<i16> = r.try_get(14).map_err(bad_row)?;
+            let foreign_table: Option<String> = r.try_get(16).map_err(bad_row)?;
+            let foreign_columns: Option<Vec<String>> = r.try_get(17).map_err(bad_row)?;
+            let include = match (index_key, index_key_count) {
+                (Some(k), Some(n)) => names(oid, k.get(n.max(0) as usize..).unwrap_or(&[])),
+                _ => Vec::new(),
+            };
+            let (ref_table, ref_columns) = match foreign_table {
+                Some(t) => (Some(t), foreign_columns.unwrap_or_default()),
+                None => (table_names.get(&ref_oid).cloned(), names(ref_oid, confkey.as_deref().unwrap_or(&[]))),
+            };
+            let row = ConstraintRow {
+                kind: r.try_get(2).map_err(bad_row)?,
+                columns: names(oid, conkey.as_deref().unwrap_or(&[])),
+                ref_table,
+                ref_columns,
+                on_update: r.try_get(6).map_err(bad_row)?,
+                on_delete: r.try_get(7).map_err(bad_row)?,
+                match_type: r.try_get(8).map_err(bad_row)?,
+                deferrable: r.try_get(9).map_err(bad_row)?,
+                deferred: r.try_get(10).map_err(bad_row)?,
+                validated: r.try_get(11).map_err(bad_row)?,
+                definition: r.try_get(12).map_err(bad_row)?,
+                include,
+                nulls_not_distinct: r.try_get(15).map_err(bad_row)?,
+            };
+            if let Some(info) = row.into_info() {
+                snapshot.objects.entry(table).or_default().constraints.insert(name, info);
+            }
+        }
+        Ok(snapshot)
+    }
+
+    /// `CREATE TABLE` for the snapshot table, tolerating a concurrent creator.
+    async fn create_snapshot_table(&self) -> Result<(), EngineError> {
+        let ddl = format!("CREATE TABLE IF NOT EXISTS {} ({SNAPSHOT_COLUMNS})", self.snapshot_table);
+        match self.client.batch_execute(&ddl).await {
+            // Two sessions creating it at once: the loser sees a catalog unique violation; it exists now.
+            Err(e) if !e.as_db_error().is_some_and(|d| matches!(d.code().code(), "23505" | "42P07")) => {
+                Err(self.engine_error(&format!("creating the snapshot table {}", self.snapshot_table), &e))
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -559,13 +762,13 @@ impl Backend for PgBackend {
                 .client
                 .query_typed_one(
                     "SELECT to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL, \
-                     $3::text IS NULL OR EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $3::text)",
-                    &[(&self.history, Type::TEXT), (&self.log_table, Type::TEXT), (&schema, Type::TEXT)],
+                     $3::text IS NULL OR EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $3::text), to_regclass($4) IS NOT NULL",
+                    &[(&self.history, Type::TEXT), (&self.log_table, Type::TEXT), (&schema, Type::TEXT), (&self.snapshot_table, Type::TEXT)],
                 )
                 .await
                 .map_err(|e| self.engine_error(&context, &e))?;
-            let (has_history, has_log, has_schema): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
-            if has_history && has_log {
+            let (has_history, has_log, has_schema, has_snapshot): (bool, bool, bool, bool) = (row.get(0), row.get(1), row.get(2), row.get(3));
+            if has_history && has_log && has_snapshot {
                 return Ok(());
             }
             let mut ddl = String::new();
@@ -580,8 +783,9 @@ impl Backend for PgBackend {
                  migration_group TEXT, checksum TEXT NOT NULL, state TEXT NOT NULL, batch BIGINT NOT NULL, applied_at TIMESTAMPTZ NOT NULL, \
                  duration_ms BIGINT NOT NULL, applied_by TEXT NOT NULL, kiln_version TEXT NOT NULL, error TEXT, error_statement INTEGER, error_line INTEGER);\
                  CREATE TABLE IF NOT EXISTS {} (id BIGSERIAL PRIMARY KEY, at TIMESTAMPTZ NOT NULL, event TEXT NOT NULL, version BIGINT, \
-                 name TEXT, batch BIGINT, actor TEXT NOT NULL, reason TEXT, detail TEXT);",
-                self.history, self.log_table
+                 name TEXT, batch BIGINT, actor TEXT NOT NULL, reason TEXT, detail TEXT);\
+                 CREATE TABLE IF NOT EXISTS {} ({SNAPSHOT_COLUMNS});",
+                self.history, self.log_table, self.snapshot_table
             );
             match self.client.batch_execute(&ddl).await {
                 Ok(()) => return Ok(()),
@@ -648,6 +852,126 @@ impl Backend for PgBackend {
             ))));
         };
         self.run(m, down, ctx, Direction::Down).await
+    }
+
+    /// Inside the migration's transaction when it has one: the body and the
+    /// history row run as in [`Backend::apply`] but without `COMMIT`; `check`
+    /// sees the schema the transaction would commit, and its violations roll
+    /// the whole migration back ([`FailureOutcome::RolledBack`]: nothing of it
+    /// remains, no history row). Costs two round trips more than `apply`
+    /// (inspection, then `COMMIT`/`ROLLBACK`).
+    ///
+    /// `-- kiln:transaction off` migrations have no transaction to roll back:
+    /// they are applied, then checked, and on violations their history entry
+    /// is recorded as `failed` ([`FailureOutcome::RecordedFailed`]), which
+    /// blocks the next run until `kiln repair`.
+    ///
+    /// The `failed` event with the violations is logged by the runner.
+    async fn apply_checked(&mut self, m: &Migration, ctx: &RecordContext, check: &SchemaCheck) -> Result<(), StepError> {
+        if m.directives.transaction != TxMode::Off {
+            return self.run_transactional(m, &m.up, ctx, Direction::Up, Some(check)).await;
+        }
+        self.run_autocommit(m, &m.up, ctx, Direction::Up).await?;
+        let violations = check(&self.inspect_in(false).await?);
+        if violations.is_empty() {
+            return Ok(());
+        }
+        let message = format!(
+            "schema validation failed after this migration, which ran outside a transaction and could not be rolled back: {}; \
+             fix the schema, then run `kiln repair {}`",
+            violations.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("; "),
+            m.version
+        );
+        let version = m.version.number as i64;
+        let sql = format!("UPDATE {} SET state = 'failed', error = $2, error_statement = NULL, error_line = NULL WHERE version = $1", self.history);
+        self.client
+            .execute_typed(&sql, &[(&version, Type::INT8), (&message, Type::TEXT)])
+            .await
+            .map_err(|e| self.engine_error(&format!("recording {} as failed after schema validation", m.name()), &e))?;
+        Err(StepError::Invalid { violations, outcome: FailureOutcome::RecordedFailed })
+    }
+
+    /// Every table of the schema — the configured `schema`, else the session's
+    /// current schema at connect — except kiln's own and those an extension
+    /// owns: columns (`format_type`, lower-cased), indexes, and primary key,
+    /// unique, foreign key, check and exclusion constraints. One pipelined
+    /// round trip of three catalog queries, whatever the number of tables.
+    async fn inspect(&mut self) -> Result<Snapshot, EngineError> {
+        self.inspect_in(false).await
+    }
+
+    /// Appends a row to the snapshot table (created here when a database from
+    /// before snapshots lacks it); earlier snapshots are kept as history.
+    async fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), EngineError> {
+        let context = format!("writing the schema snapshot to {}", self.snapshot_table);
+        let json = serde_json::to_string(snapshot).map_err(|e| EngineError::Query { context: context.clone(), message: e.to_string() })?;
+        let sql = format!("INSERT INTO {} (taken_at, snapshot) VALUES (clock_timestamp(), $1)", self.snapshot_table);
+        for attempt in 0..2 {
+            match self.client.execute_typed(&sql, &[(&json, Type::TEXT)]).await {
+                Ok(_) => return Ok(()),
+                Err(e) if attempt == 0 && e.as_db_error().is_some_and(|d| d.code().code() == "42P01") => self.create_snapshot_table().await?,
+                Err(e) => return Err(self.engine_error(&context, &e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The newest stored snapshot; `None` when there is none or no snapshot
+    /// table (or schema) at all. Creates nothing.
+    async fn load_snapshot(&mut self) -> Result<Option<Snapshot>, EngineError> {
+        let context = format!("reading the schema snapshot from {}", self.snapshot_table);
+        let sql = format!("SELECT snapshot FROM {} ORDER BY id DESC LIMIT 1", self.snapshot_table);
+        // Asking first whether the table exists would cost a round trip on
+        // every `kiln check`; a missing table or schema is an answer too.
+        let row = match self.client.query_typed_opt(&sql, &[]).await {
+            Ok(row) => row,
+            Err(e) if e.as_db_error().is_some_and(|d| matches!(d.code().code(), "42P01" | "3F000")) => return Ok(None),
+            Err(e) => return Err(self.engine_error(&context, &e)),
+        };
+        let Some(row) = row else { return Ok(None) };
+        let text: String = row.try_get(0).map_err(|e| self.engine_error(&context, &e))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| EngineError::Query { context, message: format!("the stored snapshot is not a kiln snapshot: {e}") })
+    }
+
+    /// `CREATE DATABASE "<name>"` on this server; returns this backend's URL
+    /// with the database replaced (everything else, password included, kept:
+    /// the URL is for connecting, and is only shown redacted). Only names
+    /// [`Backend::drop_scratch`] accepts are created, so kiln never makes a
+    /// database it then refuses to drop.
+    async fn create_scratch(&mut self, name: &str) -> Result<String, EngineError> {
+        check_scratch_name(name)?;
+        let url = database_url(&self.url, name).map_err(|message| EngineError::BadUrl { url: redact(&self.url), message })?;
+        self.client.batch_execute(&format!("CREATE DATABASE {}", quote_double(name))).await.map_err(|e| {
+            let mut err = self.engine_error(&format!("creating the scratch database {name}"), &e);
+            if let EngineError::Query { message, .. } = &mut err {
+                if e.as_db_error().is_some_and(|d| d.code().code() == "42501") {
+                    message.push_str(" (the role needs CREATEDB; or give `kiln verify` an empty database with --scratch-url)");
+                }
+            }
+            err
+        })?;
+        Ok(url)
+    }
+
+    /// `DROP DATABASE IF EXISTS "<name>" WITH (FORCE)`, ending sessions still
+    /// connected to it. Refuses any name that `kiln verify` does not make
+    /// (`kiln_verify_…`), so a wrong argument can never drop a real database.
+    async fn drop_scratch(&mut self, name: &str) -> Result<(), EngineError> {
+        check_scratch_name(name)?;
+        let context = format!("dropping the scratch database {name}");
+        let force = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_double(name));
+        match self.client.batch_execute(&force).await {
+            Ok(()) => Ok(()),
+            // `WITH (FORCE)` is PostgreSQL 13+; older servers drop without it.
+            Err(e) if e.as_db_error().is_some_and(|d| d.code().code() == "42601") => self
+                .client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {}", quote_double(name)))
+                .await
+                .map_err(|e| self.engine_error(&context, &e)),
+            Err(e) => Err(self.engine_error(&context, &e)),
+        }
     }
 
     async fn upsert_history(&mut self, entries: &[AppliedMigration]) -> Result<(), EngineError> {
@@ -757,6 +1081,262 @@ impl Backend for PgBackend {
         let _ = conn_task.await;
         Ok(())
     }
+}
+
+// ---------------------------------------------------------------------------
+// Schema inspection, snapshots, scratch databases.
+
+/// Columns of the snapshot table: one row per stored snapshot, the newest is
+/// the reference for drift; older rows are the schema's history.
+const SNAPSHOT_COLUMNS: &str = "id BIGSERIAL PRIMARY KEY, taken_at TIMESTAMPTZ NOT NULL, snapshot TEXT NOT NULL";
+
+/// The tables [`Backend::inspect`] reports, as a CTE the three catalog queries
+/// share (`$1` the schema, `$2` kiln's own table names): ordinary and
+/// partitioned tables (partitions included: they are tables a migration
+/// made), not views or foreign tables; not kiln's own; and not tables an
+/// extension owns (`CREATE EXTENSION postgis` brings `spatial_ref_sys`, which
+/// `ALTER EXTENSION … UPDATE` may change — that is not drift of the schema).
+const INSPECT_TABLES: &str = "WITH t AS (\
+    SELECT c.oid, c.relname::text AS name FROM pg_catalog.pg_class c \
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+    WHERE n.nspname::text = $1 AND c.relkind IN ('r', 'p') AND c.relname::text <> ALL ($2::text[]) \
+    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
+        WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e'))";
+
+/// One row per column, and one with NULLs for a table without columns. The
+/// table's oid and the column's number let constraints be resolved to column
+/// names here instead of by a sub-query per constraint on the server.
+const INSPECT_COLUMNS: &str = "SELECT t.oid, t.name, a.attnum, a.attname::text, lower(pg_catalog.format_type(a.atttypid, a.atttypmod)), NOT a.attnotnull \
+    FROM t LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped";
+
+/// One row per index that backs no constraint.
+///
+/// Indexes behind a primary key, unique or exclusion constraint are reported
+/// as the constraint only. The constraint is what the schema declares (`UNIQUE`
+/// in `CREATE TABLE`, `ADD CONSTRAINT`): it is dropped with `DROP CONSTRAINT`
+/// (`DROP INDEX` on it fails), foreign keys depend on it, and listing both
+/// would show one change twice in `kiln diff`. A contract loses nothing:
+/// `unique:` and `indexes:` are satisfied by a matching constraint as well as
+/// by an index, by name or by columns. A `CREATE UNIQUE INDEX` without a
+/// constraint stays an index with `unique: true`.
+///
+/// Key columns are the column names, or the expression text; ordering,
+/// non-default operator classes, `INCLUDE` columns, `NULLS NOT DISTINCT`, the
+/// access method when not btree, a partial predicate and an invalid index (a
+/// failed `CREATE INDEX CONCURRENTLY`) go to `options`. `indnullsnotdistinct`
+/// is read through `to_jsonb` so the query also runs on servers before 15
+/// (only for unique indexes, where it means something: `to_jsonb` of a whole
+/// `pg_index` row is not free).
+const INSPECT_INDEXES: &str = "SELECT t.name, ic.relname::text, ix.indisunique, am.amname::text, \
+    ARRAY(SELECT coalesce(CASE WHEN ix.indkey[k - 1] = 0 THEN pg_catalog.pg_get_indexdef(ix.indexrelid, k, true) \
+            ELSE (SELECT a.attname::text FROM pg_catalog.pg_attribute a WHERE a.attrelid = ix.indrelid AND a.attnum = ix.indkey[k - 1]) END, '') \
+        FROM generate_series(1, ix.indnkeyatts) k ORDER BY k), \
+    ARRAY(SELECT concat_ws(' ', CASE WHEN o.opcdefault THEN NULL ELSE o.opcname::text END, \
+            CASE ix.indoption[k - 1] & 3 WHEN 1 THEN 'desc nulls last' WHEN 2 THEN 'nulls first' WHEN 3 THEN 'desc' END) \
+        FROM generate_series(1, ix.indnkeyatts) k LEFT JOIN pg_catalog.pg_opclass o ON o.oid = ix.indclass[k - 1] ORDER BY k), \
+    ARRAY(SELECT a.attname::text FROM generate_series(ix.indnkeyatts + 1, ix.indnatts) k \
+        JOIN pg_catalog.pg_attribute a ON a.attrelid = ix.indrelid AND a.attnum = ix.indkey[k - 1] ORDER BY k), \
+    CASE WHEN ix.indisunique THEN coalesce((to_jsonb(ix) ->> 'indnullsnotdistinct')::boolean, false) ELSE false END, \
+    pg_catalog.pg_get_expr(ix.indpred, ix.indrelid, true), \
+    ix.indisvalid \
+    FROM t JOIN pg_catalog.pg_index ix ON ix.indrelid = t.oid \
+    JOIN pg_catalog.pg_class ic ON ic.oid = ix.indexrelid \
+    JOIN pg_catalog.pg_am am ON am.oid = ic.relam \
+    WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint con \
+        WHERE con.conindid = ix.indexrelid AND con.conrelid = ix.indrelid AND con.contype IN ('p', 'u', 'x'))";
+
+/// One row per primary key, unique, foreign key, check and exclusion
+/// constraint (not the NOT NULL constraints of PostgreSQL 18: nullability is
+/// on the column). Columns come as numbers (`conkey`, `confkey`, the backing
+/// index's `indkey` for `INCLUDE` columns), named from [`INSPECT_COLUMNS`]'s
+/// rows: a sub-query per constraint for the names doubled the time of this
+/// query on 1,000 tables. Only a foreign key to a table outside the inspected
+/// ones (another schema) gets that table's name and columns from the server.
+/// Only checks and exclusions are deparsed (`pg_get_constraintdef`); the other
+/// kinds are described from the catalog columns.
+const INSPECT_CONSTRAINTS: &str = "SELECT t.name, con.conname::text, con.contype::text, con.conkey, con.confrelid, con.confkey, \
+    con.confupdtype::text, con.confdeltype::text, con.confmatchtype::text, con.condeferrable, con.condeferred, con.convalidated, \
+    CASE WHEN con.contype IN ('c', 'x') THEN pg_catalog.pg_get_constraintdef(con.oid, true) END, \
+    i.indkey::int2[], i.indnkeyatts, CASE WHEN con.contype = 'u' THEN coalesce((to_jsonb(i) ->> 'indnullsnotdistinct')::boolean, false) ELSE false END, \
+    CASE WHEN con.contype = 'f' AND con.confrelid NOT IN (SELECT oid FROM t) THEN \
+        (SELECT CASE WHEN rn.nspname::text = $1 THEN rc.relname::text ELSE rn.nspname::text || '.' || rc.relname::text END \
+            FROM pg_catalog.pg_class rc JOIN pg_catalog.pg_namespace rn ON rn.oid = rc.relnamespace WHERE rc.oid = con.confrelid) END, \
+    CASE WHEN con.contype = 'f' AND con.confrelid NOT IN (SELECT oid FROM t) THEN \
+        ARRAY(SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(num, ord) \
+            JOIN pg_catalog.pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.num ORDER BY k.ord) END, \
+    con.conrelid \
+    FROM t JOIN pg_catalog.pg_constraint con ON con.conrelid = t.oid \
+    LEFT JOIN pg_catalog.pg_index i ON i.indexrelid = con.conindid AND con.contype IN ('p', 'u') \
+    WHERE con.contype IN ('p', 'u', 'f', 'c', 'x')";
+
+/// An index as [`INSPECT_INDEXES`] returns it.
+struct IndexRow {
+    unique: bool,
+    method: String,
+    keys: Vec<String>,
+    /// Per key column: operator class and ordering when not the default, or empty.
+    decorations: Vec<String>,
+    include: Vec<String>,
+    nulls_not_distinct: bool,
+    predicate: Option<String>,
+    valid: bool,
+}
+
+impl IndexRow {
+    fn into_info(self) -> IndexInfo {
+        let mut options = Vec::new();
+        if self.method != "btree" {
+            options.push(format!("using {}", self.method));
+        }
+        if self.decorations.iter().any(|d| !d.is_empty()) {
+            let keys: Vec<String> =
+                self.keys.iter().zip(&self.decorations).map(|(k, d)| if d.is_empty() { k.clone() } else { format!("{k} {d}") }).collect();
+            options.push(format!("keys ({})", keys.join(", ")));
+        }
+        if !self.include.is_empty() {
+            options.push(format!("include ({})", self.include.join(", ")));
+        }
+        if self.nulls_not_distinct {
+            options.push("nulls not distinct".into());
+        }
+        if let Some(p) = self.predicate {
+            options.push(format!("where {p}"));
+        }
+        if !self.valid {
+            options.push("invalid".into());
+        }
+        IndexInfo { columns: self.keys, unique: self.unique, options: (!options.is_empty()).then(|| options.join(" ")) }
+    }
+}
+
+/// A constraint as [`INSPECT_CONSTRAINTS`] returns it.
+struct ConstraintRow {
+    kind: String,
+    columns: Vec<String>,
+    ref_table: Option<String>,
+    ref_columns: Vec<String>,
+    on_update: String,
+    on_delete: String,
+    match_type: String,
+    deferrable: bool,
+    deferred: bool,
+    validated: bool,
+    /// `pg_get_constraintdef`, for checks and exclusions only: the other kinds
+    /// are described from the catalog columns, and deparsing every
+    /// constraint would be most of the query's time on a large schema.
+    definition: Option<String>,
+    include: Vec<String>,
+    nulls_not_distinct: bool,
+}
+
+impl ConstraintRow {
+    /// `None` for a constraint kind the snapshot does not model.
+    fn into_info(self) -> Option<ConstraintInfo> {
+        let mut extra = Vec::new();
+        let kind = match self.kind.as_str() {
+            "p" | "u" => {
+                if self.nulls_not_distinct {
+                    extra.push("nulls not distinct".to_string());
+                }
+                if !self.include.is_empty() {
+                    extra.push(format!("include ({})", self.include.join(", ")));
+                }
+                if self.kind == "p" {
+                    "primary key"
+                } else {
+                    "unique"
+                }
+            }
+            "f" => {
+                extra.push(format!(
+                    "references {} ({}) on update {} on delete {}",
+                    self.ref_table.as_deref().unwrap_or("?"),
+                    self.ref_columns.join(", "),
+                    fk_action(&self.on_update),
+                    fk_action(&self.on_delete)
+                ));
+                match self.match_type.as_str() {
+                    "f" => extra.push("match full".into()),
+                    "p" => extra.push("match partial".into()),
+                    _ => {}
+                }
+                "foreign key"
+            }
+            // The server's own text says it all (NOT VALID, NO INHERIT, DEFERRABLE included).
+            "c" => return Some(ConstraintInfo { kind: "check".into(), columns: self.columns, definition: self.definition }),
+            "x" => return Some(ConstraintInfo { kind: "exclude".into(), columns: self.columns, definition: self.definition }),
+            _ => return None,
+        };
+        match (self.deferrable, self.deferred) {
+            (true, true) => extra.push("deferrable initially deferred".into()),
+            (true, false) => extra.push("deferrable".into()),
+            _ => {}
+        }
+        if !self.validated {
+            extra.push("not valid".into());
+        }
+        Some(ConstraintInfo { kind: kind.into(), columns: self.columns, definition: (!extra.is_empty()).then(|| extra.join(" ")) })
+    }
+}
+
+/// `pg_constraint.confupdtype` / `confdeltype` in words.
+fn fk_action(code: &str) -> &'static str {
+    match code {
+        "r" => "restrict",
+        "c" => "cascade",
+        "n" => "set null",
+        "d" => "set default",
+        _ => "no action",
+    }
+}
+
+/// Scratch databases are named `kiln_verify_…` by `kiln verify`. Anything else
+/// is refused, so neither a typo nor a caller's bug can create or drop a real
+/// database; plain ASCII and at most 63 bytes, so PostgreSQL neither needs
+/// quoting rules nor silently truncates the name.
+fn check_scratch_name(name: &str) -> Result<(), EngineError> {
+    let rest = name.strip_prefix("kiln_verify_").unwrap_or("");
+    if rest.is_empty() || name.len() > 63 || !rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(EngineError::Unsupported(format!(
+            "refusing scratch database name {name:?}: kiln only creates and drops scratch databases named kiln_verify_<letters, digits, _> (at most 63 bytes)"
+        )));
+    }
+    Ok(())
+}
+
+/// `url` naming database `name` instead: the path replaced (and a `dbname`
+/// query parameter, which would override it), everything else kept as
+/// written. Works on the text, like [`split_tls_params`], because multi-host
+/// URLs (`h1:5432,h2:5433`) are not URLs the `url` crate accepts.
+fn database_url(url: &str, name: &str) -> Result<String, String> {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return Err("the scratch database needs a postgres:// URL".into());
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let after = &rest[authority_end..];
+    let query_start = after.find(['?', '#']).unwrap_or(after.len());
+    let tail = &after[query_start..];
+    let (query, fragment) = match tail.find('#') {
+        Some(i) => (&tail[..i], &tail[i..]),
+        None => (tail, ""),
+    };
+    let query = match query.strip_prefix('?') {
+        Some(q) => {
+            let pairs: Vec<String> = q
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| if p.split('=').next() == Some("dbname") { format!("dbname={name}") } else { p.to_string() })
+                .collect();
+            if pairs.is_empty() {
+                String::new()
+            } else {
+                format!("?{}", pairs.join("&"))
+            }
+        }
+        None => String::new(),
+    };
+    Ok(format!("{}/{name}{query}{fragment}", &url[..scheme_end + authority_end]))
 }
 
 // ---------------------------------------------------------------------------
@@ -1477,6 +2057,24 @@ mod tests {
         assert_eq!(line_at(&sts[0], 32), 12);
         let e = statement_error("f.sql", &sts, 0, "m".into(), None);
         assert_eq!((e.statement, e.line, e.code), (1, 10, None));
+    }
+
+    #[test]
+    fn scratch_urls_keep_everything_but_the_database() {
+        assert_eq!(database_url("postgres://u:pw@h:5432/app?sslmode=require", "kiln_verify_1").unwrap(), "postgres://u:pw@h:5432/kiln_verify_1?sslmode=require");
+        assert_eq!(database_url("postgresql://u@h1:5432,h2:5433/app", "kiln_verify_1").unwrap(), "postgresql://u@h1:5432,h2:5433/kiln_verify_1");
+        assert_eq!(database_url("postgres://h", "kiln_verify_1").unwrap(), "postgres://h/kiln_verify_1");
+        assert_eq!(database_url("postgres:///app?host=/var/run/postgresql", "kiln_verify_1").unwrap(), "postgres:///kiln_verify_1?host=/var/run/postgresql");
+        assert_eq!(database_url("postgres://h/?dbname=app&x=1", "kiln_verify_1").unwrap(), "postgres://h/kiln_verify_1?dbname=kiln_verify_1&x=1");
+        assert!(database_url("host=h dbname=app", "kiln_verify_1").is_err());
+    }
+
+    #[test]
+    fn only_kiln_scratch_names() {
+        assert!(check_scratch_name("kiln_verify_123_456").is_ok());
+        for bad in ["postgres", "kiln_verify_", "kiln_t_1", "kiln_verify_a\"; DROP", "kiln_verify_ä", &format!("kiln_verify_{}", "x".repeat(60))] {
+            assert!(check_scratch_name(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

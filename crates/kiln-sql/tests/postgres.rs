@@ -4,8 +4,10 @@
 //! in the database afterwards.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kiln_core::schema::{self, ColumnInfo, ConstraintInfo, Contract, IndexInfo, Severity, Snapshot};
 use kiln_core::split::Dialect;
 use kiln_core::{
     load_dir, Backend, BackendConfig, DownTarget, EngineError, FailureOutcome, LoadOptions, Migration, PlanError, Policy, RunError, Runner,
@@ -82,7 +84,7 @@ async fn up_status_down_up_again() {
     let report = up(b.as_mut(), &local).await.unwrap();
     assert_eq!(report.batch, Some(1));
     assert_eq!(report.steps.iter().map(|s| s.version.as_str()).collect::<Vec<_>>(), ["0001", "0002", "0003"]);
-    assert_eq!(tables(&db).await, ["kiln_history", "kiln_log", "posts", "users"]);
+    assert_eq!(tables(&db).await, ["kiln_history", "kiln_log", "kiln_snapshot", "posts", "users"]);
     assert_eq!(db.query_strings("SELECT count(*) FROM users").await.unwrap(), ["2"]);
     assert_eq!(history(&db).await, ["1:applied", "2:applied", "3:applied"]);
     assert_eq!(events(&db).await, ["run-start", "applied:1", "applied:2", "applied:3", "run-end"]);
@@ -98,7 +100,7 @@ async fn up_status_down_up_again() {
 
     let down = Runner::new(b.as_mut(), settings()).down(&local, &DownTarget::LastBatch, false).await.unwrap();
     assert_eq!(down.steps.iter().map(|s| s.version.as_str()).collect::<Vec<_>>(), ["0003", "0002", "0001"]);
-    assert_eq!(tables(&db).await, ["kiln_history", "kiln_log"]);
+    assert_eq!(tables(&db).await, ["kiln_history", "kiln_log", "kiln_snapshot"]);
     assert!(history(&db).await.is_empty());
     assert_eq!(
         events(&db).await[5..],
@@ -107,7 +109,7 @@ async fn up_status_down_up_again() {
 
     let report = up(b.as_mut(), &local).await.unwrap();
     assert_eq!(report.steps.len(), 3);
-    assert_eq!(tables(&db).await, ["kiln_history", "kiln_log", "posts", "users"]);
+    assert_eq!(tables(&db).await, ["kiln_history", "kiln_log", "kiln_snapshot", "posts", "users"]);
     assert_eq!(db.query_strings("SELECT DISTINCT batch FROM kiln_history").await.unwrap(), ["1"]);
     b.close().await.unwrap();
 }
@@ -139,7 +141,7 @@ async fn failure_in_the_middle_rolls_back_only_the_failed_migration() {
     assert!(error.message.starts_with("42P01: relation \"no_such_table\" does not exist"), "{}", error.message);
 
     // Nothing of 0002 remains; 0001 stays; 0003 never ran.
-    assert_eq!(tables(&db).await, ["first", "kiln_history", "kiln_log"]);
+    assert_eq!(tables(&db).await, ["first", "kiln_history", "kiln_log", "kiln_snapshot"]);
     assert_eq!(history(&db).await, ["1:applied"]);
     let ev = events(&db).await;
     assert_eq!(ev, ["run-start", "applied:1", "failed:2", "run-end"]);
@@ -151,7 +153,7 @@ async fn failure_in_the_middle_rolls_back_only_the_failed_migration() {
     let local = load(dir.path());
     let report = up(b.as_mut(), &local).await.unwrap();
     assert_eq!(report.steps.len(), 2);
-    assert_eq!(tables(&db).await, ["first", "kiln_history", "kiln_log", "never", "second", "third"]);
+    assert_eq!(tables(&db).await, ["first", "kiln_history", "kiln_log", "kiln_snapshot", "never", "second", "third"]);
     assert_eq!(history(&db).await, ["1:applied", "2:applied", "3:applied"]);
 }
 
@@ -206,7 +208,7 @@ DROP FUNCTION touch_updated_at();
     assert_eq!(db.query_strings("SELECT tgname::text FROM pg_trigger WHERE NOT tgisinternal").await.unwrap(), ["items_touch"]);
 
     Runner::new(b.as_mut(), settings()).down(&local, &DownTarget::LastBatch, false).await.unwrap();
-    assert_eq!(tables(&db).await, ["kiln_history", "kiln_log"]);
+    assert_eq!(tables(&db).await, ["kiln_history", "kiln_log", "kiln_snapshot"]);
     assert!(db.query_strings("SELECT proname::text FROM pg_proc WHERE proname = 'touch_updated_at'").await.unwrap().is_empty());
 }
 
@@ -386,7 +388,7 @@ async fn read_history_on_a_fresh_database_is_none_and_creates_nothing() {
     b.ensure_history().await.unwrap();
     b.ensure_history().await.unwrap();
     assert_eq!(b.read_history().await.unwrap().unwrap().len(), 0);
-    assert_eq!(tables(&db).await, ["kiln_history", "kiln_log"]);
+    assert_eq!(tables(&db).await, ["kiln_history", "kiln_log", "kiln_snapshot"]);
     let columns = db
         .query_strings("SELECT string_agg(column_name || ' ' || data_type, ', ' ORDER BY ordinal_position) FROM information_schema.columns WHERE table_name = 'kiln_history'")
         .await
@@ -512,7 +514,7 @@ async fn lost_connection_mid_run_is_reported_and_leaves_no_half_migration() {
     assert!(matches!(err, RunError::Engine(EngineError::ConnectionLost { .. })), "{err:?}");
     assert!(err.to_string().contains("0002_slow"), "{err}");
 
-    assert_eq!(tables(&db).await, ["fast", "kiln_history", "kiln_log"]);
+    assert_eq!(tables(&db).await, ["fast", "kiln_history", "kiln_log", "kiln_snapshot"]);
     assert_eq!(history(&db).await, ["1:applied"]);
 }
 
@@ -532,7 +534,7 @@ async fn transaction_control_in_a_body() {
     let RunError::Migration { version, outcome, error, .. } = err else { panic!("{err:?}") };
     assert_eq!((version.number, outcome, error.statement, error.line), (3, FailureOutcome::RolledBack, 2, 2));
     assert!(error.message.contains("kiln:transaction off"), "{}", error.message);
-    assert_eq!(tables(&db).await, ["kiln_history", "kiln_log", "sp", "wrapped"]);
+    assert_eq!(tables(&db).await, ["kiln_history", "kiln_log", "kiln_snapshot", "sp", "wrapped"]);
     assert_eq!(history(&db).await, ["1:applied", "2:applied"]);
     assert_eq!(db.query_strings("SELECT count(*) FROM sp").await.unwrap(), ["1"]);
 
@@ -541,7 +543,7 @@ async fn transaction_control_in_a_body() {
     let err = up(b.as_mut(), &load(dir.path())).await.unwrap_err();
     let RunError::Migration { error, outcome, .. } = err else { panic!("{err:?}") };
     assert_eq!((error.statement, error.code.as_deref(), outcome), (3, Some("22P02"), FailureOutcome::RolledBack));
-    assert_eq!(tables(&db).await, ["kiln_history", "kiln_log", "sp", "wrapped"]);
+    assert_eq!(tables(&db).await, ["kiln_history", "kiln_log", "kiln_snapshot", "sp", "wrapped"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -560,7 +562,7 @@ async fn deferred_constraint_failing_at_commit_rolls_back() {
     let RunError::Migration { error, outcome, .. } = err else { panic!("{err:?}") };
     assert_eq!(outcome, FailureOutcome::RolledBack);
     assert!(error.message.starts_with("at COMMIT: 23503"), "{}", error.message);
-    assert_eq!(tables(&db).await, ["kiln_history", "kiln_log"]);
+    assert_eq!(tables(&db).await, ["kiln_history", "kiln_log", "kiln_snapshot"]);
     assert!(history(&db).await.is_empty());
 }
 
@@ -580,7 +582,7 @@ async fn schema_per_tenant() {
     up(b.as_mut(), &local).await.unwrap();
     assert_eq!(
         db.query_strings("SELECT tablename::text FROM pg_tables WHERE schemaname = 'Tenant A' ORDER BY 1").await.unwrap(),
-        ["kiln_history", "kiln_log", "lines", "orders"]
+        ["kiln_history", "kiln_log", "kiln_snapshot", "lines", "orders"]
     );
     assert!(tables(&db).await.is_empty(), "nothing lands in public");
     assert_eq!(db.query_strings("SELECT count(*) FROM \"Tenant A\".kiln_history").await.unwrap(), ["2"]);
@@ -652,7 +654,7 @@ async fn unix_socket_host() {
         db.query_strings("SELECT coalesce(client_addr::text, 'local') FROM pg_stat_activity WHERE application_name = 'socket-probe'").await.unwrap(),
         ["local"]
     );
-    assert_eq!(tables(&db).await, ["kiln_history", "kiln_log"]);
+    assert_eq!(tables(&db).await, ["kiln_history", "kiln_log", "kiln_snapshot"]);
 }
 
 
@@ -744,4 +746,383 @@ async fn a_transactional_migration_costs_one_round_trip() {
     b.log(&entry).await.unwrap();
     assert!(t.elapsed() < rtt * 2, "log took {:?}", t.elapsed());
     assert_eq!(db.query_strings("SELECT event FROM kiln_log ORDER BY id").await.unwrap(), ["applied", "failed", "run-end"]);
+}
+
+// ---------------------------------------------------------------------------
+// Schema contracts: inspection, snapshots, checked migrations, scratch databases.
+
+fn contract(yaml: &str) -> Contract {
+    Contract::parse(yaml, "schema.yaml").expect("contract parses")
+}
+
+async fn up_with(b: &mut dyn Backend, local: &[Migration], c: &Contract) -> Result<kiln_core::RunReport, RunError> {
+    Runner::new(b, settings()).with_contract(Some(Arc::new(c.clone()))).up(local, &UpTarget::Latest, &Policy::default(), false).await
+}
+
+fn col(t: &str, nullable: bool) -> ColumnInfo {
+    ColumnInfo { data_type: t.into(), nullable }
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_reports_columns_indexes_and_constraints_without_kilns_tables() {
+    let db = TestDb::new(Engine::Postgres).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "0001_schema.sql",
+        "CREATE TABLE users (id BIGSERIAL PRIMARY KEY, email VARCHAR(255) NOT NULL, name TEXT, tenant_id INT NOT NULL,\n\
+         created_at TIMESTAMPTZ NOT NULL DEFAULT now(), CONSTRAINT users_email_key UNIQUE (email),\n\
+         CONSTRAINT users_name_len CHECK (length(name) < 100));\n\
+         ALTER TABLE users DROP COLUMN tenant_id;\n\
+         CREATE TABLE posts (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, user_id BIGINT NOT NULL REFERENCES users (id) ON DELETE CASCADE,\n\
+         title TEXT NOT NULL, body TEXT, published BOOLEAN, score NUMERIC(10, 2));\n\
+         CREATE INDEX posts_user_idx ON posts (user_id, id DESC);\n\
+         CREATE UNIQUE INDEX posts_title_lower ON posts (lower(title)) WHERE published;\n\
+         CREATE INDEX posts_body_gin ON posts USING gin (to_tsvector('english', body));\n\
+         CREATE TABLE empty ();\n\
+         CREATE VIEW recent_posts AS SELECT * FROM posts;\n\
+         CREATE SCHEMA geo;\n\
+         CREATE TABLE geo.countries (code TEXT PRIMARY KEY);\n\
+         CREATE TABLE addresses (user_id BIGINT, kind TEXT, country TEXT REFERENCES geo.countries (code) ON UPDATE CASCADE DEFERRABLE INITIALLY DEFERRED,\n\
+         PRIMARY KEY (user_id, kind), CONSTRAINT addresses_one UNIQUE NULLS NOT DISTINCT (kind, country) INCLUDE (user_id),\n\
+         CONSTRAINT addresses_user FOREIGN KEY (user_id) REFERENCES users (id) MATCH FULL);\n",
+    );
+    let local = load(dir.path());
+    let mut b = backend(&db).await;
+    up(b.as_mut(), &local).await.unwrap();
+
+    let s = b.inspect().await.unwrap();
+    assert_eq!(s.objects.keys().collect::<Vec<_>>(), ["addresses", "empty", "posts", "users"], "no kiln tables, no views, no other schema");
+    assert!(s.objects["empty"].columns.is_empty());
+
+    let users = &s.objects["users"];
+    assert_eq!(
+        users.columns.iter().map(|(k, v)| (k.as_str(), v.clone())).collect::<Vec<_>>(),
+        [
+            ("created_at", col("timestamp with time zone", false)),
+            ("email", col("character varying(255)", false)),
+            ("id", col("bigint", false)),
+            ("name", col("text", true)),
+        ],
+        "the dropped column is gone"
+    );
+    // The indexes behind the primary key and the unique constraint are reported as the constraints.
+    assert!(users.indexes.is_empty(), "{:?}", users.indexes);
+    assert_eq!(users.constraints["users_pkey"], ConstraintInfo { kind: "primary key".into(), columns: strings(&["id"]), definition: None });
+    assert_eq!(users.constraints["users_email_key"], ConstraintInfo { kind: "unique".into(), columns: strings(&["email"]), definition: None });
+    assert_eq!(
+        users.constraints["users_name_len"],
+        ConstraintInfo { kind: "check".into(), columns: strings(&["name"]), definition: Some("CHECK (length(name) < 100)".into()) }
+    );
+
+    let posts = &s.objects["posts"];
+    assert_eq!(posts.columns["score"], col("numeric(10,2)", true));
+    assert_eq!(
+        posts.constraints["posts_user_id_fkey"],
+        ConstraintInfo {
+            kind: "foreign key".into(),
+            columns: strings(&["user_id"]),
+            definition: Some("references users (id) on update no action on delete cascade".into())
+        }
+    );
+    assert_eq!(posts.constraints.len(), 2, "{:?}", posts.constraints);
+    assert_eq!(
+        posts.indexes["posts_user_idx"],
+        IndexInfo { columns: strings(&["user_id", "id"]), unique: false, options: Some("keys (user_id, id desc)".into()) }
+    );
+    assert_eq!(
+        posts.indexes["posts_title_lower"],
+        IndexInfo { columns: strings(&["lower(title)"]), unique: true, options: Some("where published".into()) }
+    );
+    assert_eq!(
+        posts.indexes["posts_body_gin"],
+        IndexInfo { columns: strings(&["to_tsvector('english'::regconfig, body)"]), unique: false, options: Some("using gin".into()) }
+    );
+    assert_eq!(posts.indexes.len(), 3, "{:?}", posts.indexes);
+
+    let addresses = &s.objects["addresses"];
+    let constraint = |kind: &str, columns: &[&str], definition: Option<&str>| ConstraintInfo {
+        kind: kind.into(),
+        columns: strings(columns),
+        definition: definition.map(str::to_string),
+    };
+    assert_eq!(
+        addresses.constraints.iter().map(|(k, v)| (k.as_str(), v.clone())).collect::<Vec<_>>(),
+        [
+            (
+                "addresses_country_fkey",
+                constraint("foreign key", &["country"], Some("references geo.countries (code) on update cascade on delete no action deferrable initially deferred"))
+            ),
+            ("addresses_one", constraint("unique", &["kind", "country"], Some("nulls not distinct include (user_id)"))),
+            ("addresses_pkey", constraint("primary key", &["user_id", "kind"], None)),
+            ("addresses_user", constraint("foreign key", &["user_id"], Some("references users (id) on update no action on delete no action match full"))),
+        ]
+    );
+    assert!(addresses.indexes.is_empty(), "{:?}", addresses.indexes);
+
+    // A contract can ask for the unique constraint by name or by columns, and for indexes by name or columns.
+    let c = contract(
+        "tables:\n  users:\n    required: [id, {name: email, type: varchar(255), nullable: false}, {name: created_at, type: timestamptz}]\n\
+         \x20   unique: [users_email_key, [email]]\n    indexes: [users_pkey]\n\
+         \x20 posts:\n    required: [{name: id, type: int8}, user_id]\n    indexes: [posts_user_idx, [user_id, id]]\n    unique: [posts_title_lower]\n",
+    );
+    assert_eq!(schema::validate(&c, &s), vec![]);
+    // The dump of the live schema is a contract the live schema satisfies.
+    assert_eq!(schema::validate(&schema::dump(&s, false), &s), vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_is_the_same_from_any_session_in_a_tenant_schema() {
+    let db = TestDb::new(Engine::Postgres).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "0001_orders.sql",
+        "CREATE TYPE status AS ENUM ('new', 'paid');\n\
+         CREATE TABLE customers (id INT PRIMARY KEY);\n\
+         CREATE TABLE orders (id INT PRIMARY KEY, customer_id INT REFERENCES customers (id), state status NOT NULL DEFAULT 'new',\n\
+         CHECK (state <> 'paid' OR customer_id IS NOT NULL));\n\
+         CREATE INDEX orders_new ON orders (customer_id) WHERE state = 'new';\n\
+         SET search_path TO public;\n",
+    );
+    let local = load(dir.path());
+    let mut cfg = BackendConfig::new(db.url.clone());
+    cfg.schema = Some("Tenant A".into());
+    let mut b = kiln_sql::connect(&cfg).await.unwrap();
+    up(b.as_mut(), &local).await.unwrap();
+    let s = b.inspect().await.unwrap();
+    let orders = &s.objects["orders"];
+    // Names in the inspected schema are not qualified, whatever the session's search_path.
+    assert_eq!(orders.columns["state"], col("status", false));
+    assert_eq!(orders.indexes["orders_new"].options.as_deref(), Some("where state = 'new'::status"));
+    assert_eq!(
+        orders.constraints["orders_customer_id_fkey"].definition.as_deref(),
+        Some("references customers (id) on update no action on delete no action")
+    );
+
+    // A new session (search_path "$user", public) sees the same schema, so the
+    // snapshot stored by the run shows no drift.
+    let mut fresh = kiln_sql::connect(&cfg).await.unwrap();
+    assert_eq!(fresh.inspect().await.unwrap(), s);
+    assert_eq!(Runner::new(fresh.as_mut(), settings()).diff().await.unwrap(), Some(vec![]));
+    // The default schema of the same database holds nothing.
+    assert!(backend(&db).await.inspect().await.unwrap().objects.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_round_trip_and_keep_history() {
+    let db = TestDb::new(Engine::Postgres).await;
+    let mut b = backend(&db).await;
+    // A database kiln never touched: no snapshot, and nothing gets created by asking.
+    assert_eq!(b.load_snapshot().await.unwrap(), None);
+    assert!(tables(&db).await.is_empty());
+    assert_eq!(b.inspect().await.unwrap(), Snapshot::default());
+
+    db.sql("CREATE TABLE items (id INT PRIMARY KEY, sku TEXT NOT NULL)").await.unwrap();
+    let first = b.inspect().await.unwrap();
+    // Saved without ensure_history: the table is created on demand.
+    b.save_snapshot(&first).await.unwrap();
+    assert_eq!(b.load_snapshot().await.unwrap(), Some(first.clone()));
+    assert_eq!(tables(&db).await, ["items", "kiln_snapshot"]);
+    assert_eq!(b.inspect().await.unwrap(), first, "kiln_snapshot is not part of the schema");
+
+    db.sql("CREATE INDEX items_sku ON items (sku)").await.unwrap();
+    let second = b.inspect().await.unwrap();
+    assert_ne!(first, second);
+    b.save_snapshot(&second).await.unwrap();
+    assert_eq!(b.load_snapshot().await.unwrap(), Some(second), "the newest wins");
+    assert_eq!(db.query_strings("SELECT count(*) FROM kiln_snapshot").await.unwrap(), ["2"], "older snapshots are kept");
+
+    // After a run the stored snapshot is the live schema; a hand-made change is drift.
+    let dir = tempfile::tempdir().unwrap();
+    three_migrations(dir.path());
+    up(b.as_mut(), &load(dir.path())).await.unwrap();
+    assert_eq!(Runner::new(b.as_mut(), settings()).diff().await.unwrap(), Some(vec![]));
+    db.sql("CREATE INDEX by_hand ON users (email, id); ALTER TABLE posts DROP COLUMN body").await.unwrap();
+    let drift = Runner::new(b.as_mut(), settings()).diff().await.unwrap().unwrap();
+    let shown: Vec<String> = drift.iter().map(|c| c.to_string()).collect();
+    assert_eq!(shown, ["- posts: column body removed (text)", "+ users: index by_hand added ((email, id))"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_dropping_a_required_column_is_rolled_back() {
+    let db = TestDb::new(Engine::Postgres).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_users.sql", "CREATE TABLE users (id BIGINT PRIMARY KEY, email TEXT NOT NULL, nickname TEXT);\n");
+    write(dir.path(), "0002_cleanup.sql", "CREATE TABLE audit (id INT);\nALTER TABLE users DROP COLUMN email;\nALTER TABLE users DROP COLUMN nickname;\n");
+    write(dir.path(), "0003_more.sql", "CREATE TABLE more (id INT);\n");
+    let local = load(dir.path());
+    let c = contract("tables:\n  users:\n    required: [id, email]\n    optional: [nickname]\n");
+    let mut b = backend(&db).await;
+
+    let err = up_with(b.as_mut(), &local, &c).await.unwrap_err();
+    let text = err.to_string();
+    let RunError::Invalid { version, file, outcome, violations, done } = err else { panic!("expected a contract violation, got {err:?}") };
+    assert_eq!((version.number, file.as_str(), outcome), (2, "0002_cleanup.sql", FailureOutcome::RolledBack));
+    assert_eq!(done.iter().map(|v| v.number).collect::<Vec<_>>(), [1]);
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert_eq!((violations[0].object.as_str(), violations[0].message.as_str()), ("users", "required column email is missing"));
+    assert!(text.contains("0002_cleanup.sql") && text.contains("email"), "{text}");
+
+    // Nothing of 0002 remains: the columns, the other table, the history row, its `applied` event.
+    assert_eq!(
+        db.query_strings("SELECT column_name::text FROM information_schema.columns WHERE table_name = 'users' ORDER BY ordinal_position").await.unwrap(),
+        ["id", "email", "nickname"]
+    );
+    assert_eq!(tables(&db).await, ["kiln_history", "kiln_log", "kiln_snapshot", "users"]);
+    assert_eq!(history(&db).await, ["1:applied"]);
+    assert_eq!(events(&db).await, ["run-start", "applied:1", "failed:2"]);
+    let detail = db.query_strings("SELECT detail FROM kiln_log WHERE event = 'failed'").await.unwrap();
+    assert!(detail[0].contains("required column email is missing"), "{detail:?}");
+
+    // The lock was released and the database is usable: the next run stops at the same place.
+    let again = up_with(b.as_mut(), &local, &c).await.unwrap_err();
+    assert!(matches!(again, RunError::Invalid { ref version, .. } if version.number == 2), "{again:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_optional_column_only_warns() {
+    let db = TestDb::new(Engine::Postgres).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_users.sql", "CREATE TABLE users (id BIGINT PRIMARY KEY, email TEXT NOT NULL);\n");
+    let local = load(dir.path());
+    let c = contract("tables:\n  users:\n    required: [id, email]\n    optional: [avatar_url]\n");
+    let mut b = backend(&db).await;
+
+    let report = up_with(b.as_mut(), &local, &c).await.unwrap();
+    assert_eq!(report.steps.len(), 1);
+    assert_eq!(history(&db).await, ["1:applied"]);
+    let v = schema::validate(&c, &b.inspect().await.unwrap());
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!((v[0].severity, v[0].message.as_str()), (Severity::Warning, "optional column avatar_url is missing"));
+    let check = Runner::new(b.as_mut(), settings()).check(&local, Some(&c)).await.unwrap();
+    assert!(check.ok, "{check:?}");
+    assert_eq!(check.violations, v);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_completed_by_later_migrations_is_fine_but_the_last_must_satisfy_the_contract() {
+    let c = contract("tables:\n  users:\n    required: [id, email, {name: created_at, nullable: false}]\n    unique: [[email]]\n");
+
+    // Built up over three migrations: only the end state must satisfy the contract.
+    let db = TestDb::new(Engine::Postgres).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_users.sql", "CREATE TABLE users (id BIGINT PRIMARY KEY);\n");
+    write(dir.path(), "0002_email.sql", "ALTER TABLE users ADD COLUMN email TEXT NOT NULL;\nCREATE UNIQUE INDEX users_email ON users (email);\n");
+    write(dir.path(), "0003_created_at.sql", "ALTER TABLE users ADD COLUMN created_at TIMESTAMPTZ NOT NULL DEFAULT now();\n");
+    let mut b = backend(&db).await;
+    let report = up_with(b.as_mut(), &load(dir.path()), &c).await.unwrap();
+    assert_eq!(report.steps.len(), 3);
+    assert_eq!(history(&db).await, ["1:applied", "2:applied", "3:applied"]);
+    assert_eq!(schema::validate(&c, &b.inspect().await.unwrap()), vec![]);
+
+    // The same contract, but the run ends short of it: the last migration fails and is rolled back.
+    let db = TestDb::new(Engine::Postgres).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_users.sql", "CREATE TABLE users (id BIGINT PRIMARY KEY);\n");
+    write(dir.path(), "0002_email.sql", "ALTER TABLE users ADD COLUMN email TEXT NOT NULL UNIQUE;\n");
+    let mut b = backend(&db).await;
+    let err = up_with(b.as_mut(), &load(dir.path()), &c).await.unwrap_err();
+    let RunError::Invalid { version, outcome, violations, .. } = err else { panic!("{err:?}") };
+    assert_eq!((version.number, outcome), (2, FailureOutcome::RolledBack));
+    assert!(violations.iter().all(|v| v.severity == Severity::Error), "{violations:?}");
+    assert_eq!(violations.iter().map(|v| v.message.as_str()).collect::<Vec<_>>(), ["required column created_at is missing"]);
+    assert_eq!(history(&db).await, ["1:applied"]);
+    assert_eq!(db.query_strings("SELECT count(*) FROM information_schema.columns WHERE table_name = 'users'").await.unwrap(), ["1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_outside_a_transaction_that_breaks_the_contract_is_recorded_failed() {
+    let db = TestDb::new(Engine::Postgres).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_users.sql", "CREATE TABLE users (id BIGINT PRIMARY KEY, email TEXT NOT NULL);\n");
+    write(dir.path(), "0002_drop_email.sql", "-- kiln:transaction off\nALTER TABLE users DROP COLUMN email;\n");
+    write(dir.path(), "0003_more.sql", "CREATE TABLE more (id INT);\n");
+    let local = load(dir.path());
+    let c = contract("tables:\n  users:\n    required: [id, email]\n");
+    let mut b = backend(&db).await;
+
+    let err = up_with(b.as_mut(), &local, &c).await.unwrap_err();
+    let RunError::Invalid { version, outcome, .. } = err else { panic!("{err:?}") };
+    assert_eq!((version.number, outcome), (2, FailureOutcome::RecordedFailed));
+    // There was no transaction to roll back: the column is gone, and the entry blocks the next run.
+    assert_eq!(db.query_strings("SELECT count(*) FROM information_schema.columns WHERE table_name = 'users'").await.unwrap(), ["1"]);
+    assert_eq!(history(&db).await, ["1:applied", "2:failed"]);
+    let error = db.query_strings("SELECT error FROM kiln_history WHERE version = 2").await.unwrap();
+    assert!(error[0].contains("required column email is missing") && error[0].contains("kiln repair 0002"), "{error:?}");
+    let blocked = up_with(b.as_mut(), &local, &c).await.unwrap_err();
+    assert!(matches!(blocked, RunError::Plan(_)), "{blocked:?}");
+    assert!(!tables(&db).await.contains(&"more".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_of_a_thousand_tables_takes_milliseconds() {
+    let db = TestDb::new(Engine::Postgres).await;
+    // Each table: 5 columns, a primary key, a unique constraint, a foreign key,
+    // a check and a plain index.
+    db.sql(
+        "CREATE TABLE t0 (id INT PRIMARY KEY);\n\
+         DO $$ BEGIN FOR i IN 1..999 LOOP EXECUTE format(\
+         'CREATE TABLE t%s (id BIGINT PRIMARY KEY, code TEXT NOT NULL UNIQUE, parent_id INT REFERENCES t0 (id), \
+          amount NUMERIC(12, 2) CHECK (amount >= 0), created_at TIMESTAMPTZ NOT NULL); CREATE INDEX t%s_created ON t%s (created_at)', i, i, i);\
+         END LOOP; END $$;",
+    )
+    .await
+    .unwrap();
+    let mut b = backend(&db).await;
+    let t = Instant::now();
+    let s = b.inspect().await.unwrap();
+    let took = t.elapsed();
+    println!("inspect of {} tables took {took:?}", s.objects.len());
+    let t = Instant::now();
+    assert_eq!(b.inspect().await.unwrap(), s);
+    println!("again, warm: {:?}", t.elapsed());
+    assert_eq!(s.objects.len(), 1000);
+    let t500 = &s.objects["t500"];
+    assert_eq!((t500.columns.len(), t500.indexes.len(), t500.constraints.len()), (5, 1, 4), "{t500:?}");
+    assert_eq!(
+        t500.constraints["t500_parent_id_fkey"].definition.as_deref(),
+        Some("references t0 (id) on update no action on delete no action")
+    );
+    assert_eq!(t500.constraints["t500_code_key"].columns, ["code"]);
+    assert!(took < Duration::from_secs(5), "inspect of 1,000 tables took {took:?}: a query per table?");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scratch_databases_are_created_and_dropped_by_name() {
+    let db = TestDb::new(Engine::Postgres).await;
+    // Trust authentication ignores the password, which lets the test see that it is kept.
+    let mut u = url::Url::parse(&db.url).unwrap();
+    u.set_password(Some("s3cret")).unwrap();
+    let mut b = kiln_sql::connect(&BackendConfig::new(u.to_string())).await.unwrap();
+    let name = kiln_testkit::unique_name("kiln_verify");
+    let exists = |name: String| {
+        let db = &db;
+        async move { db.query_strings(&format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'")).await.unwrap() == ["1"] }
+    };
+
+    let url = b.create_scratch(&name).await.unwrap();
+    assert!(exists(name.clone()).await);
+    let mut expected = u.clone();
+    expected.set_path(&format!("/{name}"));
+    assert_eq!(url, expected.to_string(), "same server, user and password; another database");
+    // It is empty, and usable; a session still connected does not stop the drop.
+    let mut scratch = kiln_sql::connect(&BackendConfig::new(url)).await.unwrap();
+    assert!(scratch.inspect().await.unwrap().objects.is_empty());
+    assert!(scratch.read_history().await.unwrap().is_none());
+    b.drop_scratch(&name).await.unwrap();
+    assert!(!exists(name.clone()).await);
+    b.drop_scratch(&name).await.unwrap(); // already gone: not an error
+
+    // Only kiln's scratch names, never anything else.
+    for other in ["postgres", db.name.as_str(), "kiln_verify_x\"; DROP DATABASE postgres; --"] {
+        let err = b.drop_scratch(other).await.unwrap_err();
+        assert!(matches!(err, EngineError::Unsupported(_)) && err.to_string().contains("kiln_verify_"), "{err}");
+        assert!(b.create_scratch(other).await.is_err());
+    }
+    assert!(exists(db.name.clone()).await);
 }
