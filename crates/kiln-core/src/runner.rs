@@ -336,6 +336,8 @@ impl<'b> Runner<'b> {
                 self.emit(Event::StepFailed { direction: dir, version: m.version.text.clone(), name: m.description.clone(), message: message.clone() });
                 let fail = self.log_entry("failed", Some((&m.version, &m.description)), Some(batch), None, Some(format!("schema validation: {message}")));
                 let _ = self.backend.log(&fail).await;
+                let end = self.log_entry("run-end", None, Some(batch), None, Some(format!("{} done, stopped at {}: schema invalid", done.len(), m.name())));
+                let _ = self.backend.log(&end).await;
                 RunError::Invalid { version: m.version.clone(), file: m.display_path(), outcome, violations, done: done_versions }
             }
             StepError::Body(a) => {

@@ -313,9 +313,8 @@ fn index_matches(spec: &IndexSpec, obj: &ObjectInfo, want_unique: bool) -> bool 
             let cols = columns.normalised();
             let need_unique = want_unique || unique.unwrap_or(false);
             obj.indexes.values().any(|i| i.columns == cols && (!need_unique || i.unique))
-                || obj.constraints.values().any(|c| {
-                    c.columns == cols && (c.kind == "unique" || c.kind == "primary key" || (!need_unique && c.kind != "check"))
-                })
+                // A foreign key is not an index (PostgreSQL creates none for it).
+                || obj.constraints.values().any(|c| c.columns == cols && (c.kind == "unique" || c.kind == "primary key"))
         }
     }
 }
