@@ -74,9 +74,9 @@ fn kiln(p: &Project, args: &[&str]) -> Run {
 
 async fn add_index_by_hand(p: &Project) {
     if p.is_mongo() {
-        let client = mongodb::Client::with_uri_str(&p.db.url).await.unwrap();
+        let client = ::mongodb::Client::with_uri_str(&p.db.url).await.unwrap();
         let db = client.default_database().unwrap();
-        db.run_command(mongodb::bson::doc! { "createIndexes": "users", "indexes": [ { "key": { "name": 1 }, "name": "by_hand_idx" } ] })
+        db.run_command(::mongodb::bson::doc! { "createIndexes": "users", "indexes": [ { "key": { "name": 1 }, "name": "by_hand_idx" } ] })
             .await
             .unwrap();
     } else {
