@@ -352,10 +352,13 @@ impl SqliteBackend {
                     undo.map_err(|e| self.query_err(format!("clearing the start of {}", m.name()), e))?;
                     return Err(self.failed(m, dir, ctx, error, FailureOutcome::RolledBack));
                 }
-                let why = format!(
-                    "the migration runs with `-- kiln:transaction off`, so statements 1–{i} were each committed and remain in the database"
-                );
-                let recorded = format!("{}{} ({why})", if dir == Dir::Down { "the down migration failed: " } else { "" }, error.message);
+                let which = if i == 1 {
+                    "statement 1 was committed on its own and remains".to_string()
+                } else {
+                    format!("statements 1–{i} were each committed on their own and remain")
+                };
+                let why = format!("the migration runs with `-- kiln:transaction off`, so {which} in the database");
+                let recorded = format!("{}{}; {why}", if dir == Dir::Down { "the down migration failed: " } else { "" }, error.message);
                 self.conn
                     .prepare_cached(&self.sql.fail)
                     .and_then(|mut s| {

@@ -345,6 +345,7 @@ async fn non_sql_bodies_are_unsupported() {
         Err(StepError::Engine(EngineError::Unsupported(m))) => assert!(m.contains("0001_index.yaml"), "{m}"),
         Err(StepError::Engine(e)) => panic!("{e}"),
         Err(StepError::Body(e)) => panic!("{}", e.error),
+        Err(StepError::Invalid { violations, .. }) => panic!("{violations:?}"),
         Ok(()) => panic!("a MongoDB migration ran on SQLite"),
     }
     // The runner refuses the plan before it reaches the engine.

@@ -1,0 +1,515 @@
+//! The MySQL/MariaDB engine against the real server, driven through
+//! `kiln_core::Runner`. Every test gets its own database (kiln-testkit) and
+//! checks what is really in it from a separate connection.
+
+use std::path::Path;
+use std::time::Duration;
+
+use kiln_core::split::Dialect;
+use kiln_core::{
+    load_dir, Backend, BackendConfig, DownTarget, EngineError, FailureOutcome, LoadOptions, Migration, Policy, RecordContext, RunError,
+    Runner, RunnerSettings, State, StepError, UpTarget, Version,
+};
+use kiln_testkit::{Engine, TestDb};
+
+fn write(dir: &Path, name: &str, content: &str) {
+    std::fs::write(dir.join(name), content).unwrap();
+}
+
+fn load(dir: &Path) -> Vec<Migration> {
+    load_dir(dir, &LoadOptions { dialect: Dialect::MYSQL, name_rule: None }).unwrap()
+}
+
+async fn backend(url: &str) -> Box<dyn Backend> {
+    kiln_sql::connect(&BackendConfig::new(url)).await.unwrap()
+}
+
+fn settings() -> RunnerSettings {
+    RunnerSettings { lock_timeout: Duration::from_secs(1), actor: "tester@testhost".into() }
+}
+
+async fn up(b: &mut dyn Backend, local: &[Migration]) -> Result<kiln_core::RunReport, RunError> {
+    Runner::new(b, settings()).up(local, &UpTarget::Latest, &Policy::default(), false).await
+}
+
+async fn q(db: &TestDb, sql: &str) -> Vec<String> {
+    db.query_strings(sql).await.unwrap()
+}
+
+/// Tables of the test database other than kiln's, sorted.
+async fn tables(db: &TestDb) -> Vec<String> {
+    q(
+        db,
+        &format!(
+            "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = '{}' AND TABLE_NAME NOT LIKE 'kiln\\_%' ORDER BY TABLE_NAME",
+            db.name
+        ),
+    )
+    .await
+}
+
+fn v(s: &str) -> Version {
+    Version::parse_arg(s).unwrap()
+}
+
+#[tokio::test]
+async fn up_status_down_and_up_again() {
+    let db = TestDb::new(Engine::Mysql).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "0001_create_users.sql",
+        "-- kiln:up\nCREATE TABLE users (id INT AUTO_INCREMENT PRIMARY KEY, email VARCHAR(100) NOT NULL);\n-- kiln:down\nDROP TABLE users;\n",
+    );
+    write(
+        dir.path(),
+        "0002_seed_users.sql",
+        "-- kiln:up\nINSERT INTO users (email) VALUES ('a@x'), ('b@x');\nCREATE UNIQUE INDEX users_email ON users (email);\n-- kiln:down\nDROP INDEX users_email ON users;\nDELETE FROM users;\n",
+    );
+    write(dir.path(), "0003_create_posts.up.sql", "CREATE TABLE posts (id INT PRIMARY KEY, user_id INT, FOREIGN KEY (user_id) REFERENCES users (id));\n");
+    write(dir.path(), "0003_create_posts.down.sql", "DROP TABLE posts;\n");
+    let local = load(dir.path());
+    let mut b = backend(&db.url).await;
+
+    let r = Runner::new(&mut *b, settings()).up(&local, &UpTarget::To(v("0002")), &Policy::default(), false).await.unwrap();
+    assert_eq!((r.batch, r.steps.len()), (Some(1), 2));
+    let r = up(&mut *b, &local).await.unwrap();
+    assert_eq!((r.batch, r.steps.len()), (Some(2), 1));
+
+    // Seen from another connection: everything is committed.
+    assert_eq!(tables(&db).await, ["posts", "users"]);
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM users").await, ["2"]);
+    assert_eq!(
+        q(&db, "SELECT CONCAT(version, ' ', state, ' ', batch, ' ', applied_by, ' ', error IS NULL) FROM kiln_history ORDER BY version").await,
+        ["1 applied 1 tester@testhost 1", "2 applied 1 tester@testhost 1", "3 applied 2 tester@testhost 1"]
+    );
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM kiln_log WHERE event = 'applied'").await, ["3"]);
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM kiln_log WHERE event IN ('run-start', 'run-end')").await, ["4"]);
+    // History columns are what DESIGN §3 says.
+    assert_eq!(
+        q(&db, &format!("SELECT DATA_TYPE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = '{}' AND TABLE_NAME = 'kiln_history' AND COLUMN_NAME IN ('applied_at', 'version') ORDER BY COLUMN_NAME", db.name)).await,
+        ["datetime", "bigint"]
+    );
+
+    let history = b.read_history().await.unwrap().unwrap();
+    assert_eq!(history.len(), 3);
+    assert!(history.iter().all(|a| a.state == State::Applied && a.error.is_none()));
+    assert_eq!(history[2].checksum, local[2].checksum);
+    assert!((chrono::Utc::now() - history[2].applied_at).num_seconds().abs() < 60, "applied_at is UTC: {}", history[2].applied_at);
+    let status = Runner::new(&mut *b, settings()).status(&local).await.unwrap();
+    assert_eq!(status.len(), 3);
+
+    let r = Runner::new(&mut *b, settings()).down(&local, &DownTarget::LastBatch, false).await.unwrap();
+    assert_eq!(r.steps.len(), 1);
+    assert_eq!(tables(&db).await, ["users"]);
+    let r = Runner::new(&mut *b, settings()).down(&local, &DownTarget::LastBatch, false).await.unwrap();
+    assert_eq!(r.steps.len(), 2);
+    assert!(tables(&db).await.is_empty());
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM kiln_history").await, ["0"]);
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM kiln_log WHERE event = 'reverted'").await, ["3"]);
+
+    let r = up(&mut *b, &local).await.unwrap();
+    assert_eq!(r.steps.len(), 3);
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM users").await, ["2"]);
+    assert!(up(&mut *b, &local).await.unwrap().steps.is_empty());
+    b.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn failing_first_ddl_statement_is_clean() {
+    let db = TestDb::new(Engine::Mysql).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_t.sql", "CREATE TABLE t (id INT);\n");
+    write(dir.path(), "0002_again.sql", "-- comment\nCREATE TABLE t (id INT);\nCREATE TABLE u (id INT);\n");
+    let local = load(dir.path());
+    let mut b = backend(&db.url).await;
+    let err = up(&mut *b, &local).await.unwrap_err();
+    let RunError::Migration { version, outcome, error, done } = &err else { panic!("{err}") };
+    assert_eq!(version.text, "0002");
+    assert_eq!(*outcome, FailureOutcome::RolledBack);
+    assert_eq!((error.statement, error.line), (1, 2));
+    assert!(error.message.starts_with("1050 (42S01): Table 't' already exists"), "{}", error.message);
+    assert_eq!(error.code.as_deref(), Some("1050"));
+    assert_eq!(done.len(), 1);
+    // No entry for 0002 (nothing of it remains), and the failure is in the log.
+    assert_eq!(q(&db, "SELECT CONCAT(version, ' ', state) FROM kiln_history").await, ["1 applied"]);
+    assert_eq!(tables(&db).await, ["t"]);
+    let failed = q(&db, "SELECT CONCAT(version, ' ', detail) FROM kiln_log WHERE event = 'failed'").await;
+    assert!(failed.len() == 1 && failed[0].starts_with("2 0002_again.sql: statement 1 (line 2) failed: 1050"), "{failed:?}");
+
+    // Nothing blocks the next run.
+    write(dir.path(), "0002_again.sql", "CREATE TABLE u (id INT);\n");
+    up(&mut *b, &load(dir.path())).await.unwrap();
+    assert_eq!(tables(&db).await, ["t", "u"]);
+}
+
+#[tokio::test]
+async fn failing_dml_is_rolled_back_with_its_transaction() {
+    let db = TestDb::new(Engine::Mysql).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_t.sql", "CREATE TABLE t (id INT PRIMARY KEY);\n");
+    write(dir.path(), "0002_rows.sql", "INSERT INTO t VALUES (1);\nUPDATE t SET id = 2;\nINSERT INTO t VALUES (2);\n");
+    let local = load(dir.path());
+    let mut b = backend(&db.url).await;
+    let err = up(&mut *b, &local).await.unwrap_err();
+    let RunError::Migration { outcome, error, .. } = &err else { panic!("{err}") };
+    assert_eq!(*outcome, FailureOutcome::RolledBack);
+    assert_eq!(error.statement, 3);
+    assert!(error.message.starts_with("1062 (23000)"), "{}", error.message);
+    // The first two statements were rolled back with the transaction.
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM t").await, ["0"]);
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM kiln_history WHERE version = 2").await, ["0"]);
+}
+
+#[tokio::test]
+async fn failure_after_ddl_is_recorded_blocks_and_is_repaired() {
+    let db = TestDb::new(Engine::Mysql).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_a.sql", "CREATE TABLE a (id INT);\n");
+    write(dir.path(), "0002_half.sql", "CREATE TABLE b (id INT);\n\nINSERT INTO b VALUES (1);\nINSERT INTO nope VALUES (1);\n");
+    write(dir.path(), "0003_c.sql", "CREATE TABLE c (id INT);\n");
+    let local = load(dir.path());
+    let mut b = backend(&db.url).await;
+
+    let err = up(&mut *b, &local).await.unwrap_err();
+    let RunError::Migration { version, outcome, error, done } = &err else { panic!("{err}") };
+    assert_eq!((version.text.as_str(), *outcome), ("0002", FailureOutcome::RecordedFailed));
+    assert_eq!((error.statement, error.line), (3, 4));
+    assert_eq!(done.len(), 1);
+    let msg = &error.message;
+    assert!(msg.starts_with("1146 (42S02): Table ") && msg.contains("nope' doesn't exist"), "{msg}");
+    assert!(msg.contains("MySQL had already committed statement 1 (") && msg.contains("kiln repair 0002"), "{msg}");
+    // What MySQL committed stays: table b. The INSERT after it ran in the
+    // transaction kiln reopened after the DDL, so it was rolled back. 0003 never ran.
+    assert_eq!(tables(&db).await, ["a", "b"]);
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM b").await, ["0"]);
+    assert_eq!(
+        q(&db, "SELECT CONCAT(state, ' ', error_statement, ' ', error_line) FROM kiln_history WHERE version = 2").await,
+        ["failed 3 4"]
+    );
+    let recorded = q(&db, "SELECT error FROM kiln_history WHERE version = 2").await;
+    assert!(recorded[0].contains("1146 (42S02)") && recorded[0].contains("committed statement 1"), "{recorded:?}");
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM kiln_log WHERE event = 'failed' AND version = 2").await, ["1"]);
+
+    // The next run is refused, naming the version and `kiln repair`.
+    let err = up(&mut *b, &local).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, RunError::Plan(_)), "{msg}");
+    assert!(msg.contains("0002") && msg.contains("kiln repair 0002") && msg.contains("1146"), "{msg}");
+    assert_eq!(tables(&db).await, ["a", "b"]);
+
+    // The operator undoes the partial change, fixes the file and repairs.
+    db.sql("DROP TABLE b").await.unwrap();
+    write(dir.path(), "0002_half.sql", "CREATE TABLE b (id INT);\nINSERT INTO b VALUES (1);\n");
+    let local = load(dir.path());
+    let report = Runner::new(&mut *b, settings()).repair(&local, Some(&v("0002")), false, "dropped b by hand").await.unwrap();
+    assert!(report.changes[0].contains("pending again"), "{:?}", report.changes);
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM kiln_log WHERE event = 'repair' AND reason = 'dropped b by hand'").await, ["1"]);
+    let r = up(&mut *b, &local).await.unwrap();
+    assert_eq!(r.steps.len(), 2);
+    assert_eq!(tables(&db).await, ["a", "b", "c"]);
+    assert_eq!(q(&db, "SELECT GROUP_CONCAT(state ORDER BY version) FROM kiln_history").await, ["applied,applied,applied"]);
+}
+
+#[tokio::test]
+async fn ddl_after_dml_in_the_same_migration_is_not_clean() {
+    // The failing CREATE TABLE commits the INSERT before it even runs.
+    let db = TestDb::new(Engine::Mysql).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_t.sql", "CREATE TABLE t (id INT);\n");
+    write(dir.path(), "0002_mixed.sql", "INSERT INTO t VALUES (1);\nCREATE TABLE t (id INT);\n");
+    let local = load(dir.path());
+    let mut b = backend(&db.url).await;
+    let err = up(&mut *b, &local).await.unwrap_err();
+    let RunError::Migration { outcome, error, .. } = &err else { panic!("{err}") };
+    assert_eq!(*outcome, FailureOutcome::RecordedFailed);
+    assert!(error.message.contains("MySQL had already committed statement 1 (statement 2 is DDL"), "{}", error.message);
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM t").await, ["1"]);
+    assert_eq!(q(&db, "SELECT state FROM kiln_history WHERE version = 2").await, ["failed"]);
+}
+
+#[tokio::test]
+async fn procedures_without_delimiter_and_comments_with_semicolons() {
+    let db = TestDb::new(Engine::Mysql).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "0001_fill.sql",
+        r#"-- kiln:up
+-- a comment; with a semicolon
+# and a hash comment; too
+CREATE TABLE nums (n INT NOT NULL, note VARCHAR(20)); /* block; comment */
+CREATE PROCEDURE fill(IN upto INT)
+BEGIN
+  DECLARE i INT DEFAULT 0;
+  WHILE i < upto DO
+    INSERT INTO nums VALUES (i, 'a;b');
+    SET i = i + 1;
+  END WHILE;
+  IF upto > 3 THEN
+    UPDATE nums SET note = 'big' WHERE n = 0;
+  END IF;
+END;
+CALL fill(5);
+-- kiln:down
+DROP PROCEDURE fill;
+DROP TABLE nums;
+"#,
+    );
+    let local = load(dir.path());
+    assert_eq!(local[0].up.len(), 3);
+    let mut b = backend(&db.url).await;
+    up(&mut *b, &local).await.unwrap();
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM nums").await, ["5"]);
+    assert_eq!(q(&db, "SELECT note FROM nums WHERE n = 0").await, ["big"]);
+    assert_eq!(q(&db, "SELECT note FROM nums WHERE n = 1").await, ["a;b"]);
+    assert_eq!(
+        q(&db, &format!("SELECT ROUTINE_NAME FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = '{}'", db.name)).await,
+        ["fill"]
+    );
+    Runner::new(&mut *b, settings()).down(&local, &DownTarget::LastBatch, false).await.unwrap();
+    assert!(tables(&db).await.is_empty());
+    assert!(q(&db, &format!("SELECT ROUTINE_NAME FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = '{}'", db.name)).await.is_empty());
+}
+
+#[tokio::test]
+async fn failing_down_after_ddl_is_recorded_failed() {
+    let db = TestDb::new(Engine::Mysql).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_two.sql", "-- kiln:up\nCREATE TABLE x (id INT);\nCREATE TABLE y (id INT);\n-- kiln:down\nDROP TABLE y;\nDROP TABLE nope;\n");
+    write(dir.path(), "0002_z.sql", "-- kiln:up\nCREATE TABLE z (id INT);\n-- kiln:down\nDROP TABLE missing_z;\n");
+    let local = load(dir.path());
+    let mut b = backend(&db.url).await;
+    up(&mut *b, &local).await.unwrap();
+
+    // A down failing on its first statement is clean: the entry is applied again.
+    let err = Runner::new(&mut *b, settings()).down(&local, &DownTarget::Steps(1), false).await.unwrap_err();
+    let RunError::Migration { outcome, .. } = &err else { panic!("{err}") };
+    assert_eq!(*outcome, FailureOutcome::RolledBack);
+    assert_eq!(q(&db, "SELECT state FROM kiln_history WHERE version = 2").await, ["applied"]);
+
+    // Fix 0002's down (a change to the file, accepted by repair), revert it, then fail 0001's down halfway.
+    write(dir.path(), "0002_z.sql", "-- kiln:up\nCREATE TABLE z (id INT);\n-- kiln:down\nDROP TABLE z;\n");
+    let local = load(dir.path());
+    Runner::new(&mut *b, settings()).repair(&local, None, false, "fixed the down").await.unwrap();
+    let err = Runner::new(&mut *b, settings()).down(&local, &DownTarget::Steps(2), false).await.unwrap_err();
+    let RunError::Migration { version, outcome, error, done } = &err else { panic!("{err}") };
+    assert_eq!((version.text.as_str(), *outcome, done.len()), ("0001", FailureOutcome::RecordedFailed, 1));
+    assert!(error.message.contains("kiln repair 0001"), "{}", error.message);
+    assert_eq!(tables(&db).await, ["x"]);
+    let row = q(&db, "SELECT CONCAT(state, ': ', error) FROM kiln_history WHERE version = 1").await;
+    assert!(row[0].starts_with("failed: the down migration failed: 1051 (42S02)"), "{row:?}");
+}
+
+#[tokio::test]
+async fn finish_is_committed_with_the_next_intent_and_a_lost_finish_blocks() {
+    let db = TestDb::new(Engine::Mysql).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_a.sql", "CREATE TABLE a (id INT);\n");
+    write(dir.path(), "0002_b.sql", "CREATE TABLE b (id INT);\n");
+    write(dir.path(), "0003_rows.sql", "INSERT INTO a VALUES (1);\n");
+    let local = load(dir.path());
+    let ctx = RecordContext { batch: 1, actor: "t@h".into() };
+
+    let mut b = backend(&db.url).await;
+    b.ensure_history().await.unwrap();
+    b.apply(&local[0], &ctx).await.unwrap();
+    // 0001's finish waits for the next commit; to others it is still `running`.
+    assert_eq!(q(&db, "SELECT state FROM kiln_history WHERE version = 1").await, ["running"]);
+    b.apply(&local[1], &ctx).await.unwrap();
+    assert_eq!(q(&db, "SELECT GROUP_CONCAT(state ORDER BY version) FROM kiln_history").await, ["applied,running"]);
+    // Our own connection already sees it applied.
+    let own = b.read_history().await.unwrap().unwrap();
+    assert!(own.iter().all(|a| a.state == State::Applied));
+    b.apply(&local[2], &ctx).await.unwrap();
+    // The process dies before anything commits 0003's finish: its DML body is
+    // rolled back with it, and the `running` entry blocks the next run.
+    drop(b);
+    let mut state = Vec::new();
+    for _ in 0..50 {
+        state = q(&db, "SELECT GROUP_CONCAT(state ORDER BY version) FROM kiln_history").await;
+        if state == ["applied,applied,running"] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(state, ["applied,applied,running"]);
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM a").await, ["0"]);
+    let mut b = backend(&db.url).await;
+    let err = up(&mut *b, &local).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("0003") && msg.contains("running") && msg.contains("interrupted") && msg.contains("kiln repair 0003"), "{msg}");
+    Runner::new(&mut *b, settings()).repair(&local, Some(&v("0003")), false, "re-run").await.unwrap();
+    up(&mut *b, &local).await.unwrap();
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM a").await, ["1"]);
+    assert_eq!(q(&db, "SELECT GROUP_CONCAT(state ORDER BY version) FROM kiln_history").await, ["applied,applied,applied"]);
+}
+
+#[tokio::test]
+async fn transaction_off_records_partial_failures() {
+    let db = TestDb::new(Engine::Mysql).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_t.sql", "CREATE TABLE t (id INT PRIMARY KEY);\n");
+    write(dir.path(), "0002_rows.sql", "-- kiln:transaction off\n-- kiln:up\nINSERT INTO t VALUES (1);\nINSERT INTO t VALUES (1);\n");
+    let local = load(dir.path());
+    let mut b = backend(&db.url).await;
+    let err = up(&mut *b, &local).await.unwrap_err();
+    let RunError::Migration { outcome, error, .. } = &err else { panic!("{err}") };
+    assert_eq!(*outcome, FailureOutcome::RecordedFailed);
+    assert!(error.message.contains("transaction off"), "{}", error.message);
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM t").await, ["1"]);
+    assert_eq!(q(&db, "SELECT state FROM kiln_history WHERE version = 2").await, ["failed"]);
+}
+
+#[tokio::test]
+async fn read_history_on_a_fresh_database_creates_nothing() {
+    let db = TestDb::new(Engine::Mysql).await;
+    let mut b = backend(&db.url).await;
+    assert!(b.read_history().await.unwrap().is_none());
+    let count = format!("SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = '{}'", db.name);
+    assert_eq!(q(&db, &count).await, ["0"]);
+    b.ensure_history().await.unwrap();
+    b.ensure_history().await.unwrap();
+    assert_eq!(b.read_history().await.unwrap().unwrap().len(), 0);
+    assert_eq!(q(&db, &count).await, ["2"]);
+    assert_eq!(
+        q(&db, &format!("SELECT DISTINCT ENGINE FROM information_schema.TABLES WHERE TABLE_SCHEMA = '{}'", db.name)).await,
+        ["InnoDB"]
+    );
+}
+
+#[tokio::test]
+async fn custom_table_names_upsert_and_baseline() {
+    let db = TestDb::new(Engine::Mysql).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_one.sql", "CREATE TABLE one (id INT);\n");
+    write(dir.path(), "0002_two.sql", "CREATE TABLE two (id INT);\n");
+    let local = load(dir.path());
+    let mut cfg = BackendConfig::new(&db.url);
+    cfg.history_table = "app`changelog".into();
+    cfg.log_table = "app_events".into();
+    let mut b = kiln_sql::connect(&cfg).await.unwrap();
+    Runner::new(&mut *b, settings()).baseline(&local, &v("0001"), Some("existed before kiln")).await.unwrap();
+    up(&mut *b, &local).await.unwrap();
+    assert_eq!(q(&db, "SELECT CONCAT(version, ' ', state) FROM `app``changelog` ORDER BY version").await, ["1 baseline", "2 applied"]);
+    assert_eq!(tables(&db).await, ["app_events", "app`changelog", "two"]);
+    // Upsert replaces by version.
+    let mut e = b.read_history().await.unwrap().unwrap().remove(1);
+    e.description = "renamed".into();
+    b.upsert_history(&[e]).await.unwrap();
+    assert_eq!(q(&db, "SELECT description FROM `app``changelog` WHERE version = 2").await, ["renamed"]);
+    b.delete_history(2).await.unwrap();
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM `app``changelog`").await, ["1"]);
+}
+
+#[tokio::test]
+async fn lock_contention_names_the_holder_and_dies_with_the_session() {
+    let db = TestDb::new(Engine::Mysql).await;
+    let mut a = backend(&db.url).await;
+    let mut b = backend(&db.url).await;
+    assert!(a.try_lock().await.unwrap());
+    assert!(a.try_lock().await.unwrap(), "re-taking our own lock must not block");
+    assert!(!b.try_lock().await.unwrap());
+    let lock = format!("kiln:{}:kiln_history", db.name);
+    let holder_id = q(&db, &format!("SELECT IS_USED_LOCK('{lock}')")).await;
+    match b.lock(Duration::from_millis(500)).await {
+        Err(e @ EngineError::LockTimeout { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains(&format!("MySQL connection {} (root@", holder_id[0])), "{msg}");
+        }
+        other => panic!("expected a lock time-out, got {other:?}"),
+    }
+    // A runner on `b` waits its lock_timeout, then gives up and changes nothing.
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_t.sql", "CREATE TABLE t (id INT);\n");
+    let local = load(dir.path());
+    assert!(matches!(up(&mut *b, &local).await, Err(RunError::Engine(EngineError::LockTimeout { .. }))));
+    assert!(tables(&db).await.is_empty());
+
+    // The session dying (process exit) releases the lock: drop `a` …
+    drop(a);
+    b.lock(Duration::from_secs(5)).await.expect("the lock dies with its session");
+    b.unlock().await.unwrap();
+    b.unlock().await.unwrap(); // releasing twice is fine
+    assert_eq!(q(&db, &format!("SELECT IS_FREE_LOCK('{lock}')")).await, ["1"]);
+
+    // … or kill a holder's connection, as a crashed host would.
+    let mut c = backend(&db.url).await;
+    assert!(c.try_lock().await.unwrap());
+    let id = q(&db, &format!("SELECT IS_USED_LOCK('{lock}')")).await;
+    db.sql(&format!("KILL {}", id[0])).await.unwrap();
+    b.lock(Duration::from_secs(5)).await.expect("a killed holder never blocks");
+    drop(c);
+}
+
+#[tokio::test]
+async fn urls_and_connection_errors() {
+    let db = TestDb::new(Engine::Mysql).await;
+    let mut u = url::Url::parse(&db.url).unwrap();
+
+    // No database.
+    let mut no_db = u.clone();
+    no_db.set_path("");
+    let _ = no_db.set_password(Some("s3cret"));
+    match kiln_sql::connect(&BackendConfig::new(no_db.as_str())).await {
+        Err(e @ EngineError::BadUrl { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("no database") && !msg.contains("s3cret"), "{msg}");
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("connected without a database"),
+    }
+    // Wrong password: the server's reason, never the password.
+    let mut bad_pw = u.clone();
+    bad_pw.set_password(Some("wrong-s3cret")).unwrap();
+    match kiln_sql::connect(&BackendConfig::new(bad_pw.as_str())).await {
+        Err(e @ EngineError::Connect { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("1045") && !msg.contains("wrong-s3cret") && msg.contains("***"), "{msg}");
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("connected with a wrong password"),
+    }
+    // Nothing listening.
+    let mut closed = u.clone();
+    closed.set_port(Some(1)).unwrap();
+    assert!(matches!(kiln_sql::connect(&BackendConfig::new(closed.as_str())).await, Err(EngineError::Connect { .. })));
+    // A database that does not exist.
+    let mut missing = u.clone();
+    missing.set_path("/kiln_no_such_db");
+    match kiln_sql::connect(&BackendConfig::new(missing.as_str())).await {
+        Err(EngineError::Connect { message, .. }) => assert!(message.contains("1049"), "{message}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("connected to a missing database"),
+    }
+
+    // mariadb:// works, and so does a Unix socket.
+    u.set_scheme("mariadb").unwrap();
+    let mut m = kiln_sql::connect(&BackendConfig::new(u.as_str())).await.unwrap();
+    assert!(m.read_history().await.unwrap().is_none());
+    assert_eq!(m.capabilities().engine, "mysql");
+    assert!(!m.capabilities().transactional_ddl);
+    let socket = format!("mysql://root@localhost/{}?socket=/run/mysqld/mysqld.sock", db.name);
+    let mut s = kiln_sql::connect(&BackendConfig::new(&socket)).await.unwrap();
+    s.ensure_history().await.unwrap();
+    assert_eq!(s.read_history().await.unwrap().unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn non_sql_bodies_are_unsupported() {
+    let db = TestDb::new(Engine::Mysql).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_index.yaml", "up:\n  - createIndexes: users\n    indexes: [{ key: { a: 1 }, name: a_1 }]\n");
+    let local = load(dir.path());
+    let mut b = backend(&db.url).await;
+    b.ensure_history().await.unwrap();
+    let ctx = RecordContext { batch: 1, actor: "t@h".into() };
+    match b.apply(&local[0], &ctx).await {
+        Err(StepError::Engine(EngineError::Unsupported(m))) => assert!(m.contains("0001_index.yaml"), "{m}"),
+        Err(StepError::Engine(e)) => panic!("{e}"),
+        Err(StepError::Body(e)) => panic!("{}", e.error),
+        Err(StepError::Invalid { violations, .. }) => panic!("{violations:?}"),
+        Ok(()) => panic!("a MongoDB migration ran on MySQL"),
+    }
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM kiln_history").await, ["0"]);
+}
