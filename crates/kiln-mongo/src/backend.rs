@@ -411,7 +411,7 @@ impl MongoBackend {
                 }
                 Err(e) => {
                     let last = prepared.len().saturating_sub(1);
-                    failed = Some((last, Failure { code: error_code(&e), message: self.conn.scrub(format!("committing the transaction failed: {e}")), effect: Effect::Nothing }));
+                    failed = Some((last, Failure { code: error_code(&e), message: self.conn.scrub(format!("committing the transaction failed: {}", e.kind)), effect: Effect::Nothing }));
                 }
             }
         } else {

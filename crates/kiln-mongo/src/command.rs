@@ -164,10 +164,10 @@ pub(crate) fn failure_of(conn: &Conn, e: &mongodb::error::Error) -> Failure {
         ErrorKind::Command(c) => Failure { code: Some(c.code), message: conn.scrub(describe(c.code, Some(&c.code_name), &c.message)), effect: Effect::Nothing },
         _ if is_connection_error(e) => Failure {
             code: None,
-            message: conn.scrub(format!("lost the connection, the command may or may not have run: {e}")),
+            message: conn.scrub(format!("lost the connection, the command may or may not have run: {}", e.kind)),
             effect: Effect::Unknown,
         },
-        _ => Failure { code: crate::conn::error_code(e), message: conn.scrub(e.to_string()), effect: Effect::Unknown },
+        _ => Failure { code: crate::conn::error_code(e), message: conn.scrub(e.kind.to_string()), effect: Effect::Unknown },
     }
 }
 

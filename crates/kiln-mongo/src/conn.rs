@@ -82,7 +82,7 @@ impl Conn {
         let mut opts = match ClientOptions::parse(url).await {
             Ok(o) => o,
             Err(e) => {
-                let message = scrub(e.to_string());
+                let message = scrub(e.kind.to_string());
                 // An SRV lookup failure is a connection problem, not a bad URL.
                 return Err(if matches!(*e.kind, mongodb::error::ErrorKind::DnsResolve { .. }) {
                     EngineError::Connect { url: redacted, message }
@@ -110,13 +110,13 @@ impl Conn {
         if opts.app_name.is_none() {
             opts.app_name = Some("kiln".into());
         }
-        let client = Client::with_options(opts).map_err(|e| EngineError::BadUrl { url: redacted.clone(), message: scrub(e.to_string()) })?;
+        let client = Client::with_options(opts).map_err(|e| EngineError::BadUrl { url: redacted.clone(), message: scrub(e.kind.to_string()) })?;
         let asked = chrono::Utc::now();
         let hello = client
             .database("admin")
             .run_command(doc! { "hello": 1 })
             .await
-            .map_err(|e| EngineError::Connect { url: redacted.clone(), message: scrub(e.to_string()) })?;
+            .map_err(|e| EngineError::Connect { url: redacted.clone(), message: scrub(e.kind.to_string()) })?;
         let answered = chrono::Utc::now();
         let skew = match hello.get_datetime("localTime") {
             Ok(t) => t.to_chrono() - (asked + (answered - asked) / 2),
@@ -140,7 +140,7 @@ impl Conn {
     /// connection is told apart from a query the server refused.
     pub fn engine_error(&self, context: impl Into<String>, e: &mongodb::error::Error) -> EngineError {
         let context = context.into();
-        let message = self.scrub(e.to_string());
+        let message = self.scrub(e.kind.to_string());
         if is_connection_error(e) {
             EngineError::ConnectionLost { context, message }
         } else {

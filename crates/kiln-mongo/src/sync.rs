@@ -620,7 +620,7 @@ pub async fn sync_indexes(cfg: &BackendConfig, indexes_dir: &Path, opts: &SyncOp
                 Err(e) => {
                     let message = match &*e.kind {
                         mongodb::error::ErrorKind::Command(c) => describe(c.code, Some(&c.code_name), &c.message),
-                        _ => conn.scrub(e.to_string()),
+                        _ => conn.scrub(e.kind.to_string()),
                     };
                     return Err(failed(error_code(&e), message, &done));
                 }
