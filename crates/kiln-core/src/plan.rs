@@ -89,7 +89,8 @@ pub fn integrity_problems(local: &[Migration], applied: &[AppliedMigration]) -> 
                     version: recorded_version(a),
                     name: if a.script.is_empty() { a.description.clone() } else { a.script.clone() },
                 }),
-                Some(m) if m.checksum != a.checksum => problems.push(PlanError::ChecksumMismatch {
+                // An empty recorded checksum means "unknown" (an adopted migrate-mongo entry): not a mismatch.
+                Some(m) if m.checksum != a.checksum && !a.checksum.0.is_empty() => problems.push(PlanError::ChecksumMismatch {
                     version: m.version.clone(),
                     file: m.display_path(),
                     recorded: a.checksum.0.clone(),
@@ -256,7 +257,7 @@ pub fn plan_down<'a>(
             problems.push(PlanError::MissingFile { version: recorded_version(a), name: a.script.clone() });
             continue;
         };
-        if m.checksum != a.checksum {
+        if m.checksum != a.checksum && !a.checksum.0.is_empty() {
             problems.push(PlanError::ChecksumMismatch {
                 version: m.version.clone(),
                 file: m.display_path(),

@@ -701,7 +701,8 @@ impl<'b> Runner<'b> {
                             this.backend.log(&log).await?;
                         }
                         State::Applied | State::Baseline => match file {
-                            Some(m) if m.checksum != a.checksum && !a.checksum.0.is_empty() => {
+                            // An empty recorded checksum (adopted from another tool) is filled in.
+                            Some(m) if m.checksum != a.checksum => {
                                 let e = AppliedMigration { checksum: m.checksum.clone(), ..a.clone() };
                                 this.backend.upsert_history(std::slice::from_ref(&e)).await?;
                                 changes.push(format!("{} {}: checksum {} -> {}", a.version, name, a.checksum.short(), m.checksum.short()));

@@ -586,12 +586,24 @@ fn show_constraint(c: &ConstraintInfo) -> String {
     s
 }
 
-/// What changed from `before` to `after`.
+impl ObjectInfo {
+    /// A MongoDB collection that carries no schema: no validator and no index
+    /// but `_id_`. Applications and `update`/`insert` commands create these
+    /// implicitly, so their appearing or disappearing is not drift.
+    pub fn is_schemaless(&self) -> bool {
+        self.columns.is_empty() && self.constraints.is_empty() && self.validator.is_none() && self.indexes.keys().all(|k| k == "_id_")
+    }
+}
+
+/// What changed from `before` to `after`. Schema-less collections (see
+/// [`ObjectInfo::is_schemaless`]) that appear or disappear are not reported.
 pub fn diff(before: &Snapshot, after: &Snapshot) -> Vec<Change> {
     let mut out = Vec::new();
     for (name, b) in &before.objects {
         let Some(a) = after.objects.get(name) else {
-            out.push(Change { object: name.clone(), kind: "removed".into(), what: "table/collection".into(), detail: None });
+            if !b.is_schemaless() {
+                out.push(Change { object: name.clone(), kind: "removed".into(), what: "table/collection".into(), detail: None });
+            }
             continue;
         };
         diff_map(name, "column", &b.columns, &a.columns, show_column, &mut out);
@@ -602,8 +614,8 @@ pub fn diff(before: &Snapshot, after: &Snapshot) -> Vec<Change> {
             out.push(Change { object: name.clone(), kind: "changed".into(), what: "validator".into(), detail: Some(format!("{} → {}", show(&b.validator), show(&a.validator))) });
         }
     }
-    for name in after.objects.keys() {
-        if !before.objects.contains_key(name) {
+    for (name, a) in &after.objects {
+        if !before.objects.contains_key(name) && !a.is_schemaless() {
             out.push(Change { object: name.clone(), kind: "added".into(), what: "table/collection".into(), detail: None });
         }
     }
@@ -726,6 +738,13 @@ mod tests {
         assert!(d.iter().any(|c| c.kind == "added" && c.what == "index by_hand"));
         assert!(d.iter().any(|c| c.kind == "removed" && c.what == "column email"));
         assert!(diff(&a, &a).is_empty());
+        // an implicitly created MongoDB collection is not drift
+        let mut c = a.clone();
+        let mut coll = ObjectInfo::default();
+        coll.indexes.insert("_id_".into(), IndexInfo { columns: vec!["_id".into()], unique: true, options: None });
+        c.objects.insert("events".into(), coll);
+        assert!(diff(&a, &c).is_empty());
+        assert!(diff(&c, &a).is_empty());
     }
 
     #[test]

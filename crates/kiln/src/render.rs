@@ -324,7 +324,11 @@ pub fn sync_report(r: &kiln_mongo::SyncReport, as_json: bool) {
     if as_json {
         json(r);
     } else {
-        print!("{r}");
+        let text = r.to_string();
+        print!("{text}");
+        if !text.ends_with('\n') {
+            println!();
+        }
     }
 }
 
