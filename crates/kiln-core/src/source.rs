@@ -303,7 +303,7 @@ fn sql_section(text: &str, first_line: usize, rel: &Path, opts: &LoadOptions) ->
     // `DELIMITER` is a command of the mysql client, not SQL; say so instead of
     // letting the server reject a half-split procedure.
     for (i, l) in text.lines().enumerate() {
-        if l.trim_start().to_ascii_uppercase().starts_with("DELIMITER ") {
+        if l.trim_start().get(..10).is_some_and(|p| p.eq_ignore_ascii_case("DELIMITER ")) {
             return Err(SourceError::Parse {
                 file: rel.to_path_buf(),
                 line: first_line + i,
@@ -326,14 +326,14 @@ enum Marker {
 }
 
 fn marker(line: &str) -> Option<Marker> {
-    let t = line.trim();
-    let rest = t.strip_prefix("--")?.trim_start();
-    let lower = rest.to_ascii_lowercase();
-    let lower = lower.trim_end();
-    match lower {
-        "kiln:up" | "migrate:up" | "+goose up" | "+migrate up" => Some(Marker::Up),
-        "kiln:down" | "migrate:down" | "+goose down" | "+migrate down" => Some(Marker::Down),
-        _ => None,
+    let rest = line.trim().strip_prefix("--")?.trim();
+    let any = |ks: &[&str]| ks.iter().any(|k| rest.eq_ignore_ascii_case(k));
+    if any(&["kiln:up", "migrate:up", "+goose up", "+migrate up"]) {
+        Some(Marker::Up)
+    } else if any(&["kiln:down", "migrate:down", "+goose down", "+migrate down"]) {
+        Some(Marker::Down)
+    } else {
+        None
     }
 }
 

@@ -82,11 +82,13 @@ pub fn split_statements(text: &str, first_line: usize, d: Dialect) -> Result<Vec
     let mut start = 0;
     let mut start_line = first_line;
     let mut has_code = false;
-    // Compound-body tracking for CREATE … BEGIN … END.
-    let mut words: Vec<String> = Vec::new(); // first few keywords of the statement
+    // Compound-body tracking for CREATE … BEGIN … END. Words are compared in
+    // place, without allocating: this runs over every file on every `kiln up`.
+    let mut words_seen: usize = 0; // words of the current statement so far
+    let mut first_is_create = false;
     let mut depth: i32 = 0;
     let mut compound = false;
-    let mut prev_word = String::new();
+    let mut prev_end = false; // the previous word was END
 
     while i < b.len() {
         let c = b[i];
@@ -206,10 +208,11 @@ pub fn split_statements(text: &str, first_line: usize, d: Dialect) -> Result<Vec
                 start = i;
                 start_line = line;
                 has_code = false;
-                words.clear();
+                words_seen = 0;
+                first_is_create = false;
                 depth = 0;
                 compound = false;
-                prev_word.clear();
+                prev_end = false;
             }
             _ if is_word_start(c) => {
                 has_code = true;
@@ -217,26 +220,27 @@ pub fn split_statements(text: &str, first_line: usize, d: Dialect) -> Result<Vec
                 while i < b.len() && is_word(b[i]) {
                     i += 1;
                 }
-                let w = text[s..i].to_ascii_uppercase();
-                if words.len() < 8 {
-                    words.push(w.clone());
-                    if !compound && words.len() >= 2 && words[0] == "CREATE" {
-                        compound = words.iter().skip(1).any(|x| {
-                            matches!(x.as_str(), "PROCEDURE" | "FUNCTION" | "TRIGGER" | "EVENT")
-                        });
+                let w = &text[s..i];
+                let is = |k: &str| w.eq_ignore_ascii_case(k);
+                if words_seen < 8 {
+                    if words_seen == 0 {
+                        first_is_create = is("CREATE");
+                    } else if first_is_create && !compound {
+                        compound = is("PROCEDURE") || is("FUNCTION") || is("TRIGGER") || is("EVENT");
                     }
+                    words_seen += 1;
                 }
                 if compound {
-                    match w.as_str() {
-                        "BEGIN" => depth += 1,
-                        "CASE" if prev_word != "END" => depth += 1,
-                        "END" => depth -= 1,
+                    if is("BEGIN") || (is("CASE") && !prev_end) {
+                        depth += 1;
+                    } else if is("END") {
+                        depth -= 1;
+                    } else if prev_end && (is("IF") || is("LOOP") || is("WHILE") || is("REPEAT")) {
                         // `END IF`, `END LOOP`, … close blocks whose opener we do not count.
-                        "IF" | "LOOP" | "WHILE" | "REPEAT" if prev_word == "END" => depth += 1,
-                        _ => {}
+                        depth += 1;
                     }
                 }
-                prev_word = w;
+                prev_end = is("END");
             }
             _ => {
                 if !c.is_ascii_whitespace() {
