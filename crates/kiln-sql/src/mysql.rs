@@ -70,6 +70,13 @@ const MAX_LOCK_NAME: usize = 64;
 const REOPEN: &str = "\n;BEGIN";
 
 /// The MySQL/MariaDB engine (see the module docs for the commit protocol).
+///
+/// Note on [`Backend::apply`]'s contract: when `apply` returns `Ok`, the
+/// migration's `applied` entry is written and committed by the *next* call on
+/// this backend (the runner always ends a run with [`Backend::log`], then
+/// [`Backend::unlock`]). A backend dropped right after `apply`, without any
+/// further call, leaves that migration `running`, which blocks the next run —
+/// exactly what a process killed at that moment leaves behind.
 pub struct MysqlBackend {
     conn: MySqlConnection,
     target: String,
@@ -100,9 +107,12 @@ struct Sql {
 }
 
 impl Sql {
-    fn new(history: &str, log: &str) -> Self {
-        let h = quote_backtick(history);
-        let l = quote_backtick(log);
+    /// Table names are qualified with the database, so a migration's `USE other`
+    /// cannot send kiln's own rows elsewhere.
+    fn new(database: &str, history: &str, log: &str) -> Self {
+        let db = quote_backtick(database);
+        let h = format!("{db}.{}", quote_backtick(history));
+        let l = format!("{db}.{}", quote_backtick(log));
         let q14 = "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?";
         let updates = HISTORY_COLUMNS
             .split(", ")
@@ -214,7 +224,7 @@ impl MysqlBackend {
             locked: false,
             pending: None,
             history_name: cfg.history_table.clone(),
-            sql: Sql::new(&cfg.history_table, &cfg.log_table),
+            sql: Sql::new(&database, &cfg.history_table, &cfg.log_table),
         })
     }
 

@@ -273,6 +273,25 @@ DROP TABLE nums;
 }
 
 #[tokio::test]
+async fn use_in_a_migration_does_not_move_kiln_tables() {
+    let db = TestDb::new(Engine::Mysql).await;
+    let other = format!("{}_other", db.name);
+    db.sql(&format!("CREATE DATABASE `{other}`")).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_elsewhere.sql", &format!("USE `{other}`;\nCREATE TABLE moved (id INT);\n"));
+    write(dir.path(), "0002_here.sql", &format!("CREATE TABLE `{}`.here (id INT);\n", db.name));
+    let local = load(dir.path());
+    let mut b = backend(&db.url).await;
+    let r = up(&mut *b, &local).await;
+    let other_tables = q(&db, &format!("SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = '{other}'")).await;
+    db.sql(&format!("DROP DATABASE `{other}`")).await.unwrap();
+    r.unwrap();
+    assert_eq!(other_tables, ["moved"]);
+    assert_eq!(tables(&db).await, ["here"]);
+    assert_eq!(q(&db, "SELECT GROUP_CONCAT(state ORDER BY version) FROM kiln_history").await, ["applied,applied"]);
+}
+
+#[tokio::test]
 async fn failing_down_after_ddl_is_recorded_failed() {
     let db = TestDb::new(Engine::Mysql).await;
     let dir = tempfile::tempdir().unwrap();
