@@ -975,7 +975,7 @@ async fn a_migration_dropping_a_required_column_is_rolled_back() {
     );
     assert_eq!(tables(&db).await, ["kiln_history", "kiln_log", "kiln_snapshot", "users"]);
     assert_eq!(history(&db).await, ["1:applied"]);
-    assert_eq!(events(&db).await, ["run-start", "applied:1", "failed:2"]);
+    assert_eq!(events(&db).await, ["run-start", "applied:1", "failed:2", "run-end"]);
     let detail = db.query_strings("SELECT detail FROM kiln_log WHERE event = 'failed'").await.unwrap();
     assert!(detail[0].contains("required column email is missing"), "{detail:?}");
 
