@@ -265,8 +265,16 @@ fn read(path: &Path, rel: &Path) -> Result<String, SourceError> {
         if len == bytes.len() {
             bytes.resize(len * 2, 0);
         }
+        let want = bytes.len() - len;
         match f.read(&mut bytes[len..]) {
             Ok(0) => break,
+            // A regular file returns less than asked for only at its end (reads
+            // of local files are not cut short by signals), so a short read
+            // saves the system call that would return 0.
+            Ok(n) if n < want => {
+                len += n;
+                break;
+            }
             Ok(n) => len += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(err(e)),
