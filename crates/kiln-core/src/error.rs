@@ -195,7 +195,7 @@ pub enum EngineError {
         message: String,
     },
     /// The lock was not acquired in time.
-    #[error("another kiln run holds the migration lock on {target} ({holder}); waited {waited:?}. Try again when it finishes, or raise lock_timeout")]
+    #[error("another kiln run holds the migration lock on {target} ({holder}); waited {:.1}s. Try again when it finishes, or raise --lock-timeout / lock_timeout", .waited.as_secs_f64())]
     LockTimeout {
         /// What is locked (database / history table).
         target: String,

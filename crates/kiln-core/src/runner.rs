@@ -686,10 +686,10 @@ impl<'b> Runner<'b> {
                                     e.checksum = m.checksum.clone();
                                 }
                                 this.backend.upsert_history(std::slice::from_ref(&e)).await?;
-                                changes.push(format!("{} {}: {} -> applied (completed by hand)", a.version, name, a.state));
+                                changes.push(format!("{} {}: {} -> applied (completed by hand)", plan::recorded_version(a), name, a.state));
                             } else {
                                 this.backend.delete_history(a.version.number).await?;
-                                changes.push(format!("{} {}: {} entry removed; it is pending again", a.version, name, a.state));
+                                changes.push(format!("{} {}: {} entry removed; it is pending again", plan::recorded_version(a), name, a.state));
                             }
                             let detail = format!(
                                 "{} -> {}; recorded error: {}",
@@ -705,7 +705,7 @@ impl<'b> Runner<'b> {
                             Some(m) if m.checksum != a.checksum => {
                                 let e = AppliedMigration { checksum: m.checksum.clone(), ..a.clone() };
                                 this.backend.upsert_history(std::slice::from_ref(&e)).await?;
-                                changes.push(format!("{} {}: checksum {} -> {}", a.version, name, a.checksum.short(), m.checksum.short()));
+                                changes.push(format!("{} {}: checksum {} -> {}", plan::recorded_version(a), name, a.checksum.short(), m.checksum.short()));
                                 let log = this.log_entry(
                                     "repair",
                                     Some((&a.version, &name)),
@@ -718,7 +718,7 @@ impl<'b> Runner<'b> {
                             None if version.is_some() && !a.script.is_empty() => {
                                 return Err(PlanError::Refused(format!(
                                     "the file of {} {} is missing; restore it, or run `kiln retire {}` to drop it from every plan",
-                                    a.version, name, a.version
+                                    plan::recorded_version(a), name, plan::recorded_version(a)
                                 ))
                                 .into())
                             }
