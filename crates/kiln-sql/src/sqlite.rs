@@ -13,7 +13,15 @@
 //! rusqlite is synchronous; with a single connection, running it inline in the
 //! async methods is simpler and faster than shipping every call to a blocking
 //! thread, and a migration run is sequential anyway.
+//!
+//! Schema contracts: [`Backend::inspect`] reads the whole schema with three
+//! queries joining the `pragma_table_list`, `pragma_table_xinfo`,
+//! `pragma_index_list`/`pragma_index_xinfo` and `pragma_foreign_key_list`
+//! table-valued functions, whatever the number of tables. With a contract,
+//! [`Backend::apply_checked`] inspects inside the migration's transaction,
+//! before `COMMIT`, and rolls everything back on violations.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -21,10 +29,11 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
+use kiln_core::schema::{ColumnInfo, ConstraintInfo, IndexInfo, Snapshot};
 use kiln_core::url::redact;
 use kiln_core::{
     AppliedMigration, ApplyError, Backend, BackendConfig, Body, Capabilities, EngineError, FailureOutcome, Kind, LogEntry, Migration,
-    RecordContext, State, Statement, StatementError, StepError, TxMode, KILN_VERSION,
+    RecordContext, SchemaCheck, State, Statement, StatementError, StepError, TxMode, KILN_VERSION,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -53,7 +62,12 @@ pub struct SqliteBackend {
     /// The locked sidecar file while we hold the lock: dropping it releases the lock.
     lock_file: Option<File>,
     memory_locked: bool,
+    /// Where the database lives: scratch databases for `kiln verify` go next to it.
+    location: Location,
     history_name: String,
+    snapshot_name: String,
+    /// kiln's own tables (history, log, snapshots), which [`Backend::inspect`] leaves out.
+    own_tables: [String; 3],
     sql: Sql,
 }
 
@@ -69,12 +83,20 @@ struct Sql {
     finish: String,
     delete_history: String,
     insert_log: String,
+    create_snapshot: String,
+    insert_snapshot: String,
+    select_snapshot: String,
 }
 
 impl Sql {
-    fn new(history: &str, log: &str) -> Self {
+    fn new(history: &str, log: &str, snapshot: &str) -> Self {
         let h = quote_double(history);
         let l = quote_double(log);
+        let sn = quote_double(snapshot);
+        // Snapshots are only appended (older rows are the schema's history), so
+        // `INTEGER PRIMARY KEY` numbers them in order without AUTOINCREMENT's
+        // `sqlite_sequence` bookkeeping; the newest is the highest id.
+        let create_snapshot = format!("CREATE TABLE IF NOT EXISTS {sn} (id INTEGER PRIMARY KEY, taken_at TEXT NOT NULL, snapshot TEXT NOT NULL);");
         let cols14 = "?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14";
         Sql {
             // `version INTEGER PRIMARY KEY` makes the version the rowid (no
@@ -107,7 +129,8 @@ impl Sql {
                     actor TEXT NOT NULL,
                     reason TEXT,
                     detail TEXT
-                );"
+                );
+                {create_snapshot}"
             ),
             select_history: format!("SELECT {HISTORY_COLUMNS} FROM {h} ORDER BY version"),
             insert_history: format!("INSERT INTO {h} ({HISTORY_COLUMNS}) VALUES ({cols14})"),
@@ -119,6 +142,9 @@ impl Sql {
             finish: format!("UPDATE {h} SET state = 'applied', error = NULL, applied_at = ?2, duration_ms = ?3 WHERE version = ?1"),
             delete_history: format!("DELETE FROM {h} WHERE version = ?1"),
             insert_log: format!("INSERT INTO {l} ({LOG_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+            insert_snapshot: format!("INSERT INTO {sn} (taken_at, snapshot) VALUES (?1, ?2)"),
+            select_snapshot: format!("SELECT snapshot FROM {sn} ORDER BY id DESC LIMIT 1"),
+            create_snapshot,
         }
     }
 }
@@ -177,8 +203,11 @@ impl SqliteBackend {
             lock_path,
             lock_file: None,
             memory_locked: false,
+            location,
             history_name: cfg.history_table.clone(),
-            sql: Sql::new(&cfg.history_table, &cfg.log_table),
+            snapshot_name: cfg.snapshot_table.clone(),
+            own_tables: [cfg.history_table.clone(), cfg.log_table.clone(), cfg.snapshot_table.clone()],
+            sql: Sql::new(&cfg.history_table, &cfg.log_table, &cfg.snapshot_table),
         })
     }
 
@@ -234,8 +263,17 @@ impl SqliteBackend {
         Ok(())
     }
 
-    /// Run `statements` of `m` in direction `dir`, recording the outcome.
-    fn run(&mut self, m: &Migration, dir: Dir, applied: Option<&AppliedMigration>, ctx: &RecordContext) -> Result<(), StepError> {
+    /// Run `statements` of `m` in direction `dir`, recording the outcome. With
+    /// `check` (transactional migrations only), the schema is checked before
+    /// `COMMIT`, see [`Backend::apply_checked`].
+    fn run(
+        &mut self,
+        m: &Migration,
+        dir: Dir,
+        applied: Option<&AppliedMigration>,
+        ctx: &RecordContext,
+        check: Option<&SchemaCheck>,
+    ) -> Result<(), StepError> {
         let body = match dir {
             Dir::Up => &m.up,
             Dir::Down => m.down.as_ref().ok_or_else(|| {
@@ -258,12 +296,22 @@ impl SqliteBackend {
         if m.directives.transaction == TxMode::Off {
             self.run_without_tx(m, dir, file, statements, applied, ctx)
         } else {
-            self.run_in_tx(m, dir, file, statements, ctx)
+            self.run_in_tx(m, dir, file, statements, ctx, check)
         }
     }
 
     /// The normal path: body, history change and event in one transaction.
-    fn run_in_tx(&mut self, m: &Migration, dir: Dir, file: &Path, statements: &[Statement], ctx: &RecordContext) -> Result<(), StepError> {
+    /// `check` sees the schema the transaction would commit; its violations
+    /// roll the whole migration back.
+    fn run_in_tx(
+        &mut self,
+        m: &Migration,
+        dir: Dir,
+        file: &Path,
+        statements: &[Statement],
+        ctx: &RecordContext,
+        check: Option<&SchemaCheck>,
+    ) -> Result<(), StepError> {
         // A body that ends kiln's transaction itself would make the history
         // write land outside it; refuse before running anything.
         if let Some((i, st)) = statements.iter().enumerate().find(|(_, s)| controls_transaction(&s.sql)) {
@@ -285,6 +333,24 @@ impl SqliteBackend {
                 self.rollback();
                 let error = statement_error(file, i, st, &e);
                 return Err(self.failed(m, dir, ctx, error, FailureOutcome::RolledBack));
+            }
+        }
+        if let Some(check) = check {
+            // Same connection, same open transaction: the body's uncommitted DDL is what is inspected.
+            let violations = match self.inspect_sync() {
+                Ok(snapshot) => check(&snapshot),
+                Err(e) => {
+                    // Unchecked changes must not stay.
+                    self.rollback();
+                    return Err(StepError::Engine(e));
+                }
+            };
+            if !violations.is_empty() {
+                self.conn
+                    .execute_batch("ROLLBACK")
+                    .map_err(|e| self.query_err(format!("rolling back {}, which breaks the schema contract", m.name()), e))?;
+                // The runner logs the `failed` event with the violations, so it is not logged here too.
+                return Err(StepError::Invalid { violations, outcome: FailureOutcome::RolledBack });
             }
         }
         let now = Utc::now();
@@ -411,13 +477,17 @@ impl SqliteBackend {
         StepError::Body(ApplyError { error, outcome })
     }
 
-    fn read_history_sync(&self) -> Result<Option<Vec<AppliedMigration>>, EngineError> {
-        let exists = self
-            .conn
+    /// Whether `name` is a table of the main database.
+    fn table_exists(&self, name: &str) -> Result<bool, EngineError> {
+        self.conn
             .prepare_cached("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1")
-            .and_then(|mut s| s.query_row([&self.history_name], |_| Ok(())).optional())
-            .map_err(|e| self.query_err("looking for the history table", e))?;
-        if exists.is_none() {
+            .and_then(|mut s| s.query_row([name], |_| Ok(())).optional())
+            .map(|found| found.is_some())
+            .map_err(|e| self.query_err(format!("looking for the table {name}"), e))
+    }
+
+    fn read_history_sync(&self) -> Result<Option<Vec<AppliedMigration>>, EngineError> {
+        if !self.table_exists(&self.history_name)? {
             return Ok(None);
         }
         let ctx = || format!("reading {}", self.history_name);
@@ -457,6 +527,371 @@ impl SqliteBackend {
         }
         Ok(Some(out))
     }
+}
+
+// ---------------------------------------------------------------------------
+// Schema inspection and scratch databases.
+
+/// The tables [`Backend::inspect`] reports, as a CTE the three inspection
+/// queries share (`?1`–`?3`: kiln's own table names): tables of the `main`
+/// database (not `temp`, not attached ones), ordinary or virtual; not views,
+/// not the shadow tables that back a virtual table (FTS5's `…_data`…, the
+/// virtual table's business), not `sqlite_%` internals such as
+/// `sqlite_sequence` and `sqlite_stat1`. `wr` says `WITHOUT ROWID`.
+const INSPECT_TABLES: &str = "WITH t AS (SELECT name, wr FROM pragma_table_list \
+    WHERE schema = 'main' AND type IN ('table', 'virtual') AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT IN (?1, ?2, ?3))";
+
+/// One row per column in declaration order. `table_xinfo` rather than
+/// `table_info` so generated columns are included; `hidden = 1` marks the
+/// hidden columns of virtual tables, which are not part of what the
+/// migration declared.
+const INSPECT_COLUMNS: &str = "SELECT t.name, t.wr, c.name, c.type, c.\"notnull\", c.pk \
+    FROM t JOIN pragma_table_xinfo(t.name, 'main') c WHERE c.hidden <> 1 ORDER BY t.name, c.cid";
+
+/// One row per key column of every index, in key order: `origin` tells a
+/// `CREATE INDEX` (`c`) from the automatic index behind a `UNIQUE` (`u`) or
+/// `PRIMARY KEY` (`pk`) constraint; `cid = -2` is an expression key.
+const INSPECT_INDEXES: &str = "SELECT t.name, il.name, il.\"unique\", il.origin, il.partial, ii.cid, ii.name, ii.\"desc\", ii.coll \
+    FROM t JOIN pragma_index_list(t.name, 'main') il JOIN pragma_index_xinfo(il.name, 'main') ii \
+    WHERE ii.key = 1 ORDER BY t.name, il.name, ii.seqno";
+
+/// One row per column of every foreign key, grouped by `id`, in key order.
+const INSPECT_FOREIGN_KEYS: &str = "SELECT t.name, f.id, f.\"table\", f.\"from\", f.\"to\", f.on_update, f.on_delete \
+    FROM t JOIN pragma_foreign_key_list(t.name, 'main') f ORDER BY t.name, f.id, f.seq";
+
+/// The `CREATE INDEX` text of indexes whose expression keys or partial
+/// predicate are only found there.
+const INSPECT_INDEX_SQL: &str = "SELECT name, sql FROM main.sqlite_schema WHERE type = 'index' AND sql IS NOT NULL";
+
+/// What the column query says about a table beyond its columns.
+#[derive(Default)]
+struct TableFacts {
+    without_rowid: bool,
+    /// Primary key columns with their 1-based position in the key.
+    pk: Vec<(i64, String)>,
+    /// The primary key has an index of its own; a rowid table whose key has
+    /// none has an `INTEGER PRIMARY KEY` that is the rowid.
+    pk_index: bool,
+}
+
+/// One index as [`INSPECT_INDEXES`] returns it, its key rows gathered.
+struct IndexRow {
+    table: String,
+    name: String,
+    unique: bool,
+    origin: String,
+    partial: bool,
+    keys: Vec<IndexKey>,
+}
+
+struct IndexKey {
+    cid: i64,
+    name: Option<String>,
+    desc: bool,
+    collation: String,
+}
+
+/// One foreign key as [`INSPECT_FOREIGN_KEYS`] returns it, its column rows gathered.
+struct ForeignKeyRow {
+    table: String,
+    id: i64,
+    ref_table: String,
+    from: Vec<String>,
+    to: Vec<Option<String>>,
+    on_update: String,
+    on_delete: String,
+}
+
+impl SqliteBackend {
+    /// The live schema as [`Backend::inspect`] describes it, read on this
+    /// connection: inside a migration's open transaction it sees that
+    /// transaction's uncommitted changes.
+    fn inspect_sync(&self) -> Result<Snapshot, EngineError> {
+        let fail = |e: rusqlite::Error| self.query_err("inspecting the schema", e);
+        let own = params![self.own_tables[0], self.own_tables[1], self.own_tables[2]];
+        let mut snapshot = Snapshot::default();
+        let mut facts: HashMap<String, TableFacts> = HashMap::new();
+
+        let mut stmt = self.conn.prepare_cached(&format!("{INSPECT_TABLES} {INSPECT_COLUMNS}")).map_err(fail)?;
+        let mut rows = stmt.query(own).map_err(fail)?;
+        while let Some(r) = rows.next().map_err(fail)? {
+            let table: String = r.get(0).map_err(fail)?;
+            let column: String = r.get(2).map_err(fail)?;
+            let data_type: Option<String> = r.get(3).map_err(fail)?;
+            let not_null: bool = r.get(4).map_err(fail)?;
+            let pk: i64 = r.get(5).map_err(fail)?;
+            let f = facts.entry(table.clone()).or_default();
+            f.without_rowid = r.get(1).map_err(fail)?;
+            if pk > 0 {
+                f.pk.push((pk, column.clone()));
+            }
+            let data_type = data_type.unwrap_or_default().to_lowercase();
+            snapshot.objects.entry(table).or_default().columns.insert(column, ColumnInfo { data_type, nullable: !not_null });
+        }
+        drop(rows);
+        drop(stmt);
+
+        let mut indexes: Vec<IndexRow> = Vec::new();
+        let mut stmt = self.conn.prepare_cached(&format!("{INSPECT_TABLES} {INSPECT_INDEXES}")).map_err(fail)?;
+        let mut rows = stmt.query(own).map_err(fail)?;
+        while let Some(r) = rows.next().map_err(fail)? {
+            let table: String = r.get(0).map_err(fail)?;
+            let name: String = r.get(1).map_err(fail)?;
+            let key = IndexKey {
+                cid: r.get(5).map_err(fail)?,
+                name: r.get(6).map_err(fail)?,
+                desc: r.get(7).map_err(fail)?,
+                collation: r.get::<_, Option<String>>(8).map_err(fail)?.unwrap_or_default(),
+            };
+            match indexes.last_mut() {
+                Some(last) if last.table == table && last.name == name => last.keys.push(key),
+                _ => indexes.push(IndexRow {
+                    table,
+                    name,
+                    unique: r.get(2).map_err(fail)?,
+                    origin: r.get(3).map_err(fail)?,
+                    partial: r.get(4).map_err(fail)?,
+                    keys: vec![key],
+                }),
+            }
+        }
+        drop(rows);
+        drop(stmt);
+
+        let mut foreign_keys: Vec<ForeignKeyRow> = Vec::new();
+        let mut stmt = self.conn.prepare_cached(&format!("{INSPECT_TABLES} {INSPECT_FOREIGN_KEYS}")).map_err(fail)?;
+        let mut rows = stmt.query(own).map_err(fail)?;
+        while let Some(r) = rows.next().map_err(fail)? {
+            let table: String = r.get(0).map_err(fail)?;
+            let id: i64 = r.get(1).map_err(fail)?;
+            let from: String = r.get(3).map_err(fail)?;
+            let to: Option<String> = r.get(4).map_err(fail)?;
+            match foreign_keys.last_mut() {
+                Some(last) if last.table == table && last.id == id => {
+                    last.from.push(from);
+                    last.to.push(to);
+                }
+                _ => foreign_keys.push(ForeignKeyRow {
+                    table,
+                    id,
+                    ref_table: r.get(2).map_err(fail)?,
+                    from: vec![from],
+                    to: vec![to],
+                    on_update: r.get(5).map_err(fail)?,
+                    on_delete: r.get(6).map_err(fail)?,
+                }),
+            }
+        }
+        drop(rows);
+        drop(stmt);
+
+        // Expression keys and partial predicates exist only in the index's SQL text.
+        let needs_sql = indexes.iter().any(|i| i.partial || i.keys.iter().any(|k| k.name.is_none()));
+        let mut index_sql: HashMap<String, String> = HashMap::new();
+        if needs_sql {
+            let mut stmt = self.conn.prepare_cached(INSPECT_INDEX_SQL).map_err(fail)?;
+            let mut rows = stmt.query([]).map_err(fail)?;
+            while let Some(r) = rows.next().map_err(fail)? {
+                index_sql.insert(r.get(0).map_err(fail)?, r.get(1).map_err(fail)?);
+            }
+        }
+
+        for i in indexes {
+            if i.origin == "pk" {
+                facts.entry(i.table).or_default().pk_index = true;
+                continue;
+            }
+            let parts = index_sql.get(&i.name).and_then(|sql| index_parts(sql));
+            let columns: Vec<String> = i
+                .keys
+                .iter()
+                .enumerate()
+                .map(|(n, k)| match &k.name {
+                    Some(name) => name.clone(),
+                    None if k.cid == -1 => "rowid".to_string(),
+                    None => parts.as_ref().and_then(|(keys, _)| keys.get(n)).map(|e| expression_key(e)).unwrap_or_else(|| "?".into()),
+                })
+                .collect();
+            let mut options = Vec::new();
+            if i.keys.iter().any(|k| k.desc || !k.collation.eq_ignore_ascii_case("binary")) {
+                let keys: Vec<String> = columns
+                    .iter()
+                    .zip(&i.keys)
+                    .map(|(c, k)| {
+                        let mut key = c.clone();
+                        if !k.collation.eq_ignore_ascii_case("binary") {
+                            key.push_str(&format!(" collate {}", k.collation.to_lowercase()));
+                        }
+                        if k.desc {
+                            key.push_str(" desc");
+                        }
+                        key
+                    })
+                    .collect();
+                options.push(format!("keys ({})", keys.join(", ")));
+            }
+            if i.partial {
+                match parts.as_ref().and_then(|(_, predicate)| predicate.as_ref()) {
+                    Some(p) => options.push(format!("where {p}")),
+                    None => options.push("partial".into()),
+                }
+            }
+            let options = (!options.is_empty()).then(|| options.join(" "));
+            let object = snapshot.objects.entry(i.table.clone()).or_default();
+            if i.origin == "u" {
+                let name = free_name(&object.constraints, format!("{}_{}_key", i.table, columns.join("_")));
+                object.constraints.insert(name, ConstraintInfo { kind: "unique".into(), columns, definition: options });
+            } else {
+                object.indexes.insert(i.name, IndexInfo { columns, unique: i.unique, options });
+            }
+        }
+
+        for (table, f) in &mut facts {
+            if f.pk.is_empty() {
+                continue;
+            }
+            f.pk.sort();
+            let columns: Vec<String> = f.pk.iter().map(|(_, c)| c.clone()).collect();
+            let object = snapshot.objects.entry(table.clone()).or_default();
+            if !f.without_rowid && !f.pk_index && columns.len() == 1 {
+                // The rowid itself: NULL becomes the next rowid, never a NULL.
+                if let Some(c) = object.columns.get_mut(&columns[0]) {
+                    c.nullable = false;
+                }
+            }
+            object.constraints.insert(format!("{table}_pkey"), ConstraintInfo { kind: "primary key".into(), columns, definition: None });
+        }
+
+        for fk in foreign_keys {
+            // `REFERENCES t` without columns means t's primary key.
+            let ref_columns: Vec<String> = if fk.to.iter().all(Option::is_none) {
+                facts.get(&fk.ref_table).map(|f| f.pk.iter().map(|(_, c)| c.clone()).collect()).unwrap_or_default()
+            } else {
+                fk.to.iter().map(|c| c.clone().unwrap_or_else(|| "?".into())).collect()
+            };
+            let definition = format!(
+                "references {} ({}) on update {} on delete {}",
+                fk.ref_table,
+                ref_columns.join(", "),
+                fk.on_update.to_lowercase(),
+                fk.on_delete.to_lowercase()
+            );
+            let object = snapshot.objects.entry(fk.table.clone()).or_default();
+            let name = free_name(&object.constraints, format!("{}_{}_fkey", fk.table, fk.from.join("_")));
+            object.constraints.insert(name, ConstraintInfo { kind: "foreign key".into(), columns: fk.from, definition: Some(definition) });
+        }
+        Ok(snapshot)
+    }
+
+    /// `<dir of the configured database>/<name>.db`, for a valid scratch name.
+    fn scratch_path(&self, name: &str) -> Result<PathBuf, EngineError> {
+        check_scratch_name(name)?;
+        let dir = match &self.location {
+            Location::File(p) => p.parent().map(Path::to_path_buf).unwrap_or_default(),
+            Location::Memory => std::env::temp_dir(),
+        };
+        Ok(dir.join(format!("{name}.db")))
+    }
+}
+
+/// `base`, or `base1`, `base2`… when a constraint of that name exists already
+/// (PostgreSQL's rule for its generated names).
+fn free_name(taken: &BTreeMap<String, ConstraintInfo>, base: String) -> String {
+    if !taken.contains_key(&base) {
+        return base;
+    }
+    (1..).map(|n| format!("{base}{n}")).find(|n| !taken.contains_key(n)).expect("a free name")
+}
+
+/// The key items (as written, trimmed) and the `WHERE` predicate of a
+/// `CREATE INDEX` statement, or `None` for text it cannot follow. The first
+/// parenthesis outside quotes opens the key list: before it come only names.
+fn index_parts(sql: &str) -> Option<(Vec<String>, Option<String>)> {
+    let bytes = sql.as_bytes();
+    let mut i = 0;
+    let mut depth = 0usize;
+    let mut item_start = 0;
+    let mut items = Vec::new();
+    while i < bytes.len() {
+        let c = bytes[i];
+        let close = match c {
+            b'\'' => Some(b'\''),
+            b'"' => Some(b'"'),
+            b'`' => Some(b'`'),
+            b'[' => Some(b']'),
+            _ => None,
+        };
+        if let Some(close) = close {
+            // Skip the quoted text; a doubled quote is an escaped one and is skipped as two quotes.
+            i += 1;
+            while i < bytes.len() && bytes[i] != close {
+                i += 1;
+            }
+            i += 1;
+            continue;
+        }
+        match c {
+            b'(' => {
+                depth += 1;
+                if depth == 1 {
+                    item_start = i + 1;
+                }
+            }
+            b')' if depth > 0 => {
+                depth -= 1;
+                if depth == 0 {
+                    items.push(sql[item_start..i].trim().to_string());
+                    let rest = sql[i + 1..].trim();
+                    let predicate = rest
+                        .get(..5)
+                        .filter(|w| w.eq_ignore_ascii_case("where"))
+                        .map(|_| rest[5..].trim().to_string())
+                        .filter(|p| !p.is_empty());
+                    return Some((items, predicate));
+                }
+            }
+            b',' if depth == 1 => {
+                items.push(sql[item_start..i].trim().to_string());
+                item_start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// An expression key as written, without the `ASC`/`DESC` and `COLLATE x`
+/// that the index's own key information already reports.
+fn expression_key(item: &str) -> String {
+    let mut t = item.trim();
+    if let Some((head, last)) = t.rsplit_once(char::is_whitespace) {
+        if last.eq_ignore_ascii_case("asc") || last.eq_ignore_ascii_case("desc") {
+            t = head.trim_end();
+        }
+    }
+    if let Some((head, _collation)) = t.rsplit_once(char::is_whitespace) {
+        if let Some((expr, word)) = head.trim_end().rsplit_once(char::is_whitespace) {
+            if word.eq_ignore_ascii_case("collate") {
+                t = expr.trim_end();
+            }
+        }
+    }
+    t.to_string()
+}
+
+/// Scratch databases are named `kiln_verify_…` by `kiln verify`. Anything else
+/// is refused, so neither a typo nor a caller's bug can create or delete a
+/// real database file; letters, digits and `_` only, so the name cannot
+/// reach outside the directory.
+fn check_scratch_name(name: &str) -> Result<(), EngineError> {
+    let rest = name.strip_prefix("kiln_verify_").unwrap_or("");
+    if rest.is_empty() || name.len() > 200 || !rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(EngineError::Unsupported(format!(
+            "refusing scratch database name {name:?}: kiln only creates and drops scratch databases named kiln_verify_<letters, digits, _>"
+        )));
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -524,11 +959,143 @@ impl Backend for SqliteBackend {
     }
 
     async fn apply(&mut self, m: &Migration, ctx: &RecordContext) -> Result<(), StepError> {
-        self.run(m, Dir::Up, None, ctx)
+        self.run(m, Dir::Up, None, ctx, None)
     }
 
     async fn revert(&mut self, m: &Migration, applied: &AppliedMigration, ctx: &RecordContext) -> Result<(), StepError> {
-        self.run(m, Dir::Down, Some(applied), ctx)
+        self.run(m, Dir::Down, Some(applied), ctx, None)
+    }
+
+    /// Inside the migration's transaction: the body runs as in
+    /// [`Backend::apply`], then `check` sees the schema the transaction would
+    /// commit (same connection, before the history row and `COMMIT`); its
+    /// violations roll everything back ([`FailureOutcome::RolledBack`]: no
+    /// trace of the migration, no history row, no `applied` event). The
+    /// `failed` event with the violations is logged by the runner.
+    ///
+    /// `-- kiln:transaction off` migrations have no transaction to roll back:
+    /// they are applied, then checked, and on violations their history entry is
+    /// recorded as `failed` ([`FailureOutcome::RecordedFailed`]), which blocks
+    /// the next run until `kiln repair`.
+    async fn apply_checked(&mut self, m: &Migration, ctx: &RecordContext, check: &SchemaCheck) -> Result<(), StepError> {
+        if m.directives.transaction != TxMode::Off {
+            return self.run(m, Dir::Up, None, ctx, Some(check));
+        }
+        self.run(m, Dir::Up, None, ctx, None)?;
+        let violations = check(&self.inspect_sync()?);
+        if violations.is_empty() {
+            return Ok(());
+        }
+        let message = format!(
+            "schema validation failed after this migration, which ran outside a transaction and could not be rolled back: {}; \
+             fix the schema, then run `kiln repair {}`",
+            violations.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("; "),
+            m.version
+        );
+        self.conn
+            .prepare_cached(&self.sql.fail)
+            .and_then(|mut s| {
+                s.execute(params![
+                    m.version.number as i64,
+                    message,
+                    Option::<i64>::None,
+                    Option::<i64>::None,
+                    ts(&Utc::now()),
+                    0i64
+                ])
+            })
+            .map_err(|e| self.query_err(format!("recording {} as failed after schema validation", m.name()), e))?;
+        Err(StepError::Invalid { violations, outcome: FailureOutcome::RecordedFailed })
+    }
+
+    /// Every table of the `main` database — ordinary, `WITHOUT ROWID`, `STRICT`
+    /// and virtual ones; not views, not `sqlite_%` internals, not the shadow
+    /// tables of virtual tables, not kiln's own — with their columns (declared
+    /// type, lower-cased; generated columns included), indexes, and primary
+    /// key, unique and foreign key constraints. Three queries, whatever the
+    /// number of tables.
+    ///
+    /// SQLite keeps no names for table constraints (`CONSTRAINT x UNIQUE (…)`
+    /// is parsed and forgotten; the index behind it is `sqlite_autoindex_<table>_<n>`,
+    /// numbered by position), so constraints get the names PostgreSQL would
+    /// give them by default — `<table>_pkey`, `<table>_<columns>_key`,
+    /// `<table>_<columns>_fkey` — which survive the table rebuilds SQLite's
+    /// `ALTER TABLE` procedure needs, and read the same as on PostgreSQL.
+    /// Plain indexes keep their own names. `CHECK` constraints are not
+    /// reported: SQLite exposes them only inside the `CREATE TABLE` text.
+    ///
+    /// Nullability is what SQLite enforces: `NOT NULL` columns, the primary
+    /// key of a `WITHOUT ROWID` table, and an `INTEGER PRIMARY KEY` (the rowid)
+    /// are not nullable; the other primary key columns of a rowid table are,
+    /// as SQLite (unlike the SQL standard) accepts NULL in them.
+    async fn inspect(&mut self) -> Result<Snapshot, EngineError> {
+        self.inspect_sync()
+    }
+
+    /// Appends a row to the snapshot table (created here when a database from
+    /// before snapshots lacks it); earlier snapshots are kept as history.
+    async fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), EngineError> {
+        let context = format!("writing the schema snapshot to {}", self.snapshot_name);
+        let json = serde_json::to_string(snapshot).map_err(|e| EngineError::Query { context: context.clone(), message: e.to_string() })?;
+        if !self.table_exists(&self.snapshot_name)? {
+            self.conn.execute_batch(&self.sql.create_snapshot).map_err(|e| self.query_err(&context, e))?;
+        }
+        self.conn
+            .prepare_cached(&self.sql.insert_snapshot)
+            .and_then(|mut s| s.execute(params![ts(&Utc::now()), json]))
+            .map(|_| ())
+            .map_err(|e| self.query_err(context, e))
+    }
+
+    /// The newest stored snapshot; `None` when there is none or no snapshot
+    /// table at all. Creates nothing.
+    async fn load_snapshot(&mut self) -> Result<Option<Snapshot>, EngineError> {
+        let context = format!("reading the schema snapshot from {}", self.snapshot_name);
+        if !self.table_exists(&self.snapshot_name)? {
+            return Ok(None);
+        }
+        let text: Option<String> = self
+            .conn
+            .prepare_cached(&self.sql.select_snapshot)
+            .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
+            .map_err(|e| self.query_err(&context, e))?;
+        let Some(text) = text else { return Ok(None) };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| EngineError::Query { context, message: format!("the stored snapshot is not a kiln snapshot: {e}") })
+    }
+
+    /// A new, empty database file `<name>.db` next to the configured one (in
+    /// the system's temporary directory for `sqlite::memory:`); returns its
+    /// `sqlite://` URL. Refuses names [`Backend::drop_scratch`] would refuse,
+    /// and an existing file: a scratch database must start empty.
+    async fn create_scratch(&mut self, name: &str) -> Result<String, EngineError> {
+        let path = self.scratch_path(name)?;
+        OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| EngineError::Query {
+            context: format!("creating the scratch database {}", path.display()),
+            message: e.to_string(),
+        })?;
+        Ok(format!("sqlite://{}", path.display()))
+    }
+
+    /// Deletes the file made by [`Backend::create_scratch`] and its companions
+    /// (`-wal`, `-shm`, `-journal`, `-kiln.lock`); files already gone are not
+    /// an error. Refuses any name that `kiln verify` does not make
+    /// (`kiln_verify_…`), so a wrong argument can never delete a real database.
+    async fn drop_scratch(&mut self, name: &str) -> Result<(), EngineError> {
+        let path = self.scratch_path(name)?;
+        for suffix in ["", "-wal", "-shm", "-journal", "-kiln.lock"] {
+            let mut file = path.clone().into_os_string();
+            file.push(suffix);
+            let file = PathBuf::from(file);
+            match std::fs::remove_file(&file) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(EngineError::Query { context: format!("dropping the scratch database: removing {}", file.display()), message: e.to_string() })
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     async fn upsert_history(&mut self, entries: &[AppliedMigration]) -> Result<(), EngineError> {
@@ -712,6 +1279,26 @@ mod tests {
         assert!(!controls_transaction("ROLLBACK TO sp1"));
         assert!(!controls_transaction("CREATE TRIGGER t AFTER INSERT ON a BEGIN SELECT 1; END"));
         assert!(!controls_transaction("SAVEPOINT a"));
+    }
+
+    #[test]
+    fn index_sql_parts() {
+        let (keys, predicate) = index_parts("CREATE INDEX \"a(b\" ON t (lower(title) DESC, \"x,y\", substr(b, 1, 2) COLLATE nocase) WHERE a > ')'").unwrap();
+        assert_eq!(keys, ["lower(title) DESC", "\"x,y\"", "substr(b, 1, 2) COLLATE nocase"]);
+        assert_eq!(predicate.as_deref(), Some("a > ')'"));
+        assert_eq!(index_parts("CREATE UNIQUE INDEX i ON t(a)").unwrap(), (vec!["a".to_string()], None));
+        assert_eq!(index_parts("CREATE INDEX i ON t"), None);
+        assert_eq!(expression_key("lower(title) DESC"), "lower(title)");
+        assert_eq!(expression_key("substr(b, 1, 2) COLLATE nocase asc"), "substr(b, 1, 2)");
+        assert_eq!(expression_key("a+b"), "a+b");
+    }
+
+    #[test]
+    fn scratch_names() {
+        assert!(check_scratch_name("kiln_verify_123_abc").is_ok());
+        for bad in ["kiln_verify_", "app", "kiln_verify_../x", "kiln_verify_a/b", "kiln_verify_a.db"] {
+            assert!(check_scratch_name(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! checks what is really in it from a separate connection.
 
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use kiln_core::schema::{self, ColumnInfo, ConstraintInfo, Contract, IndexInfo, Snapshot};
 use kiln_core::split::Dialect;
 use kiln_core::{
     load_dir, Backend, BackendConfig, DownTarget, EngineError, FailureOutcome, LoadOptions, Migration, Policy, RecordContext, RunError,
@@ -390,7 +392,7 @@ async fn read_history_on_a_fresh_database_creates_nothing() {
     b.ensure_history().await.unwrap();
     b.ensure_history().await.unwrap();
     assert_eq!(b.read_history().await.unwrap().unwrap().len(), 0);
-    assert_eq!(q(&db, &count).await, ["2"]);
+    assert_eq!(q(&db, &count).await, ["3"], "history, log and snapshot tables");
     assert_eq!(
         q(&db, &format!("SELECT DISTINCT ENGINE FROM information_schema.TABLES WHERE TABLE_SCHEMA = '{}'", db.name)).await,
         ["InnoDB"]
@@ -531,4 +533,316 @@ async fn non_sql_bodies_are_unsupported() {
         Ok(()) => panic!("a MongoDB migration ran on MySQL"),
     }
     assert_eq!(q(&db, "SELECT COUNT(*) FROM kiln_history").await, ["0"]);
+}
+
+// ---------------------------------------------------------------------------
+// Schema contracts: inspection, snapshots, checked migrations, scratch databases.
+
+fn contract(yaml: &str) -> Contract {
+    Contract::parse(yaml, "schema.yaml").expect("contract parses")
+}
+
+async fn up_with(b: &mut dyn Backend, local: &[Migration], c: &Contract) -> Result<kiln_core::RunReport, RunError> {
+    Runner::new(b, settings()).with_contract(Some(Arc::new(c.clone()))).up(local, &UpTarget::Latest, &Policy::default(), false).await
+}
+
+fn col(t: &str, nullable: bool) -> ColumnInfo {
+    ColumnInfo { data_type: t.into(), nullable }
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn constraint(kind: &str, columns: &[&str], definition: Option<&str>) -> ConstraintInfo {
+    ConstraintInfo { kind: kind.into(), columns: strings(columns), definition: definition.map(str::to_string) }
+}
+
+/// `version:state` of every history entry.
+async fn history(db: &TestDb) -> Vec<String> {
+    q(db, "SELECT CONCAT(version, ':', state) FROM kiln_history ORDER BY version").await
+}
+
+/// `event[:version]` of every log entry, in order.
+async fn events(db: &TestDb) -> Vec<String> {
+    q(db, "SELECT CONCAT(event, COALESCE(CONCAT(':', version), '')) FROM kiln_log ORDER BY id").await
+}
+
+/// Column names of `table`, in order.
+async fn columns(db: &TestDb, table: &str) -> Vec<String> {
+    q(
+        db,
+        &format!(
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = '{}' AND TABLE_NAME = '{table}' ORDER BY ORDINAL_POSITION",
+            db.name
+        ),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn inspect_reports_columns_indexes_and_constraints_without_kilns_tables() {
+    let db = TestDb::new(Engine::Mysql).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "0001_schema.sql",
+        "CREATE TABLE users (id BIGINT AUTO_INCREMENT PRIMARY KEY, email VARCHAR(255) NOT NULL, name TEXT, active TINYINT(1) NOT NULL DEFAULT 1,\n\
+         visits INT UNSIGNED, CONSTRAINT users_email_key UNIQUE (email), CONSTRAINT users_name_len CHECK (CHAR_LENGTH(name) < 100));\n\
+         CREATE TABLE posts (id BIGINT PRIMARY KEY, user_id BIGINT NOT NULL, title VARCHAR(200) NOT NULL, body TEXT, score DECIMAL(10, 2),\n\
+         CONSTRAINT posts_user_fk FOREIGN KEY (user_id) REFERENCES users (id) ON DELETE CASCADE);\n\
+         CREATE INDEX posts_title_prefix ON posts (title(20), id DESC);\n\
+         CREATE FULLTEXT INDEX posts_body_ft ON posts (body);\n\
+         CREATE TABLE tags (post_id BIGINT NOT NULL, tag VARCHAR(50) NOT NULL, PRIMARY KEY (post_id, tag),\n\
+         CONSTRAINT tags_post FOREIGN KEY (post_id) REFERENCES posts (id) ON UPDATE CASCADE ON DELETE NO ACTION, UNIQUE INDEX tags_tag (tag, post_id));\n\
+         CREATE VIEW recent_posts AS SELECT * FROM posts;\n",
+    );
+    let local = load(dir.path());
+    let mut b = backend(&db.url).await;
+    up(&mut *b, &local).await.unwrap();
+
+    let s = b.inspect().await.unwrap();
+    assert_eq!(s.objects.keys().collect::<Vec<_>>(), ["posts", "tags", "users"], "no kiln tables, no views");
+
+    let users = &s.objects["users"];
+    assert_eq!(
+        users.columns.iter().map(|(k, v)| (k.as_str(), v.clone())).collect::<Vec<_>>(),
+        [
+            ("active", col("tinyint(1)", false)),
+            ("email", col("varchar(255)", false)),
+            ("id", col("bigint", false)),
+            ("name", col("text", true)),
+            ("visits", col("int unsigned", true)),
+        ],
+        "integer display widths are dropped, as MySQL 8 reports them"
+    );
+    // The unique index behind the PRIMARY KEY and the UNIQUE constraint is reported once, as the constraint.
+    assert!(users.indexes.is_empty(), "{:?}", users.indexes);
+    assert_eq!(users.constraints["PRIMARY"], constraint("primary key", &["id"], None));
+    assert_eq!(users.constraints["users_email_key"], constraint("unique", &["email"], None));
+    let check = &users.constraints["users_name_len"];
+    assert_eq!(check.kind, "check");
+    assert!(check.definition.as_deref().is_some_and(|d| d.starts_with("CHECK (") && d.contains("100")), "{check:?}");
+    assert_eq!(users.constraints.len(), 3, "{:?}", users.constraints);
+
+    let posts = &s.objects["posts"];
+    assert_eq!(posts.columns["score"], col("decimal(10,2)", true));
+    assert_eq!(
+        posts.constraints["posts_user_fk"],
+        constraint("foreign key", &["user_id"], Some("references users (id) on update restrict on delete cascade"))
+    );
+    assert_eq!(
+        posts.indexes["posts_title_prefix"],
+        IndexInfo { columns: strings(&["title", "id"]), unique: false, options: Some("keys (title(20), id desc)".into()) }
+    );
+    assert_eq!(posts.indexes["posts_body_ft"], IndexInfo { columns: strings(&["body"]), unique: false, options: Some("using fulltext".into()) });
+    // InnoDB's own index for the foreign key is an index like any other.
+    assert_eq!(posts.indexes["posts_user_fk"], IndexInfo { columns: strings(&["user_id"]), unique: false, options: None });
+    assert_eq!(posts.indexes.len(), 3, "{:?}", posts.indexes);
+
+    let tags = &s.objects["tags"];
+    assert_eq!(
+        tags.constraints.iter().map(|(k, v)| (k.as_str(), v.clone())).collect::<Vec<_>>(),
+        [
+            ("PRIMARY", constraint("primary key", &["post_id", "tag"], None)),
+            ("tags_post", constraint("foreign key", &["post_id"], Some("references posts (id) on update cascade on delete no action"))),
+            ("tags_tag", constraint("unique", &["tag", "post_id"], None)),
+        ]
+    );
+    assert!(tags.indexes.is_empty(), "the primary key serves the foreign key: {:?}", tags.indexes);
+
+    // A contract can ask for constraints and indexes by name or by columns.
+    let c = contract(
+        "tables:\n  users:\n    required: [{name: id, type: bigint}, {name: email, type: varchar(255), nullable: false}, {name: active, type: boolean}]\n\
+         \x20   unique: [users_email_key, [email]]\n\
+         \x20 posts:\n    required: [id, user_id]\n    indexes: [posts_title_prefix, [user_id], PRIMARY]\n",
+    );
+    assert_eq!(schema::validate(&c, &s), vec![]);
+    assert_eq!(schema::validate(&schema::dump(&s, false), &s), vec![]);
+    // Another session reads exactly the same schema, so a stored snapshot shows no drift.
+    assert_eq!(backend(&db.url).await.inspect().await.unwrap(), s);
+}
+
+#[tokio::test]
+async fn snapshots_round_trip_and_keep_history() {
+    let db = TestDb::new(Engine::Mysql).await;
+    let mut b = backend(&db.url).await;
+    // A database kiln never touched: no snapshot, and nothing gets created by asking.
+    assert_eq!(b.load_snapshot().await.unwrap(), None);
+    assert_eq!(b.inspect().await.unwrap(), Snapshot::default());
+    let all = format!("SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = '{}' ORDER BY TABLE_NAME", db.name);
+    assert!(q(&db, &all).await.is_empty());
+
+    db.sql("CREATE TABLE items (id INT PRIMARY KEY, sku VARCHAR(40) NOT NULL)").await.unwrap();
+    let first = b.inspect().await.unwrap();
+    // Saved without ensure_history: the table is created on demand.
+    b.save_snapshot(&first).await.unwrap();
+    assert_eq!(b.load_snapshot().await.unwrap(), Some(first.clone()));
+    assert_eq!(q(&db, &all).await, ["items", "kiln_snapshot"]);
+    assert_eq!(b.inspect().await.unwrap(), first, "kiln_snapshot is not part of the schema");
+
+    db.sql("CREATE INDEX items_sku ON items (sku)").await.unwrap();
+    let second = b.inspect().await.unwrap();
+    assert_ne!(first, second);
+    b.save_snapshot(&second).await.unwrap();
+    assert_eq!(b.load_snapshot().await.unwrap(), Some(second), "the newest wins");
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM kiln_snapshot").await, ["2"], "older snapshots are kept");
+
+    // After a run the stored snapshot is the live schema (written with the run's
+    // last commit); a hand-made change is drift.
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_users.sql", "CREATE TABLE users (id INT PRIMARY KEY, email VARCHAR(100) NOT NULL);\n");
+    write(dir.path(), "0002_posts.sql", "CREATE TABLE posts (id INT PRIMARY KEY, body TEXT, title TEXT);\nINSERT INTO posts VALUES (1, 'b', 't');\n");
+    up(&mut *b, &load(dir.path())).await.unwrap();
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM kiln_snapshot").await, ["3"]);
+    let mut fresh = backend(&db.url).await;
+    assert_eq!(Runner::new(&mut *fresh, settings()).diff().await.unwrap(), Some(vec![]));
+    db.sql("CREATE INDEX by_hand ON users (email, id); ALTER TABLE posts DROP COLUMN body").await.unwrap();
+    let drift = Runner::new(&mut *fresh, settings()).diff().await.unwrap().unwrap();
+    let shown: Vec<String> = drift.iter().map(|c| c.to_string()).collect();
+    assert_eq!(shown, ["- posts: column body removed (text)", "+ users: index by_hand added ((email, id))"]);
+}
+
+#[tokio::test]
+async fn a_migration_dropping_a_required_column_is_recorded_failed_and_blocks() {
+    let db = TestDb::new(Engine::Mysql).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_users.sql", "CREATE TABLE users (id BIGINT PRIMARY KEY, email VARCHAR(100) NOT NULL, nickname TEXT);\n");
+    write(dir.path(), "0002_cleanup.sql", "CREATE TABLE audit (id INT);\nALTER TABLE users DROP COLUMN email;\nINSERT INTO audit VALUES (1);\n");
+    write(dir.path(), "0003_more.sql", "CREATE TABLE more (id INT);\n");
+    let local = load(dir.path());
+    let c = contract("tables:\n  users:\n    required: [id, email]\n    optional: [nickname]\n");
+    let mut b = backend(&db.url).await;
+
+    let err = up_with(&mut *b, &local, &c).await.unwrap_err();
+    let text = err.to_string();
+    let RunError::Invalid { version, file, outcome, violations, done } = err else { panic!("expected a contract violation, got {err:?}") };
+    assert_eq!((version.number, file.as_str(), outcome), (2, "0002_cleanup.sql", FailureOutcome::RecordedFailed));
+    assert_eq!(done.iter().map(|v| v.number).collect::<Vec<_>>(), [1]);
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert_eq!((violations[0].object.as_str(), violations[0].message.as_str()), ("users", "required column email is missing"));
+    assert!(text.contains("0002_cleanup.sql") && text.contains("email"), "{text}");
+
+    // MySQL committed the DDL: it stays, all of the migration ran, and it is recorded
+    // `failed` — never `applied`, not even for a moment, and with no `applied` event.
+    assert_eq!(columns(&db, "users").await, ["id", "nickname"]);
+    assert_eq!(tables(&db).await, ["audit", "users"]);
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM audit").await, ["1"]);
+    assert_eq!(history(&db).await, ["1:applied", "2:failed"]);
+    assert_eq!(events(&db).await, ["run-start", "applied:1", "failed:2", "run-end"]);
+    let error = q(&db, "SELECT error FROM kiln_history WHERE version = 2").await;
+    assert!(error[0].contains("required column email is missing") && error[0].contains("kiln repair 0002"), "{error:?}");
+
+    // The next run is refused until the operator repairs.
+    let blocked = up_with(&mut *b, &local, &c).await.unwrap_err();
+    assert!(matches!(blocked, RunError::Plan(_)), "{blocked:?}");
+    assert!(blocked.to_string().contains("kiln repair 0002"), "{blocked}");
+    assert!(!tables(&db).await.contains(&"more".to_string()));
+
+    // Put the column back by hand, repair, and the run goes on.
+    db.sql("ALTER TABLE users ADD COLUMN email VARCHAR(100) NOT NULL DEFAULT ''").await.unwrap();
+    Runner::new(&mut *b, settings()).repair(&local, Some(&v("0002")), true, "email restored by hand").await.unwrap();
+    let report = up_with(&mut *b, &local, &c).await.unwrap();
+    assert_eq!(report.steps.len(), 1);
+    assert_eq!(history(&db).await, ["1:applied", "2:applied", "3:applied"]);
+}
+
+#[tokio::test]
+async fn a_dml_only_migration_that_leaves_the_contract_unmet_is_rolled_back() {
+    let db = TestDb::new(Engine::Mysql).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_users.sql", "CREATE TABLE users (id BIGINT PRIMARY KEY, email VARCHAR(100) NOT NULL);\n");
+    write(dir.path(), "0002_seed.sql", "INSERT INTO users VALUES (1, 'a@x');\nINSERT INTO users VALUES (2, 'b@x');\n");
+    let local = load(dir.path());
+    let c = contract("tables:\n  users:\n    required: [id, email, phone]\n");
+    let mut b = backend(&db.url).await;
+    // 0001 makes progress towards the contract; only the last migration of a run must meet it.
+    Runner::new(&mut *b, settings())
+        .with_contract(Some(Arc::new(c.clone())))
+        .up(&local, &UpTarget::To(v("0001")), &Policy::default(), false)
+        .await
+        .unwrap();
+
+    let err = up_with(&mut *b, &local, &c).await.unwrap_err();
+    let RunError::Invalid { version, outcome, violations, .. } = err else { panic!("{err:?}") };
+    // Nothing of 0002 was committed by MySQL, so all of it is undone.
+    assert_eq!((version.number, outcome), (2, FailureOutcome::RolledBack));
+    assert!(violations[0].message.contains("phone"), "{violations:?}");
+    assert_eq!(q(&db, "SELECT COUNT(*) FROM users").await, ["0"]);
+    assert_eq!(history(&db).await, ["1:applied"]);
+    assert_eq!(events(&db).await, ["run-start", "applied:1", "run-end", "run-start", "failed:2", "run-end"]);
+}
+
+#[tokio::test]
+async fn inspect_of_a_thousand_tables_takes_milliseconds() {
+    let db = TestDb::new(Engine::Mysql).await;
+    // Each table: 5 columns, a primary key, a unique constraint, a foreign key
+    // (with InnoDB's index for it), a check and a plain index. One statement
+    // per table: MariaDB spends ~10 ms on each CREATE.
+    let mut ddl = String::from("CREATE TABLE t0 (id INT PRIMARY KEY);\n");
+    for i in 1..1000 {
+        ddl.push_str(&format!(
+            "CREATE TABLE t{i} (id BIGINT PRIMARY KEY, code VARCHAR(50) NOT NULL UNIQUE, parent_id INT, \
+             amount DECIMAL(12, 2) CHECK (amount >= 0), created_at DATETIME NOT NULL, INDEX t{i}_created (created_at), \
+             CONSTRAINT t{i}_parent FOREIGN KEY (parent_id) REFERENCES t0 (id));\n"
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_thousand_tables.sql", &ddl);
+    let mut b = backend(&db.url).await;
+    up(&mut *b, &load(dir.path())).await.unwrap();
+
+    let t = Instant::now();
+    let s = b.inspect().await.unwrap();
+    let took = t.elapsed();
+    println!("inspect of {} tables took {took:?}", s.objects.len());
+    let t = Instant::now();
+    assert_eq!(b.inspect().await.unwrap(), s);
+    println!("again, warm: {:?}", t.elapsed());
+    assert_eq!(s.objects.len(), 1000);
+    let t500 = &s.objects["t500"];
+    assert_eq!((t500.columns.len(), t500.indexes.len(), t500.constraints.len()), (5, 2, 4), "{t500:?}");
+    assert_eq!(t500.constraints["t500_parent"].definition.as_deref(), Some("references t0 (id) on update restrict on delete restrict"));
+    assert_eq!(t500.constraints["code"].columns, ["code"]);
+    assert_eq!(t500.constraints["amount"].columns, ["amount"], "MariaDB names a column check after its column");
+    assert!(took < Duration::from_secs(5), "inspect of 1,000 tables took {took:?}");
+}
+
+#[tokio::test]
+async fn scratch_databases_are_created_and_dropped_by_name() {
+    let db = TestDb::new(Engine::Mysql).await;
+    db.sql(&format!("ALTER DATABASE `{}` CHARACTER SET latin1 COLLATE latin1_swedish_ci", db.name)).await.unwrap();
+    // Over the Unix socket: the scratch URL must keep `?socket=`.
+    let mut u = url::Url::parse(&db.url).unwrap();
+    u.set_query(Some("socket=/run/mysqld/mysqld.sock"));
+    let mut b = kiln_sql::connect(&BackendConfig::new(u.to_string())).await.unwrap();
+    let name = kiln_testkit::unique_name("kiln_verify");
+    let schema_of = |name: String| {
+        let db = &db;
+        async move {
+            db.query_strings(&format!("SELECT DEFAULT_COLLATION_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = '{name}'")).await.unwrap()
+        }
+    };
+
+    let url = b.create_scratch(&name).await.unwrap();
+    let mut expected = u.clone();
+    expected.set_path(&format!("/{name}"));
+    assert_eq!(url, expected.to_string(), "same server, user and options; another database");
+    assert_eq!(schema_of(name.clone()).await, ["latin1_swedish_ci"], "the configured database's character set and collation");
+    // It is empty and usable.
+    let mut scratch = backend(&url).await;
+    assert!(scratch.inspect().await.unwrap().objects.is_empty());
+    assert!(scratch.read_history().await.unwrap().is_none());
+    scratch.close().await.unwrap();
+    b.drop_scratch(&name).await.unwrap();
+    assert!(schema_of(name.clone()).await.is_empty());
+    b.drop_scratch(&name).await.unwrap(); // already gone: not an error
+
+    // Only kiln's scratch names, never anything else.
+    for other in ["mysql", db.name.as_str(), "kiln_verify_x`; DROP DATABASE mysql; --"] {
+        let err = b.drop_scratch(other).await.unwrap_err();
+        assert!(matches!(err, EngineError::Unsupported(_)) && err.to_string().contains("kiln_verify_"), "{err}");
+        assert!(b.create_scratch(other).await.is_err());
+    }
+    assert_eq!(schema_of(db.name.clone()).await.len(), 1);
 }

@@ -3,8 +3,10 @@
 //! with the `sqlite3` shell, not only what kiln reports.
 
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use kiln_core::schema::{self, ColumnInfo, ConstraintInfo, Contract, IndexInfo, Snapshot};
 use kiln_core::split::Dialect;
 use kiln_core::{
     load_dir, Backend, BackendConfig, DownTarget, EngineError, FailureOutcome, LoadOptions, Migration, Policy, RecordContext, RunError,
@@ -177,7 +179,7 @@ DROP TABLE items;
     assert_eq!(q(&db, "SELECT note FROM audit").await, ["created; ok!"]);
     assert_eq!(q(&db, "SELECT name FROM items").await, ["x;y"]);
     Runner::new(&mut *b, settings()).down(&local, &DownTarget::LastBatch, false).await.unwrap();
-    assert_eq!(q(&db, "SELECT count(*) FROM sqlite_master WHERE name <> 'kiln_history' AND name <> 'kiln_log'").await, ["0"]);
+    assert_eq!(q(&db, "SELECT count(*) FROM sqlite_master WHERE name NOT IN ('kiln_history', 'kiln_log', 'kiln_snapshot')").await, ["0"]);
 }
 
 #[tokio::test]
@@ -246,7 +248,7 @@ async fn read_history_on_a_fresh_database_creates_nothing() {
     b.ensure_history().await.unwrap();
     b.ensure_history().await.unwrap(); // idempotent
     assert_eq!(b.read_history().await.unwrap().unwrap().len(), 0);
-    assert_eq!(q(&db, "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name").await, ["kiln_history", "kiln_log"]);
+    assert_eq!(q(&db, "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name").await, ["kiln_history", "kiln_log", "kiln_snapshot"]);
 }
 
 #[tokio::test]
@@ -389,4 +391,312 @@ async fn urls_and_connection_errors() {
     assert_eq!(m.read_history().await.unwrap().unwrap().len(), 0);
     assert_eq!(m.capabilities().engine, "sqlite");
     assert!(m.capabilities().transactional_ddl);
+}
+
+// ---------------------------------------------------------------------------
+// Schema contracts: inspection, snapshots, checked migrations, scratch databases.
+
+fn contract(yaml: &str) -> Contract {
+    Contract::parse(yaml, "schema.yaml").expect("contract parses")
+}
+
+async fn up_with(b: &mut dyn Backend, local: &[Migration], c: &Contract) -> Result<kiln_core::RunReport, RunError> {
+    Runner::new(b, settings()).with_contract(Some(Arc::new(c.clone()))).up(local, &UpTarget::Latest, &Policy::default(), false).await
+}
+
+fn col(t: &str, nullable: bool) -> ColumnInfo {
+    ColumnInfo { data_type: t.into(), nullable }
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn constraint(kind: &str, columns: &[&str], definition: Option<&str>) -> ConstraintInfo {
+    ConstraintInfo { kind: kind.into(), columns: strings(columns), definition: definition.map(str::to_string) }
+}
+
+/// `version:state` of every history entry.
+async fn history(db: &TestDb) -> Vec<String> {
+    q(db, "SELECT version || ':' || state FROM kiln_history ORDER BY version").await
+}
+
+/// `event[:version]` of every log entry, in order.
+async fn events(db: &TestDb) -> Vec<String> {
+    q(db, "SELECT event || coalesce(':' || version, '') FROM kiln_log ORDER BY id").await
+}
+
+/// User tables, as the `sqlite3` shell sees them.
+async fn user_tables(db: &TestDb) -> Vec<String> {
+    q(db, "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%' ORDER BY name").await
+}
+
+#[tokio::test]
+async fn inspect_reports_columns_indexes_and_constraints_without_kilns_tables() {
+    let db = TestDb::new(Engine::Sqlite).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "0001_schema.sql",
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, email VARCHAR(255) NOT NULL, name TEXT, CONSTRAINT users_email_uq UNIQUE (email));\n\
+         CREATE TABLE posts (id BIGINT PRIMARY KEY, user_id INTEGER NOT NULL REFERENCES users ON DELETE CASCADE, title TEXT NOT NULL,\n\
+         body, published BOOLEAN, score NUMERIC(10, 2), CHECK (length(title) < 100));\n\
+         CREATE INDEX posts_user_idx ON posts (user_id, id DESC);\n\
+         CREATE UNIQUE INDEX posts_title_lower ON posts (lower(title)) WHERE published;\n\
+         CREATE INDEX posts_title_nocase ON posts (title COLLATE NOCASE);\n\
+         CREATE TABLE tags (post_id INTEGER, tag TEXT, PRIMARY KEY (post_id, tag), FOREIGN KEY (post_id) REFERENCES posts (id)) WITHOUT ROWID;\n\
+         CREATE TABLE counters (id INTEGER PRIMARY KEY AUTOINCREMENT, n INT, doubled INT GENERATED ALWAYS AS (n * 2));\n\
+         INSERT INTO counters (n) VALUES (1);\n\
+         CREATE VIRTUAL TABLE docs USING fts5(title, body);\n\
+         CREATE VIEW recent_posts AS SELECT * FROM posts;\n\
+         ANALYZE;\n",
+    );
+    let local = load(dir.path());
+    let mut b = backend(&db.url).await;
+    up(&mut *b, &local).await.unwrap();
+
+    let s = b.inspect().await.unwrap();
+    // No kiln tables, no view, no sqlite_sequence / sqlite_stat1, no FTS5 shadow tables (docs_data…).
+    assert_eq!(s.objects.keys().collect::<Vec<_>>(), ["counters", "docs", "posts", "tags", "users"]);
+
+    let users = &s.objects["users"];
+    assert_eq!(
+        users.columns.iter().map(|(k, v)| (k.as_str(), v.clone())).collect::<Vec<_>>(),
+        [("email", col("varchar(255)", false)), ("id", col("integer", false)), ("name", col("text", true))],
+        "an INTEGER PRIMARY KEY is the rowid: never NULL"
+    );
+    // The automatic index behind UNIQUE is reported as the constraint, under the name PostgreSQL would give it.
+    assert!(users.indexes.is_empty(), "{:?}", users.indexes);
+    assert_eq!(
+        users.constraints.iter().map(|(k, v)| (k.as_str(), v.clone())).collect::<Vec<_>>(),
+        [("users_email_key", constraint("unique", &["email"], None)), ("users_pkey", constraint("primary key", &["id"], None))]
+    );
+
+    let posts = &s.objects["posts"];
+    assert_eq!(posts.columns["score"], col("numeric(10, 2)", true));
+    assert_eq!(posts.columns["body"], col("", true), "no declared type");
+    // SQLite accepts NULL in a primary key column of a rowid table that is not the rowid; kiln reports what it enforces.
+    assert_eq!(posts.columns["id"], col("bigint", true));
+    assert_eq!(
+        posts.constraints.iter().map(|(k, v)| (k.as_str(), v.clone())).collect::<Vec<_>>(),
+        [
+            ("posts_pkey", constraint("primary key", &["id"], None)),
+            // `REFERENCES users` names no column: users' primary key.
+            ("posts_user_id_fkey", constraint("foreign key", &["user_id"], Some("references users (id) on update no action on delete cascade"))),
+        ]
+    );
+    assert_eq!(
+        posts.indexes.iter().map(|(k, v)| (k.as_str(), v.clone())).collect::<Vec<_>>(),
+        [
+            ("posts_title_lower", IndexInfo { columns: strings(&["lower(title)"]), unique: true, options: Some("where published".into()) }),
+            ("posts_title_nocase", IndexInfo { columns: strings(&["title"]), unique: false, options: Some("keys (title collate nocase)".into()) }),
+            ("posts_user_idx", IndexInfo { columns: strings(&["user_id", "id"]), unique: false, options: Some("keys (user_id, id desc)".into()) }),
+        ]
+    );
+
+    let tags = &s.objects["tags"];
+    assert_eq!((&tags.columns["post_id"], &tags.columns["tag"]), (&col("integer", false), &col("text", false)), "WITHOUT ROWID keys are NOT NULL");
+    assert_eq!(
+        tags.constraints.iter().map(|(k, v)| (k.as_str(), v.clone())).collect::<Vec<_>>(),
+        [
+            ("tags_pkey", constraint("primary key", &["post_id", "tag"], None)),
+            ("tags_post_id_fkey", constraint("foreign key", &["post_id"], Some("references posts (id) on update no action on delete no action"))),
+        ]
+    );
+    assert!(tags.indexes.is_empty(), "{:?}", tags.indexes);
+    assert_eq!(s.objects["counters"].columns["doubled"], col("int", true), "generated columns are columns");
+    assert_eq!(s.objects["docs"].columns.keys().collect::<Vec<_>>(), ["body", "title"]);
+
+    // A contract can ask for constraints and indexes by name or by columns.
+    let c = contract(
+        "tables:\n  users:\n    required: [id, {name: email, type: varchar(255), nullable: false}]\n    unique: [users_email_key, [email]]\n\
+         \x20 posts:\n    required: [{name: id, type: int8}, user_id]\n    indexes: [posts_user_idx, [user_id, id], posts_pkey]\n    unique: [posts_title_lower]\n",
+    );
+    assert_eq!(schema::validate(&c, &s), vec![]);
+    assert_eq!(schema::validate(&schema::dump(&s, false), &s), vec![]);
+    // Another connection reads exactly the same schema, so a stored snapshot shows no drift.
+    assert_eq!(backend(&db.url).await.inspect().await.unwrap(), s);
+}
+
+#[tokio::test]
+async fn snapshots_round_trip_and_keep_history() {
+    let db = TestDb::new(Engine::Sqlite).await;
+    let mut b = backend(&db.url).await;
+    // A database kiln never touched: no snapshot, and nothing gets created by asking.
+    assert_eq!(b.load_snapshot().await.unwrap(), None);
+    assert_eq!(b.inspect().await.unwrap(), Snapshot::default());
+    assert_eq!(q(&db, "SELECT count(*) FROM sqlite_master").await, ["0"]);
+
+    db.sql("CREATE TABLE items (id INTEGER PRIMARY KEY, sku TEXT NOT NULL)").await.unwrap();
+    let first = b.inspect().await.unwrap();
+    // Saved without ensure_history: the table is created on demand.
+    b.save_snapshot(&first).await.unwrap();
+    assert_eq!(b.load_snapshot().await.unwrap(), Some(first.clone()));
+    assert_eq!(user_tables(&db).await, ["items", "kiln_snapshot"]);
+    assert_eq!(b.inspect().await.unwrap(), first, "kiln_snapshot is not part of the schema");
+
+    db.sql("CREATE INDEX items_sku ON items (sku)").await.unwrap();
+    let second = b.inspect().await.unwrap();
+    assert_ne!(first, second);
+    b.save_snapshot(&second).await.unwrap();
+    assert_eq!(b.load_snapshot().await.unwrap(), Some(second), "the newest wins");
+    assert_eq!(q(&db, "SELECT count(*) FROM kiln_snapshot").await, ["2"], "older snapshots are kept");
+
+    // After a run the stored snapshot is the live schema; a hand-made change is drift.
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_users.sql", "CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT NOT NULL);\n");
+    write(dir.path(), "0002_posts.sql", "CREATE TABLE posts (id INTEGER PRIMARY KEY, body TEXT, title TEXT);\n");
+    up(&mut *b, &load(dir.path())).await.unwrap();
+    assert_eq!(Runner::new(&mut *b, settings()).diff().await.unwrap(), Some(vec![]));
+    db.sql("CREATE INDEX by_hand ON users (email, id); ALTER TABLE posts DROP COLUMN body").await.unwrap();
+    let drift = Runner::new(&mut *b, settings()).diff().await.unwrap().unwrap();
+    let shown: Vec<String> = drift.iter().map(|c| c.to_string()).collect();
+    assert_eq!(shown, ["- posts: column body removed (text)", "+ users: index by_hand added ((email, id))"]);
+}
+
+#[tokio::test]
+async fn a_migration_dropping_a_required_column_is_rolled_back() {
+    let db = TestDb::new(Engine::Sqlite).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_users.sql", "CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT NOT NULL, nickname TEXT);\n");
+    write(dir.path(), "0002_cleanup.sql", "CREATE TABLE audit (id INT);\nALTER TABLE users DROP COLUMN email;\nALTER TABLE users DROP COLUMN nickname;\n");
+    write(dir.path(), "0003_more.sql", "CREATE TABLE more (id INT);\n");
+    let local = load(dir.path());
+    let c = contract("tables:\n  users:\n    required: [id, email]\n    optional: [nickname]\n");
+    let mut b = backend(&db.url).await;
+
+    let err = up_with(&mut *b, &local, &c).await.unwrap_err();
+    let text = err.to_string();
+    let RunError::Invalid { version, file, outcome, violations, done } = err else { panic!("expected a contract violation, got {err:?}") };
+    assert_eq!((version.number, file.as_str(), outcome), (2, "0002_cleanup.sql", FailureOutcome::RolledBack));
+    assert_eq!(done.iter().map(|v| v.number).collect::<Vec<_>>(), [1]);
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert_eq!((violations[0].object.as_str(), violations[0].message.as_str()), ("users", "required column email is missing"));
+    assert!(text.contains("0002_cleanup.sql") && text.contains("email"), "{text}");
+
+    // Nothing of 0002 remains: the columns, the other table, the history row, its `applied` event.
+    assert_eq!(q(&db, "SELECT name FROM pragma_table_info('users') ORDER BY cid").await, ["id", "email", "nickname"]);
+    assert_eq!(user_tables(&db).await, ["kiln_history", "kiln_log", "kiln_snapshot", "users"]);
+    assert_eq!(history(&db).await, ["1:applied"]);
+    assert_eq!(events(&db).await, ["run-start", "applied:1", "failed:2", "run-end"]);
+    let detail = q(&db, "SELECT detail FROM kiln_log WHERE event = 'failed'").await;
+    assert!(detail[0].contains("required column email is missing"), "{detail:?}");
+
+    // The lock was released and the database is usable: the next run stops at the same place.
+    let again = up_with(&mut *b, &local, &c).await.unwrap_err();
+    assert!(matches!(again, RunError::Invalid { ref version, .. } if version.number == 2), "{again:?}");
+    // Without the breaking migration, the run goes through and checks the end state.
+    std::fs::remove_file(dir.path().join("0002_cleanup.sql")).unwrap();
+    let report = up_with(&mut *b, &load(dir.path()), &c).await.unwrap();
+    assert_eq!(report.steps.len(), 1);
+    assert_eq!(history(&db).await, ["1:applied", "3:applied"]);
+}
+
+#[tokio::test]
+async fn a_migration_outside_a_transaction_that_breaks_the_contract_is_recorded_failed() {
+    let db = TestDb::new(Engine::Sqlite).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_users.sql", "CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT NOT NULL);\n");
+    write(dir.path(), "0002_drop_email.sql", "-- kiln:transaction off\nALTER TABLE users DROP COLUMN email;\n");
+    write(dir.path(), "0003_more.sql", "CREATE TABLE more (id INT);\n");
+    let local = load(dir.path());
+    let c = contract("tables:\n  users:\n    required: [id, email]\n");
+    let mut b = backend(&db.url).await;
+
+    let err = up_with(&mut *b, &local, &c).await.unwrap_err();
+    let RunError::Invalid { version, outcome, .. } = err else { panic!("{err:?}") };
+    assert_eq!((version.number, outcome), (2, FailureOutcome::RecordedFailed));
+    // There was no transaction to roll back: the column is gone, and the entry blocks the next run.
+    assert_eq!(q(&db, "SELECT name FROM pragma_table_info('users')").await, ["id"]);
+    assert_eq!(history(&db).await, ["1:applied", "2:failed"]);
+    let error = q(&db, "SELECT error FROM kiln_history WHERE version = 2").await;
+    assert!(error[0].contains("required column email is missing") && error[0].contains("kiln repair 0002"), "{error:?}");
+    let blocked = up_with(&mut *b, &local, &c).await.unwrap_err();
+    assert!(matches!(blocked, RunError::Plan(_)), "{blocked:?}");
+    assert!(!user_tables(&db).await.contains(&"more".to_string()));
+}
+
+#[tokio::test]
+async fn inspect_of_a_thousand_tables_takes_milliseconds() {
+    let db = TestDb::new(Engine::Sqlite).await;
+    // Each table: 5 columns, a primary key, a unique constraint, a foreign key,
+    // a check and a plain index.
+    let mut ddl = String::from("CREATE TABLE t0 (id INTEGER PRIMARY KEY);\n");
+    for i in 1..1000 {
+        ddl.push_str(&format!(
+            "CREATE TABLE t{i} (id BIGINT PRIMARY KEY, code TEXT NOT NULL UNIQUE, parent_id INT REFERENCES t0 (id), \
+             amount NUMERIC(12, 2) CHECK (amount >= 0), created_at TEXT NOT NULL);\nCREATE INDEX t{i}_created ON t{i} (created_at);\n"
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_thousand_tables.sql", &ddl);
+    let mut b = backend(&db.url).await;
+    up(&mut *b, &load(dir.path())).await.unwrap();
+    let t = Instant::now();
+    let s = b.inspect().await.unwrap();
+    let took = t.elapsed();
+    println!("inspect of {} tables took {took:?}", s.objects.len());
+    let t = Instant::now();
+    assert_eq!(b.inspect().await.unwrap(), s);
+    println!("again, warm: {:?}", t.elapsed());
+    assert_eq!(s.objects.len(), 1000);
+    let t500 = &s.objects["t500"];
+    assert_eq!((t500.columns.len(), t500.indexes.len(), t500.constraints.len()), (5, 1, 3), "{t500:?}");
+    assert_eq!(
+        t500.constraints["t500_parent_id_fkey"].definition.as_deref(),
+        Some("references t0 (id) on update no action on delete no action")
+    );
+    assert_eq!(t500.constraints["t500_code_key"].columns, ["code"]);
+    assert!(took < Duration::from_secs(5), "inspect of 1,000 tables took {took:?}");
+}
+
+#[tokio::test]
+async fn scratch_databases_are_files_next_to_the_database() {
+    let db = TestDb::new(Engine::Sqlite).await;
+    let dir = Path::new(&db.name).parent().unwrap().to_path_buf();
+    let mut b = backend(&db.url).await;
+    let name = kiln_testkit::unique_name("kiln_verify");
+    let file = dir.join(format!("{name}.db"));
+
+    let url = b.create_scratch(&name).await.unwrap();
+    assert_eq!(url, format!("sqlite://{}", file.display()));
+    assert!(file.exists());
+    assert!(b.create_scratch(&name).await.is_err(), "an existing file is not an empty scratch database");
+    // It is empty and usable; a run leaves its lock file behind.
+    let mut scratch = backend(&url).await;
+    assert!(scratch.inspect().await.unwrap().objects.is_empty());
+    assert!(scratch.read_history().await.unwrap().is_none());
+    let mdir = tempfile::tempdir().unwrap();
+    write(mdir.path(), "0001_t.sql", "CREATE TABLE t (id INTEGER);\n");
+    up(&mut *scratch, &load(mdir.path())).await.unwrap();
+    scratch.close().await.unwrap();
+    assert!(dir.join(format!("{name}.db-kiln.lock")).exists());
+    // What a crashed process can leave next to a database.
+    for companion in ["-wal", "-shm", "-journal"] {
+        std::fs::write(dir.join(format!("{name}.db{companion}")), b"").unwrap();
+    }
+    b.drop_scratch(&name).await.unwrap();
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&name))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    b.drop_scratch(&name).await.unwrap(); // already gone: not an error
+
+    // Only kiln's scratch names, never anything else.
+    for other in ["test", "kiln_verify_../test", "kiln_verify_x/../../test"] {
+        let err = b.drop_scratch(other).await.unwrap_err();
+        assert!(matches!(err, EngineError::Unsupported(_)) && err.to_string().contains("kiln_verify_"), "{err}");
+        assert!(b.create_scratch(other).await.is_err());
+    }
+    assert!(Path::new(&db.name).exists());
+
+    // An in-memory database has no directory: the scratch file goes to the temporary directory.
+    let mut memory = backend("sqlite::memory:").await;
+    let url = memory.create_scratch(&name).await.unwrap();
+    let file = std::env::temp_dir().join(format!("{name}.db"));
+    assert_eq!(url, format!("sqlite://{}", file.display()));
+    memory.drop_scratch(&name).await.unwrap();
+    assert!(!file.exists());
 }
