@@ -800,17 +800,19 @@ impl Backend for PgBackend {
 
     async fn read_history(&mut self) -> Result<Option<Vec<AppliedMigration>>, EngineError> {
         let context = format!("reading the history table {}", self.history);
-        let exists: bool = self
-            .client
-            .query_typed_one("SELECT to_regclass($1) IS NOT NULL", &[(&self.history, Type::TEXT)])
-            .await
-            .and_then(|r| r.try_get(0))
-            .map_err(|e| self.engine_error(&context, &e))?;
+        // Both queries go out in one round trip (tokio-postgres pipelines them);
+        // on a database kiln never touched the second fails and is ignored.
+        let sql = format!("SELECT {HISTORY_COLUMNS} FROM {} ORDER BY version", self.history);
+        let params = [(&self.history as &(dyn tokio_postgres::types::ToSql + Sync), Type::TEXT)];
+        let (exists, rows) = futures::join!(
+            self.client.query_typed_one("SELECT to_regclass($1) IS NOT NULL", &params),
+            self.client.query_typed(&sql, &[])
+        );
+        let exists: bool = exists.and_then(|r| r.try_get(0)).map_err(|e| self.engine_error(&context, &e))?;
         if !exists {
             return Ok(None);
         }
-        let sql = format!("SELECT {HISTORY_COLUMNS} FROM {} ORDER BY version", self.history);
-        let rows = self.client.query_typed(&sql, &[]).await.map_err(|e| self.engine_error(&context, &e))?;
+        let rows = rows.map_err(|e| self.engine_error(&context, &e))?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let raw = (|| -> Result<RawHistoryRow, tokio_postgres::Error> {
