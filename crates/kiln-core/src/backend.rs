@@ -56,6 +56,26 @@ pub struct RecordContext {
     pub actor: String,
 }
 
+impl RecordContext {
+    /// The history entry for `m` recorded in this run.
+    pub fn entry(&self, m: &Migration, state: State, applied_at: chrono::DateTime<chrono::Utc>, duration_ms: i64, error: Option<FailureInfo>) -> AppliedMigration {
+        AppliedMigration {
+            version: m.version.clone(),
+            description: m.description.clone(),
+            script: m.display_path(),
+            group: m.directives.group.clone(),
+            checksum: m.checksum.clone(),
+            state,
+            batch: self.batch,
+            applied_at,
+            duration_ms,
+            applied_by: self.actor.clone(),
+            kiln_version: crate::model::KILN_VERSION.into(),
+            error,
+        }
+    }
+}
+
 /// A migration body failed; says what it left behind.
 #[derive(Debug, Clone)]
 pub struct ApplyError {

@@ -10,7 +10,7 @@ use kiln_core::schema::Snapshot;
 use kiln_core::url::redact;
 use kiln_core::{
     AppliedMigration, ApplyError, Backend, BackendConfig, Body, Capabilities, Command, EngineError, FailureInfo, FailureOutcome, Kind,
-    LogEntry, Migration, RecordContext, State, StatementError, StepError, TxMode, KILN_VERSION,
+    LogEntry, Migration, RecordContext, State, StatementError, StepError, TxMode,
 };
 use mongodb::options::WriteConcern;
 use mongodb::{Client, ClientSession, Collection};
@@ -160,20 +160,7 @@ impl MongoBackend {
     }
 
     fn entry(&self, m: &Migration, ctx: &RecordContext, state: State, duration_ms: i64, error: Option<FailureInfo>) -> AppliedMigration {
-        AppliedMigration {
-            version: m.version.clone(),
-            description: m.description.clone(),
-            script: m.display_path(),
-            group: m.directives.group.clone(),
-            checksum: m.checksum.clone(),
-            state,
-            batch: ctx.batch,
-            applied_at: self.conn.now(),
-            duration_ms,
-            applied_by: ctx.actor.clone(),
-            kiln_version: KILN_VERSION.into(),
-            error,
-        }
+        ctx.entry(m, state, self.conn.now(), duration_ms, error)
     }
 
     /// Convert every command before running any, so invalid Extended JSON in

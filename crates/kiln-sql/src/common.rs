@@ -24,6 +24,14 @@ pub fn lock_key(name: &str) -> i64 {
     h as i64
 }
 
+/// The event-log name of a finished step: `applied` or `reverted`.
+pub fn step_event(dir: kiln_core::Direction) -> &'static str {
+    match dir {
+        kiln_core::Direction::Up => "applied",
+        kiln_core::Direction::Down => "reverted",
+    }
+}
+
 /// The raw columns of one history row, as every SQL engine reads them.
 #[allow(missing_docs)]
 pub struct RawHistoryRow {

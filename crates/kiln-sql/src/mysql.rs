@@ -69,7 +69,7 @@ use kiln_core::schema::{ColumnInfo, ConstraintInfo, IndexInfo, Snapshot};
 use kiln_core::url::redact;
 use kiln_core::{
     AppliedMigration, ApplyError, Backend, BackendConfig, Body, Capabilities, EngineError, FailureOutcome, Kind, LogEntry, Migration,
-    RecordContext, SchemaCheck, State, Statement, StatementError, StepError, TxMode, KILN_VERSION,
+    RecordContext, SchemaCheck, State, Statement, StatementError, StepError, TxMode,
 };
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, MySqlConnection, Row};
@@ -237,11 +237,7 @@ impl Sql {
 }
 
 /// Which way a body runs.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Dir {
-    Up,
-    Down,
-}
+use kiln_core::Direction as Dir;
 
 /// The deferred finish of an applied migration.
 struct Finish {
@@ -1431,20 +1427,7 @@ pub(crate) fn commits_implicitly(sql: &str) -> bool {
 }
 
 fn history_entry(m: &Migration, ctx: &RecordContext, state: State, ms: i64) -> AppliedMigration {
-    AppliedMigration {
-        version: m.version.clone(),
-        description: m.description.clone(),
-        script: m.display_path(),
-        group: m.directives.group.clone(),
-        checksum: m.checksum.clone(),
-        state,
-        batch: ctx.batch,
-        applied_at: Utc::now(),
-        duration_ms: ms,
-        applied_by: ctx.actor.clone(),
-        kiln_version: KILN_VERSION.into(),
-        error: None,
-    }
+    ctx.entry(m, state, Utc::now(), ms, None)
 }
 
 fn event(kind: &str, m: &Migration, ctx: &RecordContext, detail: Option<String>) -> LogEntry {
@@ -1464,12 +1447,7 @@ fn log_detail(dir: Dir, e: &StatementError) -> String {
     format!("{}{e}", if dir == Dir::Down { "down: " } else { "" })
 }
 
-fn dir_event(dir: Dir) -> &'static str {
-    match dir {
-        Dir::Up => "applied",
-        Dir::Down => "reverted",
-    }
-}
+use crate::common::step_event as dir_event;
 
 /// The error recorded with an intent row, shown if the runner never finishes it.
 fn interrupted_message(dir: Dir, ctx: &RecordContext) -> String {

@@ -33,7 +33,7 @@ use kiln_core::schema::{ColumnInfo, ConstraintInfo, IndexInfo, Snapshot};
 use kiln_core::url::redact;
 use kiln_core::{
     AppliedMigration, ApplyError, Backend, BackendConfig, Body, Capabilities, EngineError, FailureOutcome, Kind, LogEntry, Migration,
-    RecordContext, SchemaCheck, State, Statement, StatementError, StepError, TxMode, KILN_VERSION,
+    RecordContext, SchemaCheck, State, Statement, StatementError, StepError, TxMode,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -150,11 +150,7 @@ impl Sql {
 }
 
 /// Which way a body runs.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Dir {
-    Up,
-    Down,
-}
+use kiln_core::Direction as Dir;
 
 impl SqliteBackend {
     /// Open (creating it if missing) the database named by `cfg.url`:
@@ -1196,20 +1192,7 @@ fn statement_error(file: &Path, index: usize, st: &Statement, e: &rusqlite::Erro
 }
 
 fn history_entry(m: &Migration, ctx: &RecordContext, state: State, at: DateTime<Utc>, ms: i64, error: Option<kiln_core::FailureInfo>) -> AppliedMigration {
-    AppliedMigration {
-        version: m.version.clone(),
-        description: m.description.clone(),
-        script: m.display_path(),
-        group: m.directives.group.clone(),
-        checksum: m.checksum.clone(),
-        state,
-        batch: ctx.batch,
-        applied_at: at,
-        duration_ms: ms,
-        applied_by: ctx.actor.clone(),
-        kiln_version: KILN_VERSION.into(),
-        error,
-    }
+    ctx.entry(m, state, at, ms, error)
 }
 
 fn event(kind: &str, m: &Migration, ctx: &RecordContext, at: DateTime<Utc>, detail: Option<String>) -> LogEntry {
@@ -1225,12 +1208,7 @@ fn event(kind: &str, m: &Migration, ctx: &RecordContext, at: DateTime<Utc>, deta
     }
 }
 
-fn dir_event(dir: Dir) -> &'static str {
-    match dir {
-        Dir::Up => "applied",
-        Dir::Down => "reverted",
-    }
-}
+use crate::common::step_event as dir_event;
 
 /// The error recorded with an intent row, shown if the runner never finishes it.
 fn interrupted_message(dir: Dir, ctx: &RecordContext) -> String {
