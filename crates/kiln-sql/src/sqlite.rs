@@ -182,6 +182,10 @@ impl SqliteBackend {
         }
         .map_err(connect_err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(connect_err)?;
+        // kiln touches each page about once per run: a 512 KiB page cache instead
+        // of the default 2 MiB keeps a 1,000-migration run's memory small without
+        // slowing it (the OS page cache serves re-reads).
+        conn.execute_batch("PRAGMA cache_size = -512").map_err(connect_err)?;
         // Opening is lazy: read the schema now so a file that is not a database
         // fails here, with the URL, rather than in the middle of a run.
         conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0)).map_err(connect_err)?;
