@@ -70,7 +70,8 @@ pub fn run_report(r: &RunReport, target: &str, as_json: bool) {
                 kiln::TxMode::On => ", transaction",
                 kiln::TxMode::Default => "",
             };
-            println!("  {} {} {} ({}, {} statement(s){tx})", "•".cyan(), s.version, s.name, s.file, s.statements);
+            let unit = if matches!(s.body, Some(kiln::Body::Commands { .. })) { "command(s)" } else { "statement(s)" };
+            println!("  {} {} {} ({}, {} {unit}{tx})", "•".cyan(), s.version, s.name, s.file, s.statements);
             if let Some(body) = &s.body {
                 match body {
                     kiln::Body::Sql { statements, .. } => {
