@@ -105,8 +105,22 @@ pub fn run_report(r: &RunReport, target: &str, as_json: bool) {
     );
 }
 
+/// Colour only for a terminal (and not with NO_COLOR): building and then
+/// stripping escape codes for a 1,000-row table piped elsewhere costs more than
+/// the table itself.
+fn colour() -> bool {
+    static COLOUR: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *COLOUR.get_or_init(|| {
+        use std::io::IsTerminal;
+        std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+    })
+}
+
 fn state_cell(state: &str, width: usize) -> String {
     let padded = format!("{state:<width$}");
+    if !colour() {
+        return padded;
+    }
     match state {
         "applied" => padded.green().to_string(),
         "baseline" => padded.cyan().to_string(),
@@ -115,6 +129,13 @@ fn state_cell(state: &str, width: usize) -> String {
         "retired" => padded.dimmed().to_string(),
         _ => padded,
     }
+}
+
+/// `2026-11-22 03:04:05` (UTC). Written by hand: chrono's `format` parses its
+/// pattern again for every one of a thousand rows.
+fn timestamp(t: chrono::DateTime<chrono::Utc>) -> String {
+    use chrono::{Datelike, Timelike};
+    format!("{:04}-{:02}-{:02} {:02}:{:02}:{:02}", t.year(), t.month(), t.day(), t.hour(), t.minute(), t.second())
 }
 
 /// Print `kiln status`.
@@ -148,10 +169,13 @@ pub fn status(rows: &[StatusRow], collections: Option<&serde_json::Value>, targe
                 name.push('…');
             }
             let state = if r.state == "pending" && r.out_of_order { "pending*" } else { r.state.as_str() };
-            let checksum = match (r.checksum_ok, &r.checksum) {
-                (Some(true), _) => "ok".green().to_string(),
-                (Some(false), _) => "CHANGED".red().bold().to_string(),
-                (None, Some(c)) if r.state == "pending" => (&c[..12.min(c.len())]).dimmed().to_string(),
+            let checksum = match (r.checksum_ok, &r.checksum, colour()) {
+                (Some(true), _, true) => "ok".green().to_string(),
+                (Some(true), _, false) => "ok".to_string(),
+                (Some(false), _, true) => "CHANGED".red().bold().to_string(),
+                (Some(false), _, false) => "CHANGED".to_string(),
+                (None, Some(c), true) if r.state == "pending" => (&c[..12.min(c.len())]).dimmed().to_string(),
+                (None, Some(c), false) if r.state == "pending" => c[..12.min(c.len())].to_string(),
                 _ => "-".to_string(),
             };
             let _ = writeln!(
@@ -161,7 +185,7 @@ pub fn status(rows: &[StatusRow], collections: Option<&serde_json::Value>, targe
                 name,
                 state_cell(state, ws),
                 r.batch.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
-                r.applied_at.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_else(|| "-".into()),
+                r.applied_at.map(timestamp).unwrap_or_else(|| "-".into()),
                 r.duration_ms.map(|d| format!("{d} ms")).unwrap_or_else(|| "-".into()),
                 checksum
             );
@@ -193,7 +217,12 @@ pub fn status(rows: &[StatusRow], collections: Option<&serde_json::Value>, targe
             let _ = writeln!(out, "* pending but older than the newest applied migration (needs --allow-out-of-order)");
         }
     }
-    print!("{out}");
+    if colour() {
+        print!("{out}");
+    } else {
+        // Nothing to strip: write straight to stdout.
+        let _ = std::io::stdout().lock().write_all(out.as_bytes());
+    }
     if let Some(serde_json::Value::Array(cols)) = collections {
         println!();
         println!("{:<32}  {:>6}  {:>12}  {:>7}  {:<9}  INDEX NAMES", "COLLECTION", "EXISTS", "DOCUMENTS", "INDEXES", "VALIDATOR");
