@@ -24,6 +24,19 @@ pub fn lock_key(name: &str) -> i64 {
     h as i64
 }
 
+/// Scratch databases are named `kiln_verify_…` by `kiln verify`; anything else
+/// is refused, so a wrong argument can never create or drop a real database.
+/// `max_len` is the engine's identifier limit.
+pub fn check_scratch_name(name: &str, max_len: usize) -> Result<(), kiln_core::EngineError> {
+    let rest = name.strip_prefix("kiln_verify_").unwrap_or("");
+    if rest.is_empty() || name.len() > max_len || !rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(kiln_core::EngineError::Unsupported(format!(
+            "refusing scratch database name {name:?}: kiln only creates and drops scratch databases named kiln_verify_<letters, digits, _> (at most {max_len} bytes)"
+        )));
+    }
+    Ok(())
+}
+
 /// The event-log name of a finished step: `applied` or `reverted`.
 pub fn step_event(dir: kiln_core::Direction) -> &'static str {
     match dir {

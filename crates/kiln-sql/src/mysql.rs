@@ -1326,13 +1326,7 @@ fn error_number(e: &sqlx::Error) -> Option<u16> {
 /// is refused, so neither a typo nor a caller's bug can create or drop a real
 /// database; plain ASCII and at most 64 bytes, MySQL's limit for a database name.
 fn check_scratch_name(name: &str) -> Result<(), EngineError> {
-    let rest = name.strip_prefix("kiln_verify_").unwrap_or("");
-    if rest.is_empty() || name.len() > 64 || !rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-        return Err(EngineError::Unsupported(format!(
-            "refusing scratch database name {name:?}: kiln only creates and drops scratch databases named kiln_verify_<letters, digits, _> (at most 64 bytes)"
-        )));
-    }
-    Ok(())
+    crate::common::check_scratch_name(name, 64)
 }
 
 /// `url` with its path (the database) replaced by `name`; scheme, user,

@@ -1297,13 +1297,7 @@ fn fk_action(code: &str) -> &'static str {
 /// database; plain ASCII and at most 63 bytes, so PostgreSQL neither needs
 /// quoting rules nor silently truncates the name.
 fn check_scratch_name(name: &str) -> Result<(), EngineError> {
-    let rest = name.strip_prefix("kiln_verify_").unwrap_or("");
-    if rest.is_empty() || name.len() > 63 || !rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-        return Err(EngineError::Unsupported(format!(
-            "refusing scratch database name {name:?}: kiln only creates and drops scratch databases named kiln_verify_<letters, digits, _> (at most 63 bytes)"
-        )));
-    }
-    Ok(())
+    crate::common::check_scratch_name(name, 63)
 }
 
 /// `url` naming database `name` instead: the path replaced (and a `dbname`

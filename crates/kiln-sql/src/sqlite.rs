@@ -885,13 +885,7 @@ fn expression_key(item: &str) -> String {
 /// real database file; letters, digits and `_` only, so the name cannot
 /// reach outside the directory.
 fn check_scratch_name(name: &str) -> Result<(), EngineError> {
-    let rest = name.strip_prefix("kiln_verify_").unwrap_or("");
-    if rest.is_empty() || name.len() > 200 || !rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-        return Err(EngineError::Unsupported(format!(
-            "refusing scratch database name {name:?}: kiln only creates and drops scratch databases named kiln_verify_<letters, digits, _>"
-        )));
-    }
-    Ok(())
+    crate::common::check_scratch_name(name, 200)
 }
 
 #[async_trait]
