@@ -216,14 +216,7 @@ impl PgBackend {
             .client
             .execute_typed(
                 &sql,
-                &[
-                    (&event, Type::TEXT),
-                    (&version, Type::INT8),
-                    (&m.description, Type::TEXT),
-                    (&ctx.batch, Type::INT8),
-                    (&ctx.actor, Type::TEXT),
-                    (&detail, Type::TEXT),
-                ],
+                &log_params(&event, &version, m, ctx, &detail),
             )
             .await;
         if let Err(e) = r {
@@ -294,14 +287,7 @@ impl PgBackend {
             Tag::Record,
             Item::Typed(
                 &log_sql,
-                vec![
-                    (&event, Type::TEXT),
-                    (&version, Type::INT8),
-                    (&m.description, Type::TEXT),
-                    (&ctx.batch, Type::INT8),
-                    (&ctx.actor, Type::TEXT),
-                    (&detail, Type::TEXT),
-                ],
+                log_params(&event, &version, m, ctx, &detail),
             ),
         ));
         if check.is_none() {
@@ -455,14 +441,7 @@ impl PgBackend {
                 Tag::Record,
                 Item::Typed(
                     &log_sql,
-                    vec![
-                        (&event, Type::TEXT),
-                        (&version, Type::INT8),
-                        (&m.description, Type::TEXT),
-                        (&ctx.batch, Type::INT8),
-                        (&ctx.actor, Type::TEXT),
-                        (&detail, Type::TEXT),
-                    ],
+                    log_params(&event, &version, m, ctx, &detail),
                 ),
             ),
             (Tag::Commit, Item::Simple("COMMIT")),
@@ -498,14 +477,7 @@ impl PgBackend {
                 Tag::Record,
                 Item::Typed(
                     &log_sql,
-                    vec![
-                        (&event, Type::TEXT),
-                        (&version, Type::INT8),
-                        (&m.description, Type::TEXT),
-                        (&ctx.batch, Type::INT8),
-                        (&ctx.actor, Type::TEXT),
-                        (&detail, Type::TEXT),
-                    ],
+                    log_params(&event, &version, m, ctx, &detail),
                 ),
             ),
             (Tag::Commit, Item::Simple("COMMIT")),
@@ -1354,6 +1326,24 @@ enum Tag {
 /// One request: simple-query text, or a statement with typed bound parameters
 /// (sent as Parse/Bind/Execute/Sync at once, so it needs no prepare round trip
 /// and can be pipelined).
+/// The bound values of [`PgBackend::insert_log_sql`] for one migration's event.
+fn log_params<'a>(
+    event: &'a &'a str,
+    version: &'a i64,
+    m: &'a Migration,
+    ctx: &'a RecordContext,
+    detail: &'a String,
+) -> Vec<(&'a (dyn ToSql + Sync), Type)> {
+    vec![
+        (event, Type::TEXT),
+        (version, Type::INT8),
+        (&m.description, Type::TEXT),
+        (&ctx.batch, Type::INT8),
+        (&ctx.actor, Type::TEXT),
+        (detail, Type::TEXT),
+    ]
+}
+
 enum Item<'a> {
     Simple(&'a str),
     Typed(&'a str, Vec<(&'a (dyn ToSql + Sync), Type)>),
