@@ -355,9 +355,24 @@ impl SqliteBackend {
         }
         let now = Utc::now();
         let ms = started.elapsed().as_millis() as i64;
+        self.record_step(m, ctx, dir, now, ms, |this| this.insert_history(&history_entry(m, ctx, State::Applied, now, ms, None)))
+    }
+
+    /// Inside the open transaction: record the finished step (`record_up` for an
+    /// apply; a revert deletes the entry), log its event and commit. On any
+    /// failure the transaction is rolled back.
+    fn record_step(
+        &self,
+        m: &Migration,
+        ctx: &RecordContext,
+        dir: Dir,
+        now: DateTime<Utc>,
+        ms: i64,
+        record_up: impl FnOnce(&Self) -> rusqlite::Result<()>,
+    ) -> Result<(), StepError> {
         let recorded = (|| -> rusqlite::Result<()> {
             match dir {
-                Dir::Up => self.insert_history(&history_entry(m, ctx, State::Applied, now, ms, None))?,
+                Dir::Up => record_up(self)?,
                 Dir::Down => {
                     self.conn.prepare_cached(&self.sql.delete_history)?.execute([m.version.number as i64])?;
                 }
@@ -447,24 +462,12 @@ impl SqliteBackend {
         }
         let now = Utc::now();
         let ms = started.elapsed().as_millis() as i64;
-        let recorded = (|| -> rusqlite::Result<()> {
-            self.conn.execute_batch("BEGIN IMMEDIATE")?;
-            match dir {
-                Dir::Up => {
-                    self.conn.prepare_cached(&self.sql.finish)?.execute(params![m.version.number as i64, ts(&now), ms])?;
-                }
-                Dir::Down => {
-                    self.conn.prepare_cached(&self.sql.delete_history)?.execute([m.version.number as i64])?;
-                }
-            }
-            self.insert_log(&event(dir_event(dir), m, ctx, now, Some(format!("{ms} ms"))))?;
-            self.conn.execute_batch("COMMIT")
-        })();
-        if let Err(e) = recorded {
-            self.rollback();
-            return Err(self.query_err(format!("recording {} of {} in {}", dir_event(dir), m.name(), self.history_name), e).into());
-        }
-        Ok(())
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| self.query_err(format!("recording {} of {} in {}", dir_event(dir), m.name(), self.history_name), e))?;
+        self.record_step(m, ctx, dir, now, ms, |this| {
+            this.conn.prepare_cached(&this.sql.finish)?.execute(params![m.version.number as i64, ts(&now), ms]).map(|_| ())
+        })
     }
 
     /// Log a `failed` event and build the step error. A failure to write the
