@@ -242,3 +242,133 @@ pub trait Backend: Send {
         Ok(())
     }
 }
+
+/// The [`Backend`] of an engine written against [`crate::engine::Engine`]:
+/// steps go through [`crate::step::Stepper`], everything else to the small
+/// traits. (Transitional: the runner drives [`crate::engine::Engine`]
+/// directly once every engine implements it.)
+pub struct Protocol<E> {
+    /// The engine.
+    pub engine: E,
+    pending: Option<crate::engine::Record>,
+}
+
+impl<E: crate::engine::Engine> Protocol<E> {
+    /// Wrap `engine`.
+    pub fn new(engine: E) -> Self {
+        Protocol { engine, pending: None }
+    }
+
+    async fn step(&mut self, m: &Migration, body: &crate::model::Body, dir: crate::event::Direction, ctx: &RecordContext, recorded: Option<&AppliedMigration>, check: Option<&SchemaCheck>) -> Result<(), StepError> {
+        let step = crate::engine::Step { migration: m, direction: dir, body, batch: ctx.batch, actor: &ctx.actor };
+        let outcome = match dir {
+            crate::event::Direction::Up => crate::step::Outcome::Record(State::Applied),
+            crate::event::Direction::Down => crate::step::Outcome::Remove,
+        };
+        let mut stepper = crate::step::Stepper::new(&mut self.engine);
+        stepper.pending = self.pending.take();
+        let r = stepper.run(&step, recorded, &outcome, check).await;
+        self.pending = stepper.pending.take();
+        r
+    }
+
+    async fn flush(&mut self, extra: crate::engine::Record) -> Result<(), EngineError> {
+        let mut stepper = crate::step::Stepper::new(&mut self.engine);
+        stepper.pending = self.pending.take();
+        stepper.flush(extra).await
+    }
+}
+
+#[async_trait]
+impl<E: crate::engine::Engine> Backend for Protocol<E> {
+    fn capabilities(&self) -> Capabilities {
+        let c = crate::engine::Engine::capabilities(&self.engine);
+        Capabilities { engine: c.engine, transactional_ddl: c.transactional_ddl, kind: c.kind }
+    }
+    fn target(&self) -> String {
+        self.engine.target()
+    }
+    async fn try_lock(&mut self) -> Result<bool, EngineError> {
+        self.flush(Default::default()).await?;
+        self.engine.try_lock().await
+    }
+    async fn lock_holder(&mut self) -> Option<String> {
+        self.engine.holder().await
+    }
+    async fn unlock(&mut self) -> Result<(), EngineError> {
+        self.flush(Default::default()).await?;
+        self.engine.unlock().await
+    }
+    async fn ensure_history(&mut self) -> Result<(), EngineError> {
+        self.flush(Default::default()).await?;
+        self.engine.ensure().await
+    }
+    async fn read_history(&mut self) -> Result<Option<Vec<AppliedMigration>>, EngineError> {
+        self.flush(Default::default()).await?;
+        self.engine.list().await
+    }
+    async fn apply(&mut self, m: &Migration, ctx: &RecordContext) -> Result<(), StepError> {
+        self.step(m, &m.up, crate::event::Direction::Up, ctx, None, None).await
+    }
+    async fn revert(&mut self, m: &Migration, applied: &AppliedMigration, ctx: &RecordContext) -> Result<(), StepError> {
+        let Some(down) = &m.down else {
+            return Err(StepError::Engine(EngineError::Unsupported(format!("{} (version {}) has no down section, so it cannot be reverted", m.display_path(), m.version))));
+        };
+        self.step(m, down, crate::event::Direction::Down, ctx, Some(applied), None).await
+    }
+    async fn apply_checked(&mut self, m: &Migration, ctx: &RecordContext, check: &SchemaCheck) -> Result<(), StepError> {
+        self.step(m, &m.up, crate::event::Direction::Up, ctx, None, Some(check)).await
+    }
+    async fn inspect(&mut self) -> Result<Snapshot, EngineError> {
+        self.flush(Default::default()).await?;
+        let engine = self.engine.capabilities().engine;
+        match self.engine.schema() {
+            Some(s) => s.inspect().await,
+            None => Err(EngineError::Unsupported(format!("schema inspection is not available for {engine}"))),
+        }
+    }
+    async fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), EngineError> {
+        let engine = self.engine.capabilities().engine;
+        match self.engine.schema() {
+            Some(s) => s.save_snapshot(snapshot).await,
+            None => Err(EngineError::Unsupported(format!("schema snapshots are not available for {engine}"))),
+        }
+    }
+    async fn load_snapshot(&mut self) -> Result<Option<Snapshot>, EngineError> {
+        let engine = self.engine.capabilities().engine;
+        match self.engine.schema() {
+            Some(s) => s.load_snapshot().await,
+            None => Err(EngineError::Unsupported(format!("schema snapshots are not available for {engine}"))),
+        }
+    }
+    async fn create_scratch(&mut self, name: &str) -> Result<String, EngineError> {
+        let engine = self.engine.capabilities().engine;
+        match self.engine.scratch() {
+            Some(s) => s.create_scratch(name).await,
+            None => Err(EngineError::Unsupported(format!("scratch databases are not available for {engine}"))),
+        }
+    }
+    async fn drop_scratch(&mut self, name: &str) -> Result<(), EngineError> {
+        let engine = self.engine.capabilities().engine;
+        match self.engine.scratch() {
+            Some(s) => s.drop_scratch(name).await,
+            None => Err(EngineError::Unsupported(format!("scratch databases are not available for {engine}"))),
+        }
+    }
+    async fn upsert_history(&mut self, entries: &[AppliedMigration]) -> Result<(), EngineError> {
+        let changes = entries.iter().cloned().map(crate::engine::HistoryChange::Put).collect();
+        self.flush(crate::engine::Record { changes, events: vec![], durable: false }).await
+    }
+    async fn delete_history(&mut self, version: u64) -> Result<(), EngineError> {
+        self.flush(crate::engine::Record { changes: vec![crate::engine::HistoryChange::Delete(version)], events: vec![], durable: false }).await
+    }
+    async fn log(&mut self, entry: &LogEntry) -> Result<(), EngineError> {
+        self.flush(crate::engine::Record { changes: vec![], events: vec![entry.clone()], durable: true }).await
+    }
+    async fn close(self: Box<Self>) -> Result<(), EngineError> {
+        let mut this = *self;
+        let flushed = this.flush(Default::default()).await;
+        let closed = Box::new(this.engine).close().await;
+        flushed.and(closed)
+    }
+}

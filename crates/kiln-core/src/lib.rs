@@ -10,14 +10,17 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod engine;
 pub mod error;
 pub mod event;
+pub mod lock;
 pub mod model;
 pub mod plan;
 pub mod runner;
 pub mod schema;
 pub mod source;
 pub mod split;
+pub mod step;
 pub mod url;
 
 pub use backend::{ApplyError, Backend, BackendConfig, Capabilities, RecordContext, SchemaCheck, StepError};

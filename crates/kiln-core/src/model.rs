@@ -364,6 +364,71 @@ pub struct AppliedMigration {
     pub error: Option<FailureInfo>,
 }
 
+/// What an event-log entry records. Stored as its [`LogEvent::as_str`] spelling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogEvent {
+    /// A run (`up`, `down`) took the lock and starts changing the database.
+    RunStart,
+    /// A run ended (successfully or not); committed durably.
+    RunEnd,
+    /// A migration (or phase) was applied.
+    Applied,
+    /// A migration was reverted.
+    Reverted,
+    /// A migration failed.
+    Failed,
+    /// `kiln repair` changed an entry.
+    Repair,
+    /// `kiln baseline` recorded migrations without running them.
+    Baseline,
+    /// `kiln retire` retired a migration.
+    Retire,
+    /// A runner took over an expired lock lease (MongoDB).
+    LockTakeover,
+}
+
+impl LogEvent {
+    /// Every event, for parsing and documentation.
+    pub const ALL: [LogEvent; 9] = [
+        LogEvent::RunStart,
+        LogEvent::RunEnd,
+        LogEvent::Applied,
+        LogEvent::Reverted,
+        LogEvent::Failed,
+        LogEvent::Repair,
+        LogEvent::Baseline,
+        LogEvent::Retire,
+        LogEvent::LockTakeover,
+    ];
+
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogEvent::RunStart => "run-start",
+            LogEvent::RunEnd => "run-end",
+            LogEvent::Applied => "applied",
+            LogEvent::Reverted => "reverted",
+            LogEvent::Failed => "failed",
+            LogEvent::Repair => "repair",
+            LogEvent::Baseline => "baseline",
+            LogEvent::Retire => "retire",
+            LogEvent::LockTakeover => "lock-takeover",
+        }
+    }
+
+    /// Parse the stored spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.as_str() == s)
+    }
+}
+
+impl fmt::Display for LogEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A row for the append-only event log (`kiln_log`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LogEntry {
