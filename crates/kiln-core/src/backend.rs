@@ -153,6 +153,12 @@ pub trait Backend: Send {
     /// Release the lock. Releasing a lock not held is not an error.
     async fn unlock(&mut self) -> Result<(), EngineError>;
 
+    /// See [`crate::engine::Locker::detached_unlock`]. The default does
+    /// nothing: the lock then lives until the connection closes.
+    fn detached_unlock(&self) -> Box<dyn FnOnce() + Send> {
+        Box::new(|| {})
+    }
+
     /// Create the history table/collection and the event log if they are missing.
     async fn ensure_history(&mut self) -> Result<(), EngineError>;
 
@@ -296,8 +302,12 @@ impl<E: crate::engine::Engine> Backend for Protocol<E> {
         self.engine.holder().await
     }
     async fn unlock(&mut self) -> Result<(), EngineError> {
-        self.flush(Default::default()).await?;
-        self.engine.unlock().await
+        let flushed = self.flush(Default::default()).await;
+        let unlocked = self.engine.unlock().await;
+        flushed.and(unlocked)
+    }
+    fn detached_unlock(&self) -> Box<dyn FnOnce() + Send> {
+        crate::engine::Locker::detached_unlock(&self.engine)
     }
     async fn ensure_history(&mut self) -> Result<(), EngineError> {
         self.flush(Default::default()).await?;

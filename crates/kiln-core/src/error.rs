@@ -281,7 +281,65 @@ pub enum RunError {
     },
 }
 
+impl SourceError {
+    /// A stable machine code (JSON output, HTTP API).
+    pub fn code(&self) -> &'static str {
+        match self {
+            SourceError::BadName { .. } => "bad_name",
+            SourceError::DuplicateVersion { .. } => "duplicate_version",
+            SourceError::Parse { .. } => "parse_error",
+            SourceError::BadRule { .. } => "config",
+            SourceError::Dir { .. } | SourceError::Read { .. } => "source_unreadable",
+        }
+    }
+}
+
+impl PlanError {
+    /// A stable machine code (JSON output, HTTP API).
+    pub fn code(&self) -> &'static str {
+        match self {
+            PlanError::ChecksumMismatch { .. } => "checksum_mismatch",
+            PlanError::MissingFile { .. } => "missing_file",
+            PlanError::OutOfOrder { .. } => "out_of_order",
+            PlanError::UnknownDependency { .. } => "unknown_dependency",
+            PlanError::LaterDependency { .. } => "later_dependency",
+            PlanError::UnmetDependency { .. } => "unmet_dependency",
+            PlanError::Blocked { .. } => "blocked_by_failed",
+            PlanError::Irreversible { .. } => "irreversible",
+            PlanError::NotRevertible { .. } => "not_revertible",
+            PlanError::UnknownVersion { .. } => "unknown_version",
+            PlanError::WrongKind { .. } => "wrong_kind",
+            PlanError::Refused(_) => "refused",
+        }
+    }
+}
+
+impl EngineError {
+    /// A stable machine code (JSON output, HTTP API).
+    pub fn code(&self) -> &'static str {
+        match self {
+            EngineError::BadUrl { .. } => "bad_url",
+            EngineError::Connect { .. } => "connect_failed",
+            EngineError::LockTimeout { .. } => "lock_timeout",
+            EngineError::ConnectionLost { .. } => "connection_lost",
+            EngineError::Query { .. } | EngineError::Unsupported(_) => "engine_error",
+        }
+    }
+}
+
 impl RunError {
+    /// A stable machine code (JSON output, HTTP API): the same words wherever
+    /// kiln reports this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RunError::Source(s) => s.code(),
+            RunError::Plan(_) => "plan_refused",
+            RunError::Engine(e) => e.code(),
+            RunError::Migration { .. } => "migration_failed",
+            RunError::Invalid { .. } => "schema_invalid",
+        }
+    }
+
     /// Versions applied (or reverted) in this run before it stopped.
     pub fn done(&self) -> &[Version] {
         match self {

@@ -25,6 +25,17 @@ impl LockGuard {
         LockGuard { detached: Some(locker.detached_unlock()) }
     }
 
+    /// A guard that runs `unlock` if dropped without [`LockGuard::release`] or
+    /// [`LockGuard::disarm`].
+    pub fn from_fn(unlock: Box<dyn FnOnce() + Send>) -> Self {
+        LockGuard { detached: Some(unlock) }
+    }
+
+    /// Forget the detached unlock: the caller releases the lock itself, now.
+    pub fn disarm(mut self) {
+        self.detached = None;
+    }
+
     /// Release the lock through `locker` and wait for it.
     ///
     /// # Errors

@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::backend::{Backend, RecordContext, StepError};
 use crate::error::{EngineError, PlanError, RunError};
 use crate::event::{Direction, Event, Observer, Silent};
+use crate::lock::LockGuard;
 use crate::model::*;
 use crate::plan::{self, DownTarget, Policy, StatusRow, UpTarget};
 use crate::schema::{self, Change, Contract, Snapshot, Violation};
@@ -170,17 +171,22 @@ impl<'b> Runner<'b> {
         }
     }
 
-    async fn acquire(&mut self) -> Result<(), RunError> {
+    /// Take the lock (waiting up to the lock time-out). The guard releases it
+    /// if the returned future is dropped before [`Runner::release`] runs.
+    async fn acquire(&mut self) -> Result<LockGuard, RunError> {
         if !self.backend.try_lock().await? {
             let holder = self.backend.lock_holder().await.unwrap_or_else(|| "holder unknown".into());
             self.emit(Event::LockWaiting { holder, timeout: self.settings.lock_timeout });
             self.backend.lock(self.settings.lock_timeout).await?;
         }
+        let guard = LockGuard::from_fn(self.backend.detached_unlock());
         self.emit(Event::LockAcquired);
-        Ok(())
+        Ok(guard)
     }
 
-    async fn release<T>(&mut self, result: Result<T, RunError>) -> Result<T, RunError> {
+    /// Release the lock on every path, keeping `result`'s error first.
+    async fn release<T>(&mut self, guard: LockGuard, result: Result<T, RunError>) -> Result<T, RunError> {
+        guard.disarm();
         let unlocked = self.backend.unlock().await;
         match (result, unlocked) {
             (Ok(v), Ok(())) => Ok(v),
@@ -249,7 +255,7 @@ impl<'b> Runner<'b> {
         let target = target.clone();
         let policy = policy.clone();
         let mut report = async {
-            self.acquire().await?;
+            let guard = self.acquire().await?;
             let this = &mut *self;
             let r: Result<_, RunError> = async {
                     this.backend.ensure_history().await?;
@@ -318,7 +324,7 @@ impl<'b> Runner<'b> {
                     Ok(RunReport { direction: Direction::Up, batch: Some(p.batch), steps: done, dry_run: false, duration_ms: 0 })
             }
             .await;
-            self.release(r).await
+            self.release(guard, r).await
         }
         .await?;
         report.duration_ms = started.elapsed().as_millis() as u64;
@@ -481,7 +487,7 @@ impl<'b> Runner<'b> {
         }
         let target = target.clone();
         let mut report = async {
-            self.acquire().await?;
+            let guard = self.acquire().await?;
             let this = &mut *self;
             let r: Result<_, RunError> = async {
                     let Some(applied) = this.backend.read_history().await? else {
@@ -516,7 +522,7 @@ impl<'b> Runner<'b> {
                     Ok(RunReport { direction: Direction::Down, batch: None, steps: done, dry_run: false, duration_ms: 0 })
             }
             .await;
-            self.release(r).await
+            self.release(guard, r).await
         }
         .await?;
         report.duration_ms = started.elapsed().as_millis() as u64;
@@ -533,7 +539,7 @@ impl<'b> Runner<'b> {
         let version = version.clone();
         let reason = reason.map(str::to_string);
         {
-            self.acquire().await?;
+            let guard = self.acquire().await?;
             let this = &mut *self;
             let r: Result<_, RunError> = async {
                 this.backend.ensure_history().await?;
@@ -584,7 +590,7 @@ impl<'b> Runner<'b> {
                 Ok(AdminReport { action: "baseline".into(), changes })
             }
             .await;
-            self.release(r).await
+            self.release(guard, r).await
         }
     }
 
@@ -595,7 +601,7 @@ impl<'b> Runner<'b> {
         let reason = reason.to_string();
         let dir = dir.to_path_buf();
         {
-            self.acquire().await?;
+            let guard = self.acquire().await?;
             let this = &mut *self;
             let r: Result<_, RunError> = async {
                 this.backend.ensure_history().await?;
@@ -648,7 +654,7 @@ impl<'b> Runner<'b> {
                 Ok(AdminReport { action: "retire".into(), changes })
             }
             .await;
-            self.release(r).await
+            self.release(guard, r).await
         }
     }
 
@@ -660,7 +666,7 @@ impl<'b> Runner<'b> {
         let version = version.cloned();
         let reason = reason.to_string();
         {
-            self.acquire().await?;
+            let guard = self.acquire().await?;
             let this = &mut *self;
             let r: Result<_, RunError> = async {
                 let applied = this.backend.read_history().await?.unwrap_or_default();
@@ -736,7 +742,7 @@ impl<'b> Runner<'b> {
                 Ok(AdminReport { action: "repair".into(), changes })
             }
             .await;
-            self.release(r).await
+            self.release(guard, r).await
         }
     }
 }

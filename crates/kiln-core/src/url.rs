@@ -25,6 +25,15 @@ impl EngineKind {
             _ => return None,
         })
     }
+    /// The engine `url` names, or the one "unknown scheme" error every
+    /// connector and command reports.
+    ///
+    /// # Errors
+    /// [`crate::EngineError::BadUrl`] listing the schemes kiln knows.
+    pub fn parse(url: &str) -> Result<Self, crate::EngineError> {
+        Self::of(url).ok_or_else(|| crate::EngineError::BadUrl { url: redact(url), message: UNKNOWN_SCHEME.into() })
+    }
+
     /// The SQL dialect for splitting statements (generic for MongoDB).
     pub fn dialect(self) -> crate::split::Dialect {
         match self {
@@ -35,6 +44,9 @@ impl EngineKind {
         }
     }
 }
+
+/// What kiln says about a URL whose scheme names no engine.
+pub const UNKNOWN_SCHEME: &str = "unknown scheme; use sqlite://, postgres://, mysql:// / mariadb://, mongodb:// or mongodb+srv://";
 
 /// `url` with any password replaced by `***` (also `password=` query parameters).
 /// Never fails: text that is not a URL is returned with nothing to redact.

@@ -12,6 +12,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub mod fake;
 pub mod mongo;
 
 /// The engines a test can ask for.
