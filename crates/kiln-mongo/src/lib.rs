@@ -14,23 +14,26 @@
 //! commands and the history entry commit together in one multi-document
 //! transaction instead.
 //!
-//! Besides the [`kiln_core::Backend`] ([`MongoBackend`]), the crate offers
-//! per-collection status ([`collection_status`]), declarative indexes
-//! ([`sync_indexes`]) and the live schema for schema contracts
-//! ([`schema_snapshot`], [`MongoBackend::snapshot`]).
+//! The engine ([`MongoEngine`]) implements kiln_core's small engine traits
+//! ([`kiln_core::engine`]); the step protocol itself is [`kiln_core::step`].
+//! Besides it, the crate offers per-collection status ([`collection_status`]),
+//! declarative indexes ([`sync_indexes`]) and the live schema for schema
+//! contracts ([`schema_snapshot`], [`MongoEngine::snapshot`]).
 
 #![warn(missing_docs)]
 
-mod backend;
 mod command;
 mod conn;
+mod engine;
+mod exec;
 mod history;
 mod lock;
 mod snapshot;
 mod status;
+mod store;
 mod sync;
 
-pub use backend::MongoBackend;
+pub use engine::MongoEngine;
 pub use conn::Topology;
 pub use history::MIGRATE_MONGO_ACTOR;
 pub use lock::{DEFAULT_TTL as DEFAULT_LEASE_TTL, LOCK_COLLECTION};
@@ -38,10 +41,11 @@ pub use snapshot::schema_snapshot;
 pub use status::{collection_status, CollectionStatus, EXACT_COUNT_LIMIT};
 pub use sync::{sync_indexes, SyncAction, SyncError, SyncOptions, SyncReport};
 
-/// Connect to the MongoDB database named by `cfg`, boxed as a [`kiln_core::Backend`].
+/// Connect to the MongoDB database named by `cfg`, boxed as a
+/// [`kiln_core::Backend`] (the engine behind [`kiln_core::backend::Protocol`]).
 ///
 /// # Errors
-/// As [`MongoBackend::connect`].
+/// As [`MongoEngine::connect`].
 pub async fn connect(cfg: &kiln_core::BackendConfig) -> Result<Box<dyn kiln_core::Backend>, kiln_core::EngineError> {
-    Ok(Box::new(MongoBackend::connect(cfg).await?))
+    Ok(Box::new(kiln_core::backend::Protocol::new(MongoEngine::connect(cfg).await?)))
 }

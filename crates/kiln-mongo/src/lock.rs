@@ -185,6 +185,25 @@ impl Lease {
         Ok(())
     }
 
+    /// A release that needs no `&mut self`: stops renewing at once and deletes
+    /// the lease (if still ours) on the current Tokio runtime in the
+    /// background. Without a runtime the lease simply expires after its TTL.
+    pub fn detached_release(&self) -> Box<dyn FnOnce() + Send> {
+        let abort = self.held.as_ref().map(|h| h.task.abort_handle());
+        let (coll, id, token) = (self.coll.clone(), self.id.clone(), self.token);
+        Box::new(move || {
+            let Some(abort) = abort else { return };
+            abort.abort();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    if let Err(e) = coll.delete_one(doc! { "_id": &id, "token": token }).await {
+                        tracing::warn!(lock = %id, error = %e, "could not release the migration lock lease; it expires after its TTL");
+                    }
+                });
+            }
+        })
+    }
+
     /// Who holds the lease, for messages: owner, since when, and when it expires.
     pub async fn holder(&self, conn: &Conn) -> Option<String> {
         let d = self.coll.find_one(doc! { "_id": &self.id }).await.ok()??;

@@ -89,7 +89,7 @@ pub(crate) async fn take(conn: &Conn, own: &[&str]) -> Result<Snapshot, EngineEr
 /// validator.
 ///
 /// # Errors
-/// Connection failures as [`crate::MongoBackend::connect`]; a failing listing as
+/// Connection failures as [`crate::MongoEngine::connect`]; a failing listing as
 /// [`EngineError::Query`].
 pub async fn schema_snapshot(cfg: &BackendConfig) -> Result<Snapshot, EngineError> {
     let conn = Conn::open(cfg).await?;

@@ -62,7 +62,7 @@ impl fmt::Display for CollectionStatus {
 /// case they are counted (`countDocuments`).
 ///
 /// # Errors
-/// Connection failures as [`crate::MongoBackend::connect`]; a failing listing
+/// Connection failures as [`crate::MongoEngine::connect`]; a failing listing
 /// or count as [`EngineError::Query`].
 pub async fn collection_status(cfg: &BackendConfig, extra: &[String], exact: bool) -> Result<Vec<CollectionStatus>, EngineError> {
     let conn = Conn::open(cfg).await?;

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::{code_of, settings, Env};
 use kiln_core::{Backend, BackendConfig, EngineError, FailureOutcome, PlanError, Policy, RunError, Runner, State, UpTarget, Version};
-use kiln_mongo::MongoBackend;
+use kiln_core::backend::Protocol;
+use kiln_mongo::MongoEngine;
 use mongodb::bson::{doc, Bson, Document};
 
 const USERS: &str = "up:
@@ -353,11 +354,12 @@ async fn transaction_refused_on_a_standalone_server() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("0001_tx.yaml"), "transaction: true\nup:\n  - insert: a\n    documents: [ { _id: 1 } ]\n").unwrap();
     let local = kiln_core::load_dir(dir.path(), &Default::default()).unwrap();
-    let mut b = MongoBackend::connect(&BackendConfig::new(url.clone())).await.unwrap();
-    assert_eq!(b.topology(), kiln_mongo::Topology::Standalone);
+    let mut b = Protocol::new(MongoEngine::connect(&BackendConfig::new(url.clone())).await.unwrap());
+    assert_eq!(b.engine.topology(), kiln_mongo::Topology::Standalone);
     let e = Runner::new(&mut b, settings()).up(&local, &UpTarget::Latest, &Policy::default(), false).await.unwrap_err();
     let msg = e.to_string();
-    assert!(matches!(e, RunError::Engine(EngineError::Unsupported(_))), "{e:?}");
+    // Refused while preparing: a `failed` event, nothing run, nothing recorded.
+    assert!(matches!(&e, RunError::Migration { outcome: FailureOutcome::RolledBack, error, .. } if error.statement == 1), "{e:?}");
     assert!(msg.contains("transaction: true") && msg.contains("replica set") && msg.contains("nothing was run"), "{msg}");
     let h = kiln_testkit::mongo::documents(&url, "kiln_history").await;
     assert!(h.is_empty(), "nothing recorded: {h:?}");
@@ -389,21 +391,21 @@ async fn read_history_creates_nothing() {
 #[tokio::test]
 async fn url_without_database_and_unreachable_server() {
     let base = kiln_testkit::mongo::server_url().await;
-    let e = MongoBackend::connect(&BackendConfig::new(base.clone())).await.err().expect("no database named");
+    let e = MongoEngine::connect(&BackendConfig::new(base.clone())).await.err().expect("no database named");
     assert!(matches!(e, EngineError::BadUrl { .. }), "{e}");
     assert!(e.to_string().contains("add /dbname or set [mongodb] database in kiln.toml"), "{e}");
 
     let mut cfg = BackendConfig::new(base);
     cfg.database = Some(kiln_testkit::unique_name("kiln_t"));
-    let b = MongoBackend::connect(&cfg).await.unwrap();
-    assert_eq!(b.database_name(), cfg.database.as_deref().unwrap());
+    let b = Protocol::new(MongoEngine::connect(&cfg).await.unwrap());
+    assert_eq!(b.engine.database_name(), cfg.database.as_deref().unwrap());
     assert!(b.target().contains(cfg.database.as_deref().unwrap()), "{}", b.target());
 
-    let e = MongoBackend::connect(&BackendConfig::new("postgres://x/y")).await.err().unwrap();
+    let e = MongoEngine::connect(&BackendConfig::new("postgres://x/y")).await.err().unwrap();
     assert!(matches!(e, EngineError::BadUrl { .. }), "{e}");
 
     let started = Instant::now();
-    let e = MongoBackend::connect(&BackendConfig::new("mongodb://kiln:s3cret-pw@127.0.0.1:9/app")).await.err().expect("nothing listens on port 9");
+    let e = MongoEngine::connect(&BackendConfig::new("mongodb://kiln:s3cret-pw@127.0.0.1:9/app")).await.err().expect("nothing listens on port 9");
     assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
     let msg = e.to_string();
     assert!(matches!(e, EngineError::Connect { .. }), "{msg}");
@@ -534,7 +536,7 @@ async fn failed_revert_is_recorded() {
     assert_eq!(error.statement, 2);
     let h = env.docs("kiln_history").await;
     assert_eq!(history_state(&h[0]), "failed");
-    assert!(h[0].get_str("error").unwrap().starts_with("down: "), "{:?}", h[0]);
+    assert!(h[0].get_str("error").unwrap().starts_with("the down migration failed: "), "{:?}", h[0]);
 
     // A revert whose first command is refused leaves the entry applied.
     let env = Env::new().await;
@@ -570,4 +572,53 @@ async fn history_entry_state_round_trips_through_upsert() {
     assert_eq!(b.read_history().await.unwrap().unwrap(), vec![entry.clone()]);
     b.delete_history(42).await.unwrap();
     assert_eq!(b.read_history().await.unwrap().unwrap(), vec![]);
+}
+
+#[tokio::test]
+async fn an_insert_never_overwrites_a_recorded_version_and_no_event_is_logged_without_its_change() {
+    use kiln_core::engine::{HistoryChange, HistoryStore, Record};
+    let env = Env::new().await;
+    let mut e = MongoEngine::connect(&env.cfg).await.unwrap();
+    e.ensure().await.unwrap();
+    let row = |v: u64, state: State| kiln_core::AppliedMigration {
+        version: Version::from_number(v),
+        description: format!("m{v}"),
+        script: format!("000{v}_m{v}.yaml"),
+        group: None,
+        checksum: kiln_core::Checksum("c".repeat(64)),
+        state,
+        batch: 1,
+        applied_at: chrono::DateTime::from_timestamp_millis(1_700_000_000_000).unwrap(),
+        duration_ms: 0,
+        applied_by: "other@runner".into(),
+        kiln_version: "0.1.0".into(),
+        error: None,
+    };
+    let event = kiln_core::LogEntry {
+        at: chrono::Utc::now(),
+        event: "applied".into(),
+        version: Some(2),
+        name: Some("m2".into()),
+        batch: Some(1),
+        actor: "t@h".into(),
+        reason: None,
+        detail: None,
+    };
+    e.commit(&Record { changes: vec![HistoryChange::Insert(row(1, State::Running))], events: vec![], durable: false }).await.unwrap();
+    // Another runner's merged finish + intent collides with the recorded version 1.
+    let record = Record {
+        changes: vec![HistoryChange::Put(row(2, State::Applied)), HistoryChange::Insert(row(1, State::Applied)), HistoryChange::Put(row(3, State::Applied))],
+        events: vec![event],
+        durable: false,
+    };
+    let err = e.commit(&record).await.unwrap_err();
+    assert!(matches!(err, EngineError::Query { .. }), "{err}");
+    assert!(err.to_string().contains("code 11000"), "{err}");
+    let h = env.docs("kiln_history").await;
+    let states: Vec<(i64, String)> = h.iter().map(|d| (d.get_i64("_id").unwrap(), history_state(d).to_string())).collect();
+    assert_eq!(states, vec![(1, "running".to_string()), (2, "applied".to_string())], "version 1 kept, statements after the collision not run");
+    assert!(env.docs("kiln_log").await.is_empty(), "no event is logged when the history write failed");
+    // Put replaces, Delete removes, one record at a time.
+    e.commit(&Record { changes: vec![HistoryChange::Put(row(1, State::Applied)), HistoryChange::Delete(2)], events: vec![], durable: true }).await.unwrap();
+    assert_eq!(e.list().await.unwrap().unwrap().iter().map(|a| (a.version.number, a.state)).collect::<Vec<_>>(), vec![(1, State::Applied)]);
 }

@@ -6,7 +6,8 @@ mod common;
 use std::path::PathBuf;
 
 use kiln_core::{load_dir, BackendConfig, DownTarget, LoadOptions, Policy, Runner, UpTarget};
-use kiln_mongo::{sync_indexes, MongoBackend, SyncAction, SyncOptions};
+use kiln_core::backend::Protocol;
+use kiln_mongo::{sync_indexes, MongoEngine, SyncAction, SyncOptions};
 use kiln_testkit::{Engine, TestDb};
 use mongodb::bson::{doc, Document};
 
@@ -32,7 +33,7 @@ async fn creator_discovery_example_applies_and_reverts() {
     let local = load_dir(&example().join("migrations"), &LoadOptions::default()).unwrap();
     assert_eq!(local.len(), 1);
     assert_eq!(local[0].version.number, 20251101000000);
-    let mut b = MongoBackend::connect(&cfg).await.unwrap();
+    let mut b = Protocol::new(MongoEngine::connect(&cfg).await.unwrap());
     let settings = common::settings();
     let r = Runner::new(&mut b, settings.clone()).up(&local, &UpTarget::Latest, &Policy::default(), false).await.unwrap();
     assert_eq!(r.steps.len(), 1);

@@ -7,7 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::{settings, Env};
+use kiln_core::backend::Protocol;
 use kiln_core::{Backend, EngineError, Policy, Runner, UpTarget};
+use kiln_mongo::MongoEngine;
 use mongodb::bson::{doc, Document};
 
 async fn lease(env: &Env) -> Option<Document> {
@@ -46,7 +48,7 @@ async fn a_held_lease_cannot_be_taken() {
 async fn heartbeat_keeps_a_live_lease() {
     let env = Env::new().await;
     let mut a = env.backend().await;
-    a.set_lease_ttl(Duration::from_secs(1));
+    a.engine.set_lease_ttl(Duration::from_secs(1));
     assert!(a.try_lock().await.unwrap());
     let first = lease(&env).await.unwrap().get_datetime("expires").unwrap().timestamp_millis();
     // Three TTLs later the lease is still live, because it is renewed.
@@ -63,7 +65,7 @@ async fn heartbeat_keeps_a_live_lease() {
 async fn a_crashed_holders_lease_expires_and_is_taken_over() {
     let env = Env::new().await;
     let mut a = env.backend().await;
-    a.set_lease_ttl(Duration::from_secs(1));
+    a.engine.set_lease_ttl(Duration::from_secs(1));
     assert!(a.try_lock().await.unwrap());
     let old_owner = lease(&env).await.unwrap();
     drop(a); // a crash: no unlock, no more heartbeats
@@ -106,7 +108,7 @@ async fn lock_is_per_history_collection() {
     let mut a = env.backend().await;
     let mut cfg = env.cfg.clone();
     cfg.history_table = "other_history".into();
-    let mut b = kiln_mongo::MongoBackend::connect(&cfg).await.unwrap();
+    let mut b = Protocol::new(MongoEngine::connect(&cfg).await.unwrap());
     assert!(a.try_lock().await.unwrap());
     assert!(b.try_lock().await.unwrap(), "another history collection has its own lock");
     a.unlock().await.unwrap();
@@ -125,7 +127,7 @@ async fn eight_runners_at_once_apply_each_migration_once() {
         let cfg = env.cfg.clone();
         let local = local.clone();
         tasks.push(tokio::spawn(async move {
-            let mut b = kiln_mongo::MongoBackend::connect(&cfg).await.unwrap();
+            let mut b = Protocol::new(MongoEngine::connect(&cfg).await.unwrap());
             let r = Runner::new(&mut b, settings()).up(&local, &UpTarget::Latest, &Policy::default(), false).await;
             r.map(|r| r.steps.len())
         }));
@@ -146,7 +148,7 @@ async fn a_lost_lease_stops_the_runner_before_the_next_migration() {
     let env = Env::new().await;
     env.write("0001_a.yaml", "up:\n  - create: a\n");
     let mut a = env.backend().await;
-    a.set_lease_ttl(Duration::from_secs(1));
+    a.engine.set_lease_ttl(Duration::from_secs(1));
     assert!(a.try_lock().await.unwrap());
     // Another runner took the lease over while a was stalled.
     env.database()

@@ -88,8 +88,8 @@ async fn scratch_databases_for_verify() {
     // The scratch URL works like any other.
     let mut cfg = env.cfg.clone();
     cfg.url = url.clone();
-    let mut s = kiln_mongo::MongoBackend::connect(&cfg).await.unwrap();
-    assert_eq!(s.database_name(), name);
+    let mut s = kiln_core::backend::Protocol::new(kiln_mongo::MongoEngine::connect(&cfg).await.unwrap());
+    assert_eq!(s.engine.database_name(), name);
     s.ensure_history().await.unwrap();
     let client = kiln_testkit::mongo::client(&env.db.url).await;
     assert!(client.list_database_names().await.unwrap().contains(&name));

@@ -35,7 +35,7 @@ use kiln_core::url::EngineKind;
 pub async fn connect(cfg: &BackendConfig) -> Result<Box<dyn Backend>, EngineError> {
     match EngineKind::of(&cfg.url) {
         #[cfg(feature = "mongodb")]
-        Some(EngineKind::Mongodb) => Ok(Box::new(kiln_mongo::MongoBackend::connect(cfg).await?)),
+        Some(EngineKind::Mongodb) => kiln_mongo::connect(cfg).await,
         _ => kiln_sql::connect(cfg).await,
     }
 }

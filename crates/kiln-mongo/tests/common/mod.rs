@@ -6,7 +6,8 @@
 use std::path::Path;
 
 use kiln_core::{load_dir, BackendConfig, DownTarget, LoadOptions, Migration, Policy, RunError, RunReport, Runner, RunnerSettings, UpTarget};
-use kiln_mongo::MongoBackend;
+use kiln_core::backend::Protocol;
+use kiln_mongo::MongoEngine;
 use kiln_testkit::{Engine, TestDb};
 use mongodb::bson::Document;
 
@@ -37,8 +38,8 @@ impl Env {
         load_dir(self.dir.path(), &LoadOptions::default()).unwrap()
     }
 
-    pub async fn backend(&self) -> MongoBackend {
-        MongoBackend::connect(&self.cfg).await.unwrap()
+    pub async fn backend(&self) -> Protocol<MongoEngine> {
+        Protocol::new(MongoEngine::connect(&self.cfg).await.unwrap())
     }
 
     pub async fn up(&self) -> Result<RunReport, RunError> {

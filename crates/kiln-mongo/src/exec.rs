@@ -1,0 +1,234 @@
+//! kiln's [`Executor`] on MongoDB: check a migration's commands before
+//! anything runs, run them one at a time (the intent path), or all of them
+//! with the history record in one multi-document transaction
+//! (`transaction: true` on a replica set or sharded cluster).
+
+use std::path::Path;
+
+use async_trait::async_trait;
+use kiln_core::engine::{AtomicFailure, ExecFailure, Executor, HistoryChange, Left, Record, SchemaCheck, Step};
+use kiln_core::{Body, Command, EngineError, FailureInfo, State, StatementError, TxMode};
+use mongodb::ClientSession;
+
+use crate::command::{self, Effect, Prepared};
+use crate::engine::{MongoEngine, PreparedStep};
+
+/// The file and commands of `step`'s body.
+fn commands<'a>(step: &'a Step<'_>) -> Result<(&'a Path, &'a [Command]), StatementError> {
+    match step.body {
+        Body::Commands { file, commands } => Ok((file.as_path(), commands.as_slice())),
+        Body::Sql { file, .. } => Err(StatementError {
+            file: file.display().to_string(),
+            statement: 1,
+            line: 1,
+            message: "only MongoDB command migrations (.yaml/.json) run on MongoDB".into(),
+            code: None,
+        }),
+        Body::Code => Err(StatementError {
+            file: step.migration.display_path(),
+            statement: 1,
+            line: 1,
+            message: "Rust migrations do not run on MongoDB; write the migration as commands (.yaml/.json)".into(),
+            code: None,
+        }),
+    }
+}
+
+fn statement_error(file: &Path, commands: &[Command], index: usize, message: String, code: Option<i32>) -> StatementError {
+    StatementError {
+        file: file.display().to_string(),
+        statement: index + 1,
+        line: commands.get(index).map(|c| c.line).unwrap_or(0),
+        message,
+        code: code.map(|c| c.to_string()),
+    }
+}
+
+impl MongoEngine {
+    /// Convert every command before running any, so invalid Extended JSON in
+    /// command 3 does not leave commands 1 and 2 applied.
+    fn prepare_all(&self, file: &Path, commands: &[Command]) -> Result<Vec<Prepared>, StatementError> {
+        commands
+            .iter()
+            .enumerate()
+            .map(|(i, c)| command::prepare(&c.doc, &self.conn.db_name).map_err(|e| statement_error(file, commands, i, e.0, None)))
+            .collect()
+    }
+
+    /// The commands `prepare` converted for `step` (converted again if the
+    /// caller skipped `prepare`, which the step protocol never does).
+    fn prepared_for(&mut self, step: &Step<'_>) -> Result<&[Prepared], StatementError> {
+        let fresh = matches!(&self.prepared, Some(p) if p.version == step.migration.version.number && p.direction == step.direction);
+        if !fresh {
+            let (file, cmds) = commands(step)?;
+            let commands = self.prepare_all(file, cmds)?;
+            self.prepared = Some(PreparedStep { version: step.migration.version.number, direction: step.direction, commands });
+        }
+        Ok(&self.prepared.as_ref().expect("set above").commands)
+    }
+
+    /// The record's history changes, then its events, inside the transaction.
+    async fn record_in(&self, session: &mut ClientSession, record: &Record) -> Result<(), EngineError> {
+        self.write_history(Some(&mut *session), &record.changes, false).await?;
+        self.write_events(Some(session), &record.events, false).await
+    }
+
+    /// MongoDB cannot list collections or indexes inside a transaction, so a
+    /// schema contract is checked after the commit. Violations then turn the
+    /// (committed) entry `failed`, as on the intent path, and the error says so.
+    async fn check_after_commit(&mut self, step: &Step<'_>, record: &Record, check: &SchemaCheck) -> Result<(), AtomicFailure> {
+        let snapshot = self.snapshot().await.map_err(AtomicFailure::Engine)?;
+        let violations = check(&snapshot);
+        if violations.is_empty() {
+            return Ok(());
+        }
+        let text = violations.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("; ");
+        let row = record.changes.iter().find_map(|c| match c {
+            HistoryChange::Put(r) | HistoryChange::Insert(r) if r.version.number == step.migration.version.number => Some(r.clone()),
+            _ => None,
+        });
+        if let Some(mut row) = row {
+            row.state = State::Failed;
+            row.error = Some(FailureInfo { message: format!("schema validation failed after this migration: {text}"), statement: None, line: None });
+            self.write_history(None, &[HistoryChange::Put(row)], false).await.map_err(AtomicFailure::Engine)?;
+        }
+        Err(AtomicFailure::Engine(EngineError::Query {
+            context: format!("checking the schema contract after {}", step.migration.name()),
+            message: format!(
+                "schema validation failed: {text}. MongoDB cannot inspect the schema inside a transaction, so the migration was committed before the check and is now recorded as failed; fix the database, then run `kiln repair {}`",
+                step.migration.version
+            ),
+        }))
+    }
+}
+
+#[async_trait]
+impl Executor for MongoEngine {
+    async fn prepare(&mut self, step: &Step<'_>) -> Result<(), StatementError> {
+        self.prepared = None;
+        let (file, cmds) = commands(step)?;
+        let commands = self.prepare_all(file, cmds)?;
+        if step.migration.directives.transaction == TxMode::On && !self.conn.topology.supports_transactions() {
+            return Err(statement_error(
+                file,
+                cmds,
+                0,
+                format!(
+                    "{} asks for `transaction: true`, but {} is a standalone server and multi-document transactions need a replica set or a sharded cluster; nothing was run. Convert the server to a (one-node) replica set, or remove `transaction: true`",
+                    step.migration.display_path(),
+                    self.conn.target
+                ),
+                None,
+            ));
+        }
+        self.prepared = Some(PreparedStep { version: step.migration.version.number, direction: step.direction, commands });
+        Ok(())
+    }
+
+    async fn run_one(&mut self, step: &Step<'_>, index: usize) -> Result<(), ExecFailure> {
+        let m = step.migration;
+        if let Some(e) = self.lease_lost(&format!(
+            "running command {} of the {} body of {}; its history entry stays `running` and blocks later runs until `kiln repair {}`",
+            index + 1,
+            step.word(),
+            m.name(),
+            m.version
+        )) {
+            return Err(ExecFailure::Engine(e));
+        }
+        let (file, cmds) = commands(step).map_err(|error| ExecFailure::Statement { error, left: Left::Nothing })?;
+        let cmd = match self.prepared_for(step) {
+            Ok(p) => p.get(index).cloned().ok_or_else(|| ExecFailure::Engine(EngineError::Unsupported(format!("{} has no command {}", m.name(), index + 1))))?,
+            Err(error) => {
+                let left = if index == 0 { Left::Nothing } else { Left::Committed(remains(index, Effect::Nothing)) };
+                return Err(ExecFailure::Statement { error, left });
+            }
+        };
+        let Err(f) = command::run(&self.conn, &cmd, None).await else { return Ok(()) };
+        let error = statement_error(file, cmds, index, format!("{} failed: {}", cmd.name(), f.message), f.code);
+        let left = if index == 0 && f.effect == Effect::Nothing {
+            Left::Nothing
+        } else {
+            Left::Committed(remains(index, f.effect))
+        };
+        Err(ExecFailure::Statement { error, left })
+    }
+
+    async fn run_atomic(&mut self, step: &Step<'_>, record: &Record, check: Option<&SchemaCheck>) -> Result<(), AtomicFailure> {
+        let m = step.migration;
+        if let Some(e) = self.lease_lost(&format!("running {} in a transaction; nothing was run", m.name())) {
+            return Err(AtomicFailure::Engine(e));
+        }
+        let (file, cmds) = commands(step).map_err(AtomicFailure::Body)?;
+        let prepared = self.prepared_for(step).map_err(AtomicFailure::Body)?.to_vec();
+        let conn = &self.conn;
+        let mut session = conn.client.start_session().await.map_err(|e| AtomicFailure::Engine(conn.engine_error("starting a session for a transaction", &e)))?;
+        session.start_transaction().await.map_err(|e| AtomicFailure::Engine(conn.engine_error("starting a transaction", &e)))?;
+        for (i, cmd) in prepared.iter().enumerate() {
+            if let Err(f) = command::run(conn, cmd, Some(&mut session)).await {
+                let _ = session.abort_transaction().await;
+                let message = format!("{} failed: {}; the transaction was aborted", cmd.name(), f.message);
+                return Err(AtomicFailure::Body(statement_error(file, cmds, i, message, f.code)));
+            }
+        }
+        if let Err(e) = self.record_in(&mut session, record).await {
+            let _ = session.abort_transaction().await;
+            return Err(AtomicFailure::Engine(e));
+        }
+        if let Err(e) = commit(&mut session).await {
+            let unknown = e.contains_label(mongodb::error::UNKNOWN_TRANSACTION_COMMIT_RESULT);
+            let context = if unknown {
+                format!("committing the transaction of {} (its outcome is unknown: commands and history entry committed together or not at all; run `kiln status`)", m.name())
+            } else {
+                format!("committing the transaction of {} (nothing was committed)", m.name())
+            };
+            return Err(AtomicFailure::Engine(self.conn.engine_error(context, &e)));
+        }
+        match check {
+            Some(check) => self.check_after_commit(step, record, check).await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// What remains after command `index` (0-based) failed with `effect`.
+fn remains(index: usize, effect: Effect) -> String {
+    let before = match index {
+        0 => String::new(),
+        1 => "command 1 was committed and remains in the database".into(),
+        n => format!("commands 1–{n} were committed and remain in the database"),
+    };
+    let failing = match effect {
+        Effect::Nothing => String::new(),
+        Effect::Partial => format!("command {} wrote part of its documents before it failed", index + 1),
+        Effect::Unknown => format!("command {} may or may not have run (the connection failed)", index + 1),
+    };
+    let what = [before, failing].into_iter().filter(|s| !s.is_empty()).collect::<Vec<_>>().join(", and ");
+    format!("MongoDB cannot roll back commands run outside a transaction: {what}")
+}
+
+/// Commit, retrying while the server says the outcome is unknown (the
+/// transactions spec's `UnknownTransactionCommitResult`).
+async fn commit(session: &mut ClientSession) -> Result<(), mongodb::error::Error> {
+    let mut tries = 0;
+    loop {
+        match session.commit_transaction().await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.contains_label(mongodb::error::UNKNOWN_TRANSACTION_COMMIT_RESULT) && tries < 3 => tries += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_remains_is_said() {
+        assert!(remains(0, Effect::Partial).contains("command 1 wrote part"));
+        assert!(remains(1, Effect::Nothing).contains("command 1 was committed"));
+        let s = remains(3, Effect::Unknown);
+        assert!(s.contains("commands 1–3") && s.contains("command 4 may or may not"), "{s}");
+    }
+}
