@@ -29,7 +29,7 @@ use kiln_core::{Backend, BackendConfig, EngineError};
 pub async fn connect(cfg: &BackendConfig) -> Result<Box<dyn Backend>, EngineError> {
     match EngineKind::of(&cfg.url) {
         #[cfg(feature = "postgres")]
-        Some(EngineKind::Postgres) => Ok(Box::new(postgres::PgBackend::connect(cfg).await?)),
+        Some(EngineKind::Postgres) => Ok(Box::new(kiln_core::backend::Protocol::new(postgres::PgBackend::connect(cfg).await?))),
         #[cfg(feature = "mysql")]
         Some(EngineKind::Mysql) => Ok(Box::new(mysql::MysqlBackend::connect(cfg).await?)),
         #[cfg(feature = "sqlite")]
