@@ -11,6 +11,13 @@
 # server started here (installed by scripts/install-mongo-test-server.sh) and
 # stopped on exit.
 #
+# With migrate-mongo installed (MIGRATE_MONGO=/path/to/bin/migrate-mongo, or
+# found at /opt/migpeers/npm/migrate-mongo, see ../shared/bench/peers), it
+# also applies the same N createIndex migrations with migrate-mongo and kiln,
+# paired: every timed run starts on dropped databases and the two tools
+# alternate, PAIRS times (default 5); prints both medians and the median of
+# the per-pair ratios kiln / migrate-mongo.
+#
 # Usage: bench/mongo-bench.sh [N]       (hyperfine is used when installed)
 set -euo pipefail
 
@@ -102,6 +109,59 @@ else
         label=$([[ $what == up ]] && echo "no-op up" || echo "status")
         printf '%-10s %d ms mean over %d runs\n' "$label:" $(( total / RUNS )) "$RUNS"
     done
+fi
+
+MM="${MIGRATE_MONGO:-/opt/migpeers/npm/migrate-mongo/node_modules/.bin/migrate-mongo}"
+if [[ -x "$MM" && -x "$ROOT/.venv-test/bin/python" ]]; then
+    PAIRS="${PAIRS:-5}"
+    MMDIR="$WORK/migrate-mongo"
+    mkdir -p "$MMDIR/migrations"
+    for i in $(seq 1 "$N"); do
+        printf "module.exports = {\n  async up(db) { await db.collection('bench_%d').createIndex({ tenantId: 1, createdAt: -1 }, { name: 'tenant_created' }); },\n  async down(db) { await db.collection('bench_%d').drop(); },\n};\n" "$i" "$i" \
+            >"$MMDIR/migrations/$(printf '%06d' "$i")-index_bench_$i.js"
+    done
+    MMDB="${DB}_mm"
+    KDB="${DB}_kiln"
+    KURL="${SCHEME}${REST%%/*}/${KDB}${QUERY}"
+    cat >"$MMDIR/migrate-mongo-config.js" <<CONFIG
+module.exports = {
+  mongodb: { url: "${BASE}", databaseName: "${MMDB}", options: {} },
+  migrationsDir: "migrations",
+  changelogCollectionName: "changelog",
+  migrationFileExtension: ".js",
+  useFileHash: false,
+  moduleSystem: "commonjs",
+};
+CONFIG
+    echo "migrate-mongo vs kiln: apply $N on a fresh database, $PAIRS alternating pairs" >&2
+    "$ROOT/.venv-test/bin/python" - "$PAIRS" "$BASE" "$MMDB" "$KDB" "cd $MMDIR && $MM up" "$KILN up --url $KURL --dir $DIR" <<'PY'
+import statistics, subprocess, sys, time
+import pymongo
+pairs, base, mmdb, kdb, mm, kiln = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
+client = pymongo.MongoClient(base)
+def timed(cmd):
+    for d in (mmdb, kdb):
+        client.drop_database(d)
+    t = time.monotonic()
+    r = subprocess.run(cmd, shell=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if r.returncode:
+        sys.exit(f"FAILED: {cmd}: {r.stderr.decode()[-300:]}")
+    return time.monotonic() - t
+ks, ms, ratios = [], [], []
+for i in range(pairs):
+    if i % 2 == 0:
+        k = timed(kiln); m = timed(mm)
+    else:
+        m = timed(mm); k = timed(kiln)
+    ks.append(k); ms.append(m); ratios.append(k / m)
+for d in (mmdb, kdb):
+    client.drop_database(d)
+print(f"kiln up       median {statistics.median(ks):.3f} s (min {min(ks):.3f}, max {max(ks):.3f})")
+print(f"migrate-mongo median {statistics.median(ms):.3f} s (min {min(ms):.3f}, max {max(ms):.3f})")
+print(f"kiln / migrate-mongo, median of {pairs} paired ratios: {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
+PY
+else
+    echo "migrate-mongo comparison skipped: set MIGRATE_MONGO (npm install migrate-mongo; see ../shared/bench/peers/install-peers.sh npm)" >&2
 fi
 
 if [[ -z "$SERVER_PID" ]]; then
