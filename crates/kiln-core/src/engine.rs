@@ -242,6 +242,25 @@ pub trait Executor: Send {
     /// DML transactional between DDL statements); that transaction is
     /// committed by the next [`HistoryStore::commit`], which records the finish.
     async fn run_one(&mut self, step: &Step<'_>, index: usize) -> Result<(), ExecFailure>;
+
+    /// Give up an intent-path step whose body ran to the end but whose schema
+    /// check failed, and say what of the body remains committed. When nothing
+    /// does, the engine rolls back its own open transaction (see
+    /// [`Executor::run_one`]) and returns [`Left::Nothing`]; otherwise it keeps
+    /// that transaction, so the `failed` record commits the rest of the body
+    /// with it (the migration stays whole, not cut at its last implicit
+    /// commit). The default is right for engines whose statements commit one
+    /// by one: everything remains, unless the body was empty.
+    async fn abandon(&mut self, step: &Step<'_>) -> Result<Left, EngineError> {
+        Ok(match step.body.len() {
+            0 => Left::Nothing,
+            n => Left::Committed(format!(
+                "its {n} statement{} ran outside a transaction and remain{} in the database",
+                if n == 1 { "" } else { "s" },
+                if n == 1 { "s" } else { "" }
+            )),
+        })
+    }
 }
 
 /// The live schema and the snapshot the last run stored (drift detection,

@@ -72,7 +72,7 @@ use crate::backend::{ApplyError, StepError};
 use crate::engine::{AtomicFailure, Capabilities, Engine, ExecFailure, HistoryChange, Left, Record, SchemaCheck, Step};
 use crate::error::{EngineError, FailureOutcome, StatementError};
 use crate::event::Direction;
-use crate::model::{AppliedMigration, FailureInfo, LogEvent, LogEntry, Migration, State, TxMode, KILN_VERSION};
+use crate::model::{AppliedMigration, Body, FailureInfo, Kind, LogEntry, LogEvent, Migration, State, TxMode, KILN_VERSION};
 
 /// Which of the two paths a step takes (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,6 +159,23 @@ impl<'e> Stepper<'e> {
     /// when kiln could not talk to the database.
     pub async fn run(&mut self, step: &Step<'_>, recorded: Option<&AppliedMigration>, outcome: &Outcome, check: Option<&SchemaCheck>) -> Result<(), StepError> {
         let m = step.migration;
+        let kind = match step.body {
+            Body::Sql { .. } => Kind::Sql,
+            Body::Commands { .. } => Kind::Commands,
+            Body::Code => Kind::Code,
+        };
+        if kind != self.caps.kind {
+            return Err(StepError::Engine(EngineError::Unsupported(format!(
+                "{}: a {} body cannot run on {}; nothing was run",
+                m.display_path(),
+                match kind {
+                    Kind::Sql => "SQL",
+                    Kind::Commands => "MongoDB command",
+                    Kind::Code => "code",
+                },
+                self.caps.engine
+            ))));
+        }
         if let Err(error) = self.engine.prepare(step).await {
             self.flush(Record::default()).await?;
             self.log_failure(step, &error, "nothing was run").await;
@@ -167,8 +184,7 @@ impl<'e> Stepper<'e> {
         match path(&self.caps, m) {
             Path::Atomic => {
                 self.flush(Record::default()).await?;
-                let started = Instant::now();
-                let record = Record { changes: vec![finish_change(step, recorded, outcome, 0)], events: vec![finish_event(step, started)], durable: false };
+                let record = Record { changes: vec![finish_change(step, recorded, outcome, 0)], events: vec![finish_event(step)], durable: false };
                 match self.engine.run_atomic(step, &record, check).await {
                     Ok(()) => Ok(()),
                     Err(AtomicFailure::Body(error)) => {
@@ -210,34 +226,59 @@ impl<'e> Stepper<'e> {
             }
         }
 
-        // 3. The finish: now, or with the next intent.
+        // 3. The contract, before the finish: a violation gives the step up.
         let ms = started.elapsed().as_millis() as i64;
-        let finish = Record { changes: vec![finish_change(step, recorded, outcome, ms)], events: vec![finish_event(step, started)], durable: false };
-        if self.caps.merge_finish && check.is_none() {
+        if let Some(check) = check {
+            if let Some(schema) = self.engine.schema() {
+                let snapshot = schema.inspect().await?;
+                let violations = check(&snapshot);
+                if !violations.is_empty() {
+                    return Err(self.intent_invalid(step, recorded, violations, ms).await);
+                }
+            }
+        }
+
+        // 4. The finish: now, or with the next intent.
+        let finish = Record { changes: vec![finish_change(step, recorded, outcome, ms)], events: vec![finish_event(step)], durable: false };
+        if self.caps.merge_finish {
             self.pending = Some(finish);
         } else {
             self.engine.commit(&finish).await.map_err(|e| {
                 annotate(e, &format!("recording the end of {} (it stays recorded as running and blocks the next run until `kiln repair {}`)", m.name(), m.version))
             })?;
         }
-
-        // 4. The contract, after the fact: the change cannot be rolled back.
-        if let Some(check) = check {
-            let Some(schema) = self.engine.schema() else { return Ok(()) };
-            let snapshot = schema.inspect().await?;
-            let violations = check(&snapshot);
-            if !violations.is_empty() {
-                let message = format!(
-                    "schema validation failed after this migration: {}",
-                    violations.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("; ")
-                );
-                let mut row = entry(step, recorded, State::Failed, ms);
-                row.error = Some(FailureInfo { message, statement: None, line: None });
-                self.engine.commit(&Record { changes: vec![HistoryChange::Put(row)], events: vec![], durable: false }).await?;
-                return Err(StepError::Invalid { violations, outcome: FailureOutcome::RecordedFailed });
-            }
-        }
         Ok(())
+    }
+
+    /// The body of an intent-path step ran but breaks the contract: roll back
+    /// what the engine can, then undo the intent (nothing remains) or record
+    /// the step `failed` (something does). The runner logs the violations.
+    async fn intent_invalid(&mut self, step: &Step<'_>, recorded: Option<&AppliedMigration>, violations: Vec<crate::schema::Violation>, ms: i64) -> StepError {
+        let m = step.migration;
+        let left = match self.engine.abandon(step).await {
+            Ok(left) => left,
+            Err(e) => return StepError::Engine(annotate(e, &format!("rolling back {}, which breaks the schema contract (it stays recorded as running)", m.name()))),
+        };
+        let (change, outcome) = match left {
+            Left::Nothing => (undo_intent(step, recorded), FailureOutcome::RolledBack),
+            Left::Committed(why) => {
+                let mut row = entry(step, recorded, State::Failed, ms);
+                row.error = Some(FailureInfo {
+                    message: format!(
+                        "schema validation failed after this migration: {}; {why}: fix the database by hand, then run `kiln repair {}`",
+                        violations.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("; "),
+                        m.version
+                    ),
+                    statement: None,
+                    line: None,
+                });
+                (HistoryChange::Put(row), FailureOutcome::RecordedFailed)
+            }
+        };
+        match self.engine.commit(&Record { changes: vec![change], events: vec![], durable: false }).await {
+            Ok(()) => StepError::Invalid { violations, outcome },
+            Err(e) => StepError::Engine(annotate(e, &format!("recording that {} breaks the schema contract (it stays recorded as running)", m.name()))),
+        }
     }
 
     /// Record a failed statement of the intent path (see the module docs, step 3).
@@ -245,13 +286,7 @@ impl<'e> Stepper<'e> {
         let m = step.migration;
         let ms = started.elapsed().as_millis() as i64;
         let (change, outcome, note) = match left {
-            Left::Nothing => {
-                let undo = match (step.direction, recorded) {
-                    (Direction::Down, Some(prev)) => HistoryChange::Put(prev.clone()),
-                    _ => HistoryChange::Delete(m.version.number),
-                };
-                (undo, FailureOutcome::RolledBack, "nothing was changed")
-            }
+            Left::Nothing => (undo_intent(step, recorded), FailureOutcome::RolledBack, "nothing was changed"),
             Left::Committed(why) => {
                 let prefix = if step.direction == Direction::Down { "the down migration failed: " } else { "" };
                 let mut row = entry(step, recorded, State::Failed, ms);
@@ -349,6 +384,14 @@ fn intent_change(step: &Step<'_>, recorded: Option<&AppliedMigration>) -> Histor
     }
 }
 
+/// Undo the intent: remove a new entry, or restore the entry a revert changed.
+fn undo_intent(step: &Step<'_>, recorded: Option<&AppliedMigration>) -> HistoryChange {
+    match (step.direction, recorded) {
+        (Direction::Down, Some(prev)) => HistoryChange::Put(prev.clone()),
+        _ => HistoryChange::Delete(step.migration.version.number),
+    }
+}
+
 fn finish_change(step: &Step<'_>, recorded: Option<&AppliedMigration>, outcome: &Outcome, ms: i64) -> HistoryChange {
     match outcome {
         Outcome::Record(state) => HistoryChange::Put(entry(step, recorded, *state, ms)),
@@ -369,16 +412,16 @@ fn step_event(step: &Step<'_>, event: LogEvent, detail: String) -> LogEntry {
     }
 }
 
-fn finish_event(step: &Step<'_>, started: Instant) -> LogEntry {
+fn finish_event(step: &Step<'_>) -> LogEntry {
     let event = match step.direction {
         Direction::Up => LogEvent::Applied,
         Direction::Down => LogEvent::Reverted,
     };
     let n = step.body.len();
-    let _ = started;
     step_event(step, event, format!("{}: {n} statement{}", step.word(), if n == 1 { "" } else { "s" }))
 }
 
 fn failure_event(step: &Step<'_>, error: &StatementError, note: &str) -> LogEntry {
-    step_event(step, LogEvent::Failed, format!("{}: {error}; {note}", step.word()))
+    let down = if step.direction == Direction::Down { "down: " } else { "" };
+    step_event(step, LogEvent::Failed, format!("{down}{error}; {note}"))
 }

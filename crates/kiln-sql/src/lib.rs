@@ -31,7 +31,7 @@ pub async fn connect(cfg: &BackendConfig) -> Result<Box<dyn Backend>, EngineErro
         #[cfg(feature = "postgres")]
         Some(EngineKind::Postgres) => Ok(Box::new(kiln_core::backend::Protocol::new(postgres::PgBackend::connect(cfg).await?))),
         #[cfg(feature = "mysql")]
-        Some(EngineKind::Mysql) => Ok(Box::new(mysql::MysqlBackend::connect(cfg).await?)),
+        Some(EngineKind::Mysql) => Ok(Box::new(kiln_core::backend::Protocol::new(mysql::MysqlEngine::connect(cfg).await?))),
         #[cfg(feature = "sqlite")]
         Some(EngineKind::Sqlite) => Ok(Box::new(sqlite::SqliteBackend::connect(cfg).await?)),
         Some(other) => Err(EngineError::BadUrl {
