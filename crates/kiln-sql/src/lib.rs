@@ -33,7 +33,7 @@ pub async fn connect(cfg: &BackendConfig) -> Result<Box<dyn Backend>, EngineErro
         #[cfg(feature = "mysql")]
         Some(EngineKind::Mysql) => Ok(Box::new(kiln_core::backend::Protocol::new(mysql::MysqlEngine::connect(cfg).await?))),
         #[cfg(feature = "sqlite")]
-        Some(EngineKind::Sqlite) => Ok(Box::new(sqlite::SqliteBackend::connect(cfg).await?)),
+        Some(EngineKind::Sqlite) => Ok(Box::new(kiln_core::backend::Protocol::new(sqlite::SqliteEngine::connect(cfg).await?))),
         Some(other) => Err(EngineError::BadUrl {
             url: redact(&cfg.url),
             message: format!("{other:?} is not a SQL engine of this build"),

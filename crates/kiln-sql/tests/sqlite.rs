@@ -335,6 +335,54 @@ async fn a_killed_process_never_keeps_the_lock() {
 }
 
 #[tokio::test]
+async fn a_lock_guard_dropped_without_release_frees_the_lock() {
+    use kiln_core::engine::Locker;
+    use kiln_sql::sqlite::SqliteEngine;
+
+    let db = TestDb::new(Engine::Sqlite).await;
+    let cfg = BackendConfig::new(&db.url);
+    let mut a = SqliteEngine::connect(&cfg).await.unwrap();
+    let mut b = SqliteEngine::connect(&cfg).await.unwrap();
+
+    // An early return / panic: the guard is dropped, `release` never called,
+    // and the engine that took the lock stays alive with its connection open.
+    let guard = kiln_core::lock::acquire(&mut a, &db.url, Duration::from_millis(100), |_| {}).await.unwrap();
+    assert!(!b.try_lock().await.unwrap(), "a holds the lock");
+    drop(guard);
+    let t = Instant::now();
+    assert!(b.try_lock().await.unwrap(), "the dropped guard released a's lock");
+    assert!(t.elapsed() < Duration::from_millis(100), "at once, without waiting");
+    assert!(!a.try_lock().await.unwrap(), "a no longer holds it: b does");
+    let holder = a.holder().await.unwrap();
+    assert!(holder.contains(&format!("pid {}", std::process::id())), "{holder}");
+    b.unlock().await.unwrap();
+
+    // A cancelled future (a time-out) holding the guard releases it too.
+    let held = async {
+        let _guard = kiln_core::lock::acquire(&mut a, &db.url, Duration::from_millis(100), |_| {}).await.unwrap();
+        std::future::pending::<()>().await
+    };
+    assert!(tokio::time::timeout(Duration::from_millis(50), held).await.is_err());
+    assert!(b.try_lock().await.unwrap(), "the dropped future released a's lock");
+    assert!(!a.try_lock().await.unwrap());
+    b.unlock().await.unwrap();
+    assert!(a.try_lock().await.unwrap(), "and a can take it again");
+    a.unlock().await.unwrap();
+
+    // A guard that outlives its engine: dropping the engine (its connection)
+    // releases the lock, and the late guard does not touch the next holder's.
+    let guard = kiln_core::lock::acquire(&mut a, &db.url, Duration::from_millis(100), |_| {}).await.unwrap();
+    assert!(!b.try_lock().await.unwrap());
+    drop(a);
+    assert!(b.try_lock().await.unwrap(), "dropping the engine released the lock");
+    drop(guard);
+    let mut c = SqliteEngine::connect(&cfg).await.unwrap();
+    assert!(!c.try_lock().await.unwrap(), "b still holds it");
+    b.unlock().await.unwrap();
+    assert!(c.try_lock().await.unwrap());
+}
+
+#[tokio::test]
 async fn non_sql_bodies_are_unsupported() {
     let db = TestDb::new(Engine::Sqlite).await;
     let dir = tempfile::tempdir().unwrap();
