@@ -18,12 +18,14 @@ pub mod model;
 pub mod plan;
 pub mod runner;
 pub mod schema;
+pub mod session;
 pub mod source;
 pub mod split;
 pub mod step;
 pub mod url;
 
-pub use backend::{ApplyError, Backend, BackendConfig, Capabilities, RecordContext, SchemaCheck, StepError};
+pub use backend::{ApplyError, BackendConfig, RecordContext, StepError};
+pub use engine::{Capabilities, Engine, SchemaCheck};
 pub use error::{EngineError, FailureOutcome, PlanError, RunError, SourceError, StatementError};
 pub use event::{Direction, Event, Observer};
 pub use model::*;

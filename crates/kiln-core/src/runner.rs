@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use serde::Serialize;
 
-use crate::backend::{Backend, RecordContext, StepError};
+use crate::backend::{RecordContext, StepError};
+use crate::engine::Engine;
+use crate::session::Session;
 use crate::error::{EngineError, PlanError, RunError};
 use crate::event::{Direction, Event, Observer, Silent};
 use crate::lock::LockGuard;
@@ -94,7 +96,7 @@ pub struct AdminReport {
 
 /// Drives one backend.
 pub struct Runner<'b> {
-    backend: &'b mut dyn Backend,
+    backend: Session<'b>,
     settings: RunnerSettings,
     observer: Arc<dyn Observer>,
     contract: Option<Arc<Contract>>,
@@ -126,8 +128,8 @@ pub struct CheckReport {
 
 impl<'b> Runner<'b> {
     /// A runner over `backend`.
-    pub fn new(backend: &'b mut dyn Backend, settings: RunnerSettings) -> Self {
-        Runner { backend, settings, observer: Arc::new(Silent), contract: None }
+    pub fn new(engine: &'b mut dyn Engine, settings: RunnerSettings) -> Self {
+        Runner { backend: Session::new(engine), settings, observer: Arc::new(Silent), contract: None }
     }
 
     /// Validate every migration of `up` against `contract` before it commits: a
@@ -150,7 +152,7 @@ impl<'b> Runner<'b> {
     }
 
     fn check_kinds(&self, local: &[Migration]) -> Result<(), RunError> {
-        let caps = self.backend.capabilities();
+        let caps = self.backend.capabilities().clone();
         let wrong: Vec<PlanError> = local
             .iter()
             .filter(|m| m.kind != caps.kind && m.kind != Kind::Code)
@@ -174,20 +176,19 @@ impl<'b> Runner<'b> {
     /// Take the lock (waiting up to the lock time-out). The guard releases it
     /// if the returned future is dropped before [`Runner::release`] runs.
     async fn acquire(&mut self) -> Result<LockGuard, RunError> {
-        if !self.backend.try_lock().await? {
-            let holder = self.backend.lock_holder().await.unwrap_or_else(|| "holder unknown".into());
-            self.emit(Event::LockWaiting { holder, timeout: self.settings.lock_timeout });
-            self.backend.lock(self.settings.lock_timeout).await?;
-        }
-        let guard = LockGuard::from_fn(self.backend.detached_unlock());
+        let observer = self.observer.clone();
+        let timeout = self.settings.lock_timeout;
+        let guard = self
+            .backend
+            .lock(timeout, |holder| observer.on_event(&Event::LockWaiting { holder: holder.to_string(), timeout }))
+            .await?;
         self.emit(Event::LockAcquired);
         Ok(guard)
     }
 
     /// Release the lock on every path, keeping `result`'s error first.
     async fn release<T>(&mut self, guard: LockGuard, result: Result<T, RunError>) -> Result<T, RunError> {
-        guard.disarm();
-        let unlocked = self.backend.unlock().await;
+        let unlocked = self.backend.unlock(guard).await;
         match (result, unlocked) {
             (Ok(v), Ok(())) => Ok(v),
             (Ok(_), Err(e)) => Err(e.into()),
@@ -274,7 +275,7 @@ impl<'b> Runner<'b> {
                     let reaches_head = target == UpTarget::Latest && policy.group.is_none();
                     let contract = this.contract.clone();
                     let mut before: Option<Snapshot> = match &contract {
-                        Some(_) => Some(this.backend.inspect().await?),
+                        Some(_) => this.backend.inspect().await?,
                         None => None,
                     };
                     for (i, m) in p.steps.iter().enumerate() {
@@ -300,14 +301,14 @@ impl<'b> Runner<'b> {
                                         schema::regressions(&c2, &prev, s)
                                     }
                                 };
-                                let r = this.backend.apply_checked(m, &ctx, &check).await;
+                                let r = this.backend.apply(m, &ctx, Some(&check)).await;
                                 before = seen.lock().expect("not poisoned").take();
                                 if before.is_none() && r.is_ok() {
-                                    before = Some(this.backend.inspect().await?);
+                                    before = this.backend.inspect().await?;
                                 }
                                 r
                             }
-                            _ => this.backend.apply(m, &ctx).await,
+                            _ => this.backend.apply(m, &ctx, None).await,
                         };
                         match result {
                             Ok(()) => {
@@ -370,18 +371,27 @@ impl<'b> Runner<'b> {
     /// the run: it is reported as a warning event.
     async fn save_snapshot(&mut self) {
         let r = match self.backend.inspect().await {
-            Ok(s) => self.backend.save_snapshot(&s).await,
+            Ok(Some(s)) => self.backend.save_snapshot(&s).await,
+            Ok(None) => Ok(()),
             Err(e) => Err(e),
         };
         match r {
-            Ok(()) | Err(EngineError::Unsupported(_)) => {}
+            Ok(()) => {}
             Err(e) => self.emit(Event::Warning { message: format!("could not store the schema snapshot for drift detection: {e}") }),
         }
     }
 
     /// The live schema (kiln's own objects excluded).
     pub async fn inspect(&mut self) -> Result<Snapshot, RunError> {
-        Ok(self.backend.inspect().await?)
+        self.live().await
+    }
+
+    /// The live schema, or an error saying this engine cannot inspect.
+    async fn live(&mut self) -> Result<Snapshot, RunError> {
+        match self.backend.inspect().await? {
+            Some(s) => Ok(s),
+            None => Err(PlanError::Refused(format!("schema inspection is not available for {}", self.backend.capabilities().engine)).into()),
+        }
     }
 
     /// What changed in the live schema since the snapshot stored by the last run;
@@ -390,7 +400,7 @@ impl<'b> Runner<'b> {
         let Some(stored) = self.backend.load_snapshot().await? else {
             return Ok(None);
         };
-        let live = self.backend.inspect().await?;
+        let live = self.live().await?;
         Ok(Some(schema::diff(&stored, &live)))
     }
 
@@ -434,13 +444,9 @@ impl<'b> Runner<'b> {
         }
         let needs_schema = contract.is_some() || history.is_some();
         let live = if needs_schema {
-            match self.backend.inspect().await {
-                Ok(s) => Some(s),
-                Err(EngineError::Unsupported(m)) if contract.is_none() => {
-                    let _ = m;
-                    None
-                }
-                Err(e) => return Err(e.into()),
+            match contract {
+                Some(_) => Some(self.live().await?),
+                None => self.backend.inspect().await?,
             }
         } else {
             None
@@ -454,7 +460,7 @@ impl<'b> Runner<'b> {
                     r.snapshot_found = true;
                     r.drift = schema::diff(&stored, live);
                 }
-                Ok(None) | Err(EngineError::Unsupported(_)) => {}
+                Ok(None) => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -576,7 +582,7 @@ impl<'b> Runner<'b> {
                 if !local.iter().any(|m| m.version == version) {
                     entries.push(mk(&version, "<< baseline >>", String::new(), Checksum(String::new()), None));
                 }
-                this.backend.upsert_history(&entries).await?;
+                this.backend.put_history(&entries, None).await?;
                 this.save_snapshot().await;
                 let changes: Vec<String> = entries.iter().map(|e| format!("{} {}: baseline", e.version, e.description)).collect();
                 let entry = this.log_entry(
@@ -632,7 +638,7 @@ impl<'b> Runner<'b> {
                     }
                 };
                 let old = rec.map(|a| a.state.to_string()).unwrap_or_else(|| "pending".into());
-                this.backend.upsert_history(std::slice::from_ref(&entry)).await?;
+                this.backend.put_history(std::slice::from_ref(&entry), None).await?;
                 let mut changes = vec![format!("{} {}: {} -> retired", entry.version, entry.description, old)];
                 if let Some(m) = file {
                     for p in files_of(m) {
@@ -691,10 +697,10 @@ impl<'b> Runner<'b> {
                                 if let Some(m) = file {
                                     e.checksum = m.checksum.clone();
                                 }
-                                this.backend.upsert_history(std::slice::from_ref(&e)).await?;
+                                this.backend.put_history(std::slice::from_ref(&e), None).await?;
                                 changes.push(format!("{} {}: {} -> applied (completed by hand)", plan::recorded_version(a), name, a.state));
                             } else {
-                                this.backend.delete_history(a.version.number).await?;
+                                this.backend.delete_history(a.version.number, None).await?;
                                 changes.push(format!("{} {}: {} entry removed; it is pending again", plan::recorded_version(a), name, a.state));
                             }
                             let detail = format!(
@@ -710,7 +716,7 @@ impl<'b> Runner<'b> {
                             // An empty recorded checksum (adopted from another tool) is filled in.
                             Some(m) if m.checksum != a.checksum => {
                                 let e = AppliedMigration { checksum: m.checksum.clone(), ..a.clone() };
-                                this.backend.upsert_history(std::slice::from_ref(&e)).await?;
+                                this.backend.put_history(std::slice::from_ref(&e), None).await?;
                                 changes.push(format!("{} {}: checksum {} -> {}", plan::recorded_version(a), name, a.checksum.short(), m.checksum.short()));
                                 let log = this.log_entry(
                                     "repair",

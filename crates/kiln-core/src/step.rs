@@ -109,7 +109,7 @@ pub struct Stepper<'e> {
     engine: &'e mut dyn Engine,
     caps: Capabilities,
     /// A finish not yet committed (merge_finish engines only).
-    pub(crate) pending: Option<Record>,
+    pending: Option<Record>,
 }
 
 impl<'e> Stepper<'e> {
@@ -123,6 +123,16 @@ impl<'e> Stepper<'e> {
     /// first when a finish may be pending.
     pub fn engine(&mut self) -> &mut dyn Engine {
         &mut *self.engine
+    }
+
+    /// Hand over a kept finish (to carry it from one stepper to the next).
+    pub fn take_pending(&mut self) -> Option<Record> {
+        self.pending.take()
+    }
+
+    /// Take back a finish handed over by [`Stepper::take_pending`].
+    pub fn restore_pending(&mut self, pending: Option<Record>) {
+        self.pending = pending;
     }
 
     /// True when a step's finish is kept for the next commit.

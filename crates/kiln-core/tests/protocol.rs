@@ -6,7 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_core::backend::Protocol;
+#[allow(unused_imports)]
+use kiln_core::engine::{Engine as _, Locker as _};
+use kiln_testkit::compat::Protocol;
 use kiln_core::engine::Step;
 use kiln_core::step::{Outcome, Stepper};
 use kiln_core::{load_dir, DownTarget, FailureOutcome, LoadOptions, Migration, Policy, RunError, Runner, RunnerSettings, State, UpTarget};

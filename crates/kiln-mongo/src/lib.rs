@@ -41,11 +41,10 @@ pub use snapshot::schema_snapshot;
 pub use status::{collection_status, CollectionStatus, EXACT_COUNT_LIMIT};
 pub use sync::{sync_indexes, SyncAction, SyncError, SyncOptions, SyncReport};
 
-/// Connect to the MongoDB database named by `cfg`, boxed as a
-/// [`kiln_core::Backend`] (the engine behind [`kiln_core::backend::Protocol`]).
+/// Connect to the MongoDB database named by `cfg`, boxed as a [`kiln_core::Engine`].
 ///
 /// # Errors
 /// As [`MongoEngine::connect`].
-pub async fn connect(cfg: &kiln_core::BackendConfig) -> Result<Box<dyn kiln_core::Backend>, kiln_core::EngineError> {
-    Ok(Box::new(kiln_core::backend::Protocol::new(MongoEngine::connect(cfg).await?)))
+pub async fn connect(cfg: &kiln_core::BackendConfig) -> Result<Box<dyn kiln_core::Engine>, kiln_core::EngineError> {
+    Ok(Box::new(MongoEngine::connect(cfg).await?))
 }

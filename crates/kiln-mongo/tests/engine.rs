@@ -7,8 +7,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{code_of, settings, Env};
-use kiln_core::{Backend, BackendConfig, EngineError, FailureOutcome, PlanError, Policy, RunError, Runner, State, UpTarget, Version};
-use kiln_core::backend::Protocol;
+use kiln_core::{BackendConfig, EngineError, FailureOutcome, PlanError, Policy, RunError, Runner, State, UpTarget, Version};
+#[allow(unused_imports)]
+use kiln_core::engine::{Engine as _, Locker as _};
+use kiln_testkit::compat::Backend;
+use kiln_testkit::compat::Protocol;
 use kiln_mongo::MongoEngine;
 use mongodb::bson::{doc, Bson, Document};
 
@@ -354,8 +357,9 @@ async fn transaction_refused_on_a_standalone_server() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("0001_tx.yaml"), "transaction: true\nup:\n  - insert: a\n    documents: [ { _id: 1 } ]\n").unwrap();
     let local = kiln_core::load_dir(dir.path(), &Default::default()).unwrap();
-    let mut b = Protocol::new(MongoEngine::connect(&BackendConfig::new(url.clone())).await.unwrap());
-    assert_eq!(b.engine.topology(), kiln_mongo::Topology::Standalone);
+    let engine = MongoEngine::connect(&BackendConfig::new(url.clone())).await.unwrap();
+    assert_eq!(engine.topology(), kiln_mongo::Topology::Standalone);
+    let mut b = Protocol::new(engine);
     let e = Runner::new(&mut b, settings()).up(&local, &UpTarget::Latest, &Policy::default(), false).await.unwrap_err();
     let msg = e.to_string();
     // Refused while preparing: a `failed` event, nothing run, nothing recorded.
@@ -397,8 +401,9 @@ async fn url_without_database_and_unreachable_server() {
 
     let mut cfg = BackendConfig::new(base);
     cfg.database = Some(kiln_testkit::unique_name("kiln_t"));
-    let b = Protocol::new(MongoEngine::connect(&cfg).await.unwrap());
-    assert_eq!(b.engine.database_name(), cfg.database.as_deref().unwrap());
+    let engine = MongoEngine::connect(&cfg).await.unwrap();
+    assert_eq!(engine.database_name(), cfg.database.as_deref().unwrap());
+    let b = Protocol::new(engine);
     assert!(b.target().contains(cfg.database.as_deref().unwrap()), "{}", b.target());
 
     let e = MongoEngine::connect(&BackendConfig::new("postgres://x/y")).await.err().unwrap();

@@ -6,7 +6,9 @@ mod common;
 use std::path::PathBuf;
 
 use kiln_core::{load_dir, BackendConfig, DownTarget, LoadOptions, Policy, Runner, UpTarget};
-use kiln_core::backend::Protocol;
+#[allow(unused_imports)]
+use kiln_core::engine::{Engine as _, Locker as _};
+use kiln_testkit::compat::Protocol;
 use kiln_mongo::{sync_indexes, MongoEngine, SyncAction, SyncOptions};
 use kiln_testkit::{Engine, TestDb};
 use mongodb::bson::{doc, Document};

@@ -7,8 +7,11 @@ mod common;
 use std::time::Duration;
 
 use common::{settings, Env};
-use kiln_core::backend::Protocol;
-use kiln_core::{Backend, EngineError, Policy, Runner, UpTarget};
+#[allow(unused_imports)]
+use kiln_core::engine::{Engine as _, Locker as _};
+use kiln_testkit::compat::Protocol;
+use kiln_core::{EngineError, Policy, Runner, UpTarget};
+use kiln_testkit::compat::Backend;
 use kiln_mongo::MongoEngine;
 use mongodb::bson::{doc, Document};
 
@@ -47,8 +50,7 @@ async fn a_held_lease_cannot_be_taken() {
 #[tokio::test]
 async fn heartbeat_keeps_a_live_lease() {
     let env = Env::new().await;
-    let mut a = env.backend().await;
-    a.engine.set_lease_ttl(Duration::from_secs(1));
+    let mut a = env.backend_with_ttl(Duration::from_secs(1)).await;
     assert!(a.try_lock().await.unwrap());
     let first = lease(&env).await.unwrap().get_datetime("expires").unwrap().timestamp_millis();
     // Three TTLs later the lease is still live, because it is renewed.
@@ -64,8 +66,7 @@ async fn heartbeat_keeps_a_live_lease() {
 #[tokio::test]
 async fn a_crashed_holders_lease_expires_and_is_taken_over() {
     let env = Env::new().await;
-    let mut a = env.backend().await;
-    a.engine.set_lease_ttl(Duration::from_secs(1));
+    let mut a = env.backend_with_ttl(Duration::from_secs(1)).await;
     assert!(a.try_lock().await.unwrap());
     let old_owner = lease(&env).await.unwrap();
     drop(a); // a crash: no unlock, no more heartbeats
@@ -147,8 +148,7 @@ async fn eight_runners_at_once_apply_each_migration_once() {
 async fn a_lost_lease_stops_the_runner_before_the_next_migration() {
     let env = Env::new().await;
     env.write("0001_a.yaml", "up:\n  - create: a\n");
-    let mut a = env.backend().await;
-    a.engine.set_lease_ttl(Duration::from_secs(1));
+    let mut a = env.backend_with_ttl(Duration::from_secs(1)).await;
     assert!(a.try_lock().await.unwrap());
     // Another runner took the lease over while a was stalled.
     env.database()

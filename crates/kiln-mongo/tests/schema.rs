@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use common::{settings, Env};
 use kiln_core::schema::Contract;
-use kiln_core::{Backend, FailureOutcome, Policy, RunError, Runner, UpTarget};
+use kiln_core::{FailureOutcome, Policy, RunError, Runner, UpTarget};
+#[allow(unused_imports)]
+use kiln_core::engine::{Engine as _, Locker as _};
+use kiln_testkit::compat::Backend;
 use mongodb::bson::{doc, Document};
 
 const USERS: &str = "up:
@@ -88,8 +91,9 @@ async fn scratch_databases_for_verify() {
     // The scratch URL works like any other.
     let mut cfg = env.cfg.clone();
     cfg.url = url.clone();
-    let mut s = kiln_core::backend::Protocol::new(kiln_mongo::MongoEngine::connect(&cfg).await.unwrap());
-    assert_eq!(s.engine.database_name(), name);
+    let engine = kiln_mongo::MongoEngine::connect(&cfg).await.unwrap();
+    assert_eq!(engine.database_name(), name);
+    let mut s = kiln_testkit::compat::Protocol::new(engine);
     s.ensure_history().await.unwrap();
     let client = kiln_testkit::mongo::client(&env.db.url).await;
     assert!(client.list_database_names().await.unwrap().contains(&name));

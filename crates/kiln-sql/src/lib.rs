@@ -19,28 +19,25 @@ pub mod postgres;
 pub mod sqlite;
 
 use kiln_core::url::{redact, EngineKind};
-use kiln_core::{Backend, BackendConfig, EngineError};
+use kiln_core::{BackendConfig, Engine, EngineError};
 
 /// Connect to the SQL database named by `cfg.url`.
 ///
 /// # Errors
 /// [`EngineError::BadUrl`] for a URL that names no SQL engine (or one not
 /// compiled in), [`EngineError::Connect`] when the server cannot be reached.
-pub async fn connect(cfg: &BackendConfig) -> Result<Box<dyn Backend>, EngineError> {
+pub async fn connect(cfg: &BackendConfig) -> Result<Box<dyn Engine>, EngineError> {
     match EngineKind::of(&cfg.url) {
         #[cfg(feature = "postgres")]
-        Some(EngineKind::Postgres) => Ok(Box::new(kiln_core::backend::Protocol::new(postgres::PgBackend::connect(cfg).await?))),
+        Some(EngineKind::Postgres) => Ok(Box::new(postgres::PgBackend::connect(cfg).await?)),
         #[cfg(feature = "mysql")]
-        Some(EngineKind::Mysql) => Ok(Box::new(kiln_core::backend::Protocol::new(mysql::MysqlEngine::connect(cfg).await?))),
+        Some(EngineKind::Mysql) => Ok(Box::new(mysql::MysqlEngine::connect(cfg).await?)),
         #[cfg(feature = "sqlite")]
-        Some(EngineKind::Sqlite) => Ok(Box::new(kiln_core::backend::Protocol::new(sqlite::SqliteEngine::connect(cfg).await?))),
+        Some(EngineKind::Sqlite) => Ok(Box::new(sqlite::SqliteEngine::connect(cfg).await?)),
         Some(other) => Err(EngineError::BadUrl {
             url: redact(&cfg.url),
             message: format!("{other:?} is not a SQL engine of this build"),
         }),
-        None => Err(EngineError::BadUrl {
-            url: redact(&cfg.url),
-            message: "unknown scheme; use sqlite://, postgres://, mysql:// / mariadb:// or mongodb://".into(),
-        }),
+        None => Err(EngineKind::parse(&cfg.url).expect_err("no engine")),
     }
 }

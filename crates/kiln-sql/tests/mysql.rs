@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use kiln_core::schema::{self, ColumnInfo, ConstraintInfo, Contract, IndexInfo, Snapshot};
 use kiln_core::split::Dialect;
-use kiln_core::{
-    load_dir, Backend, BackendConfig, DownTarget, EngineError, FailureOutcome, LoadOptions, Migration, Policy, RecordContext, RunError,
-    Runner, RunnerSettings, State, StepError, UpTarget, Version,
-};
+use kiln_core::{load_dir, BackendConfig, DownTarget, EngineError, FailureOutcome, LoadOptions, Migration, Policy, RecordContext, RunError, Runner, RunnerSettings, State, StepError, UpTarget, Version};
+#[allow(unused_imports)]
+use kiln_core::engine::{Engine as _, Locker as _};
+use kiln_testkit::compat::Backend;
 use kiln_testkit::{Engine, TestDb};
 
 fn write(dir: &Path, name: &str, content: &str) {
@@ -23,7 +23,7 @@ fn load(dir: &Path) -> Vec<Migration> {
 }
 
 async fn backend(url: &str) -> Box<dyn Backend> {
-    kiln_sql::connect(&BackendConfig::new(url)).await.unwrap()
+    kiln_testkit::compat::Protocol::boxed(kiln_sql::connect(&BackendConfig::new(url)).await.unwrap())
 }
 
 fn settings() -> RunnerSettings {
@@ -409,7 +409,7 @@ async fn custom_table_names_upsert_and_baseline() {
     let mut cfg = BackendConfig::new(&db.url);
     cfg.history_table = "app`changelog".into();
     cfg.log_table = "app_events".into();
-    let mut b = kiln_sql::connect(&cfg).await.unwrap();
+    let mut b = kiln_testkit::compat::Protocol::boxed(kiln_sql::connect(&cfg).await.unwrap());
     Runner::new(&mut *b, settings()).baseline(&local, &v("0001"), Some("existed before kiln")).await.unwrap();
     up(&mut *b, &local).await.unwrap();
     assert_eq!(q(&db, "SELECT CONCAT(version, ' ', state) FROM `app``changelog` ORDER BY version").await, ["1 baseline", "2 applied"]);
@@ -506,12 +506,12 @@ async fn urls_and_connection_errors() {
 
     // mariadb:// works, and so does a Unix socket.
     u.set_scheme("mariadb").unwrap();
-    let mut m = kiln_sql::connect(&BackendConfig::new(u.as_str())).await.unwrap();
+    let mut m = kiln_testkit::compat::Protocol::boxed(kiln_sql::connect(&BackendConfig::new(u.as_str())).await.unwrap());
     assert!(m.read_history().await.unwrap().is_none());
     assert_eq!(m.capabilities().engine, "mysql");
     assert!(!m.capabilities().transactional_ddl);
     let socket = format!("mysql://root@localhost/{}?socket=/run/mysqld/mysqld.sock", db.name);
-    let mut s = kiln_sql::connect(&BackendConfig::new(&socket)).await.unwrap();
+    let mut s = kiln_testkit::compat::Protocol::boxed(kiln_sql::connect(&BackendConfig::new(&socket)).await.unwrap());
     s.ensure_history().await.unwrap();
     assert_eq!(s.read_history().await.unwrap().unwrap().len(), 0);
 }
@@ -815,7 +815,7 @@ async fn scratch_databases_are_created_and_dropped_by_name() {
     // Over the Unix socket: the scratch URL must keep `?socket=`.
     let mut u = url::Url::parse(&db.url).unwrap();
     u.set_query(Some("socket=/run/mysqld/mysqld.sock"));
-    let mut b = kiln_sql::connect(&BackendConfig::new(u.to_string())).await.unwrap();
+    let mut b = kiln_testkit::compat::Protocol::boxed(kiln_sql::connect(&BackendConfig::new(u.to_string())).await.unwrap());
     let name = kiln_testkit::unique_name("kiln_verify");
     let schema_of = |name: String| {
         let db = &db;

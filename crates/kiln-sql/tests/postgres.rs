@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use kiln_core::schema::{self, ColumnInfo, ConstraintInfo, Contract, IndexInfo, Severity, Snapshot};
 use kiln_core::split::Dialect;
-use kiln_core::{
-    load_dir, Backend, BackendConfig, DownTarget, EngineError, FailureOutcome, LoadOptions, Migration, PlanError, Policy, RunError, Runner,
-    RunnerSettings, State, UpTarget, Version,
-};
-use kiln_core::backend::Protocol;
+use kiln_core::{load_dir, BackendConfig, DownTarget, EngineError, FailureOutcome, LoadOptions, Migration, PlanError, Policy, RunError, Runner, RunnerSettings, State, UpTarget, Version};
+#[allow(unused_imports)]
+use kiln_core::engine::{Engine as _, Locker as _};
+use kiln_testkit::compat::Backend;
+use kiln_testkit::compat::Protocol;
 use kiln_sql::postgres::PgBackend;
 use kiln_testkit::{Engine, TestDb};
 
@@ -36,12 +36,12 @@ fn settings() -> RunnerSettings {
 }
 
 /// The engine itself, behind the `Backend` adapter the runner takes.
-async fn pg(cfg: BackendConfig) -> Result<Protocol<PgBackend>, EngineError> {
+async fn pg(cfg: BackendConfig) -> Result<Protocol, EngineError> {
     PgBackend::connect(&cfg).await.map(Protocol::new)
 }
 
 async fn backend(db: &TestDb) -> Box<dyn Backend> {
-    kiln_sql::connect(&BackendConfig::new(db.url.clone())).await.expect("connect")
+    kiln_testkit::compat::Protocol::boxed(kiln_sql::connect(&BackendConfig::new(db.url.clone())).await.expect("connect"))
 }
 
 async fn up(b: &mut dyn Backend, local: &[Migration]) -> Result<kiln_core::RunReport, RunError> {
@@ -497,7 +497,7 @@ async fn lost_connection_mid_run_is_reported_and_leaves_no_half_migration() {
     write(dir.path(), "0002_slow.sql", "CREATE TABLE slow (id INT);\nSELECT pg_sleep(30);\n");
     let local = load(dir.path());
     let url = format!("{}?application_name=victim-runner", db.url);
-    let mut b = kiln_sql::connect(&BackendConfig::new(url)).await.unwrap();
+    let mut b = kiln_testkit::compat::Protocol::boxed(kiln_sql::connect(&BackendConfig::new(url)).await.unwrap());
 
     let killer = async {
         for _ in 0..300 {
@@ -580,7 +580,7 @@ async fn schema_per_tenant() {
     let local = load(dir.path());
     let mut cfg = BackendConfig::new(db.url.clone());
     cfg.schema = Some("Tenant A".into());
-    let mut b = kiln_sql::connect(&cfg).await.unwrap();
+    let mut b = kiln_testkit::compat::Protocol::boxed(kiln_sql::connect(&cfg).await.unwrap());
     assert!(b.read_history().await.unwrap().is_none());
     assert!(db.query_strings("SELECT nspname::text FROM pg_namespace WHERE nspname = 'Tenant A'").await.unwrap().is_empty());
 
@@ -595,7 +595,7 @@ async fn schema_per_tenant() {
     // Another tenant in the same database has its own history and lock.
     let mut cfg_b = BackendConfig::new(db.url.clone());
     cfg_b.schema = Some("tenant_b".into());
-    let mut other = kiln_sql::connect(&cfg_b).await.unwrap();
+    let mut other = kiln_testkit::compat::Protocol::boxed(kiln_sql::connect(&cfg_b).await.unwrap());
     assert!(b.try_lock().await.unwrap());
     assert!(other.try_lock().await.unwrap(), "tenants do not share a lock");
     assert!(other.read_history().await.unwrap().is_none());
@@ -653,7 +653,7 @@ async fn unix_socket_host() {
     let db = TestDb::new(Engine::Postgres).await;
     let u = url::Url::parse(&db.url).unwrap();
     let url = format!("postgres://{}@{}?host=/var/run/postgresql&application_name=socket-probe", u.username(), u.path());
-    let mut b = kiln_sql::connect(&BackendConfig::new(url)).await.unwrap();
+    let mut b = kiln_testkit::compat::Protocol::boxed(kiln_sql::connect(&BackendConfig::new(url)).await.unwrap());
     b.ensure_history().await.unwrap();
     assert_eq!(
         db.query_strings("SELECT coalesce(client_addr::text, 'local') FROM pg_stat_activity WHERE application_name = 'socket-probe'").await.unwrap(),
@@ -946,7 +946,7 @@ async fn inspect_is_the_same_from_any_session_in_a_tenant_schema() {
     let local = load(dir.path());
     let mut cfg = BackendConfig::new(db.url.clone());
     cfg.schema = Some("Tenant A".into());
-    let mut b = kiln_sql::connect(&cfg).await.unwrap();
+    let mut b = kiln_testkit::compat::Protocol::boxed(kiln_sql::connect(&cfg).await.unwrap());
     up(b.as_mut(), &local).await.unwrap();
     let s = b.inspect().await.unwrap();
     let orders = &s.objects["orders"];
@@ -960,7 +960,7 @@ async fn inspect_is_the_same_from_any_session_in_a_tenant_schema() {
 
     // A new session (search_path "$user", public) sees the same schema, so the
     // snapshot stored by the run shows no drift.
-    let mut fresh = kiln_sql::connect(&cfg).await.unwrap();
+    let mut fresh = kiln_testkit::compat::Protocol::boxed(kiln_sql::connect(&cfg).await.unwrap());
     assert_eq!(fresh.inspect().await.unwrap(), s);
     assert_eq!(Runner::new(fresh.as_mut(), settings()).diff().await.unwrap(), Some(vec![]));
     // The default schema of the same database holds nothing.
@@ -1155,7 +1155,7 @@ async fn scratch_databases_are_created_and_dropped_by_name() {
     // Trust authentication ignores the password, which lets the test see that it is kept.
     let mut u = url::Url::parse(&db.url).unwrap();
     u.set_password(Some("s3cret")).unwrap();
-    let mut b = kiln_sql::connect(&BackendConfig::new(u.to_string())).await.unwrap();
+    let mut b = kiln_testkit::compat::Protocol::boxed(kiln_sql::connect(&BackendConfig::new(u.to_string())).await.unwrap());
     let name = kiln_testkit::unique_name("kiln_verify");
     let exists = |name: String| {
         let db = &db;
@@ -1168,7 +1168,7 @@ async fn scratch_databases_are_created_and_dropped_by_name() {
     expected.set_path(&format!("/{name}"));
     assert_eq!(url, expected.to_string(), "same server, user and password; another database");
     // It is empty, and usable; a session still connected does not stop the drop.
-    let mut scratch = kiln_sql::connect(&BackendConfig::new(url)).await.unwrap();
+    let mut scratch = kiln_testkit::compat::Protocol::boxed(kiln_sql::connect(&BackendConfig::new(url)).await.unwrap());
     assert!(scratch.inspect().await.unwrap().objects.is_empty());
     assert!(scratch.read_history().await.unwrap().is_none());
     b.drop_scratch(&name).await.unwrap();

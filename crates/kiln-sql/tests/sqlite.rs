@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use kiln_core::schema::{self, ColumnInfo, ConstraintInfo, Contract, IndexInfo, Snapshot};
 use kiln_core::split::Dialect;
-use kiln_core::{
-    load_dir, Backend, BackendConfig, DownTarget, EngineError, FailureOutcome, LoadOptions, Migration, Policy, RecordContext, RunError,
-    Runner, RunnerSettings, StepError, UpTarget, Version,
-};
+use kiln_core::{load_dir, BackendConfig, DownTarget, EngineError, FailureOutcome, LoadOptions, Migration, Policy, RecordContext, RunError, Runner, RunnerSettings, StepError, UpTarget, Version};
+#[allow(unused_imports)]
+use kiln_core::engine::{Engine as _, Locker as _};
+use kiln_testkit::compat::Backend;
 use kiln_testkit::{Engine, TestDb};
 
 fn write(dir: &Path, name: &str, content: &str) {
@@ -23,7 +23,7 @@ fn load(dir: &Path) -> Vec<Migration> {
 }
 
 async fn backend(url: &str) -> Box<dyn Backend> {
-    kiln_sql::connect(&BackendConfig::new(url)).await.unwrap()
+    kiln_testkit::compat::Protocol::boxed(kiln_sql::connect(&BackendConfig::new(url)).await.unwrap())
 }
 
 fn settings() -> RunnerSettings {
@@ -261,7 +261,7 @@ async fn custom_table_names_and_baseline() {
     let mut cfg = BackendConfig::new(&db.url);
     cfg.history_table = "app \"changelog\"".into();
     cfg.log_table = "app_events".into();
-    let mut b = kiln_sql::connect(&cfg).await.unwrap();
+    let mut b = kiln_testkit::compat::Protocol::boxed(kiln_sql::connect(&cfg).await.unwrap());
     Runner::new(&mut *b, settings()).baseline(&local, &v("0001"), Some("existed before kiln")).await.unwrap();
     up(&mut *b, &local).await.unwrap();
     assert_eq!(
@@ -429,11 +429,11 @@ async fn urls_and_connection_errors() {
     }
     // `sqlite:relative.db` creates the file relative to the working directory; use an absolute path here.
     let created = dir.path().join("new.db");
-    let mut b = kiln_sql::connect(&BackendConfig::new(format!("sqlite:{}", created.display()))).await.unwrap();
+    let mut b = kiln_testkit::compat::Protocol::boxed(kiln_sql::connect(&BackendConfig::new(format!("sqlite:{}", created.display()))).await.unwrap());
     b.ensure_history().await.unwrap();
     assert!(created.exists());
     // In-memory databases work (tests only).
-    let mut m = kiln_sql::connect(&BackendConfig::new("sqlite::memory:")).await.unwrap();
+    let mut m = kiln_testkit::compat::Protocol::boxed(kiln_sql::connect(&BackendConfig::new("sqlite::memory:")).await.unwrap());
     assert!(m.try_lock().await.unwrap());
     m.ensure_history().await.unwrap();
     assert_eq!(m.read_history().await.unwrap().unwrap().len(), 0);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kiln::config::{self, Config, Overrides, Versioning};
-use kiln::{Backend, DownTarget, Migration, Policy, RunError, Runner, RunnerSettings, UpTarget, Version};
+use kiln::{Engine, DownTarget, Migration, Policy, RunError, Runner, RunnerSettings, UpTarget, Version};
 
 use crate::render;
 
@@ -233,6 +233,8 @@ fn parse_version(s: &str) -> Result<Version, CliError> {
 
 pub async fn run(cli: Cli) -> Result<i32, CliError> {
     let g = &cli.global;
+    // `.env` never overrides the real environment; read by the binary only.
+    config::load_dotenv()?;
     let lock_timeout = match &g.lock_timeout {
         Some(t) => Some(config::parse_duration_text(t).map_err(|m| CliError::Usage(format!("--lock-timeout: {m}")))?),
         None => None,
@@ -258,15 +260,7 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
     }
 
     let cfg = Config::load(&overrides)?;
-    if kiln::url::EngineKind::of(&cfg.url).is_none() {
-        return Err(CliError::Run(
-            kiln::EngineError::BadUrl {
-                url: cfg.redacted_url(),
-                message: "unknown scheme; use sqlite://, postgres://, mysql:// / mariadb://, mongodb:// or mongodb+srv://".into(),
-            }
-            .into(),
-        ));
-    }
+    kiln::url::EngineKind::parse(&cfg.url).map_err(|e| CliError::Run(e.into()))?;
 
     if let Cmd::Sync { prune, dry_run, indexes } = &cli.cmd {
         return sync(&cfg, *prune, *dry_run, indexes.clone(), json).await;
@@ -308,7 +302,7 @@ async fn command(
     cfg: &Config,
     local: &[Migration],
     contract: Option<kiln::schema::Contract>,
-    backend: &mut dyn Backend,
+    backend: &mut dyn Engine,
     settings: RunnerSettings,
     observer: Arc<dyn kiln::Observer>,
     json: bool,
@@ -476,10 +470,7 @@ fn init(g: &Global, force: bool, json: bool) -> Result<i32, CliError> {
     }
     let url = g.url.clone().unwrap_or_else(|| config::DEFAULT_URL.to_string());
     if kiln::url::EngineKind::of(&url).is_none() {
-        return Err(CliError::Usage(format!(
-            "--url {}: unknown scheme; use sqlite://, postgres://, mysql:// / mariadb://, mongodb:// or mongodb+srv://",
-            kiln::url::redact(&url)
-        )));
+        return Err(CliError::Usage(format!("--url {}: {}", kiln::url::redact(&url), kiln::url::UNKNOWN_SCHEME)));
     }
     let dir = g.dir.clone().unwrap_or_else(|| PathBuf::from(config::DEFAULT_DIR));
     let text = config::init_template(&url.replace('"', "\\\""), &dir.display().to_string());

@@ -182,18 +182,28 @@ pub struct Config {
     pub validate: ValidateMode,
 }
 
+/// Read `.env` from the current directory (or a parent) into the process
+/// environment, never overriding a variable that is already set. The `kiln`
+/// binary calls this before [`Config::load`]; a library embedding kiln decides
+/// for itself (reading files into the environment is the program's business).
+///
+/// # Errors
+/// [`ConfigError::DotEnv`] for a `.env` file that cannot be parsed.
+pub fn load_dotenv() -> Result<(), ConfigError> {
+    match dotenvy::dotenv() {
+        Ok(_) => Ok(()),
+        Err(e) if e.not_found() => Ok(()),
+        Err(e) => Err(ConfigError::DotEnv(e.to_string())),
+    }
+}
+
 impl Config {
     /// Resolve the configuration from the file, environment and overrides.
+    /// `.env` is not read here (see [`load_dotenv`]).
     ///
     /// # Errors
-    /// An unreadable or invalid `kiln.toml` or `.env`, or invalid values.
+    /// An unreadable or invalid `kiln.toml`, or invalid values.
     pub fn load(o: &Overrides) -> Result<Config, ConfigError> {
-        // .env never overrides the real environment.
-        match dotenvy::dotenv() {
-            Ok(_) => {}
-            Err(e) if e.not_found() => {}
-            Err(e) => return Err(ConfigError::DotEnv(e.to_string())),
-        }
         let explicit = o.config.clone().or_else(|| std::env::var_os("KILN_CONFIG").map(PathBuf::from));
         let path = explicit.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
         let file: FileConfig = match std::fs::read_to_string(&path) {

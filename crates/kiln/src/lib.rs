@@ -27,16 +27,19 @@ pub use kiln_core::*;
 
 use kiln_core::url::EngineKind;
 
-/// Connect to the database named by `cfg.url`, whatever the engine.
+/// Connect to the database named by `cfg.url`, whatever the engine: the one
+/// place that maps a URL's scheme to an engine.
 ///
 /// # Errors
-/// [`EngineError::BadUrl`] for an unknown scheme, [`EngineError::Connect`] when
-/// the server cannot be reached.
-pub async fn connect(cfg: &BackendConfig) -> Result<Box<dyn Backend>, EngineError> {
-    match EngineKind::of(&cfg.url) {
+/// [`EngineError::BadUrl`] for an unknown scheme (or an engine not compiled
+/// in), [`EngineError::Connect`] when the server cannot be reached.
+pub async fn connect(cfg: &BackendConfig) -> Result<Box<dyn Engine>, EngineError> {
+    match EngineKind::parse(&cfg.url)? {
         #[cfg(feature = "mongodb")]
-        Some(EngineKind::Mongodb) => kiln_mongo::connect(cfg).await,
-        _ => kiln_sql::connect(cfg).await,
+        EngineKind::Mongodb => kiln_mongo::connect(cfg).await,
+        EngineKind::Postgres | EngineKind::Mysql | EngineKind::Sqlite => kiln_sql::connect(cfg).await,
+        #[allow(unreachable_patterns)]
+        other => Err(EngineError::BadUrl { url: kiln_core::url::redact(&cfg.url), message: format!("{other:?} is not compiled into this build of kiln") }),
     }
 }
 
@@ -135,7 +138,7 @@ impl Kiln {
         load_dir(&self.dir, &load_options(&self.backend.url, self.name_rule.clone()))
     }
 
-    fn runner<'a>(&self, b: &'a mut dyn Backend) -> Runner<'a> {
+    fn runner<'a>(&self, b: &'a mut dyn Engine) -> Runner<'a> {
         let r = Runner::new(b, self.settings.clone());
         match &self.observer {
             Some(o) => r.with_observer(o.clone()),

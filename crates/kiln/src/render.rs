@@ -4,7 +4,7 @@
 use std::io::Write;
 
 use anstream::{eprintln, print, println};
-use kiln::{AdminReport, Direction, Event, PlanError, RunError, RunReport, StatusRow};
+use kiln::{AdminReport, Direction, Event, RunError, RunReport, StatusRow};
 use owo_colors::OwoColorize;
 use serde::Serialize;
 
@@ -192,7 +192,8 @@ pub fn status(rows: &[StatusRow], collections: Option<&serde_json::Value>, targe
             if let Some(e) = &r.error {
                 if r.state == "failed" || r.state == "running" {
                     let at = e.statement.map(|s| format!("statement {s}{}: ", e.line.map(|l| format!(", line {l}")).unwrap_or_default())).unwrap_or_default();
-                    let _ = writeln!(out, "{:wv$}  {} {at}{}", "", "↳".red(), e.message);
+                    let arrow = if colour() { "↳".red().to_string() } else { "↳".to_string() };
+                    let _ = writeln!(out, "{:wv$}  {arrow} {at}{}", "", e.message);
                 }
             }
         }
@@ -362,48 +363,13 @@ pub fn sync_report(r: &kiln_mongo::SyncReport, as_json: bool) {
     }
 }
 
-/// A stable machine code for an error.
+/// A stable machine code for an error (the library's, for run errors).
 fn code_of(e: &CliError) -> &'static str {
     match e {
         CliError::Config(_) => "config",
         CliError::Usage(_) => "usage",
         CliError::Failed(_) => "failed",
-        CliError::Run(r) => match r {
-            RunError::Source(s) => match s {
-                kiln::SourceError::BadName { .. } => "bad_name",
-                kiln::SourceError::DuplicateVersion { .. } => "duplicate_version",
-                kiln::SourceError::Parse { .. } => "parse_error",
-                kiln::SourceError::BadRule { .. } => "config",
-                _ => "source_unreadable",
-            },
-            RunError::Plan(_) => "plan_refused",
-            RunError::Engine(en) => match en {
-                kiln::EngineError::BadUrl { .. } => "bad_url",
-                kiln::EngineError::Connect { .. } => "connect_failed",
-                kiln::EngineError::LockTimeout { .. } => "lock_timeout",
-                kiln::EngineError::ConnectionLost { .. } => "connection_lost",
-                _ => "engine_error",
-            },
-            RunError::Migration { .. } => "migration_failed",
-            RunError::Invalid { .. } => "schema_invalid",
-        },
-    }
-}
-
-fn problem_code(p: &PlanError) -> &'static str {
-    match p {
-        PlanError::ChecksumMismatch { .. } => "checksum_mismatch",
-        PlanError::MissingFile { .. } => "missing_file",
-        PlanError::OutOfOrder { .. } => "out_of_order",
-        PlanError::UnknownDependency { .. } => "unknown_dependency",
-        PlanError::LaterDependency { .. } => "later_dependency",
-        PlanError::UnmetDependency { .. } => "unmet_dependency",
-        PlanError::Blocked { .. } => "blocked_by_failed",
-        PlanError::Irreversible { .. } => "irreversible",
-        PlanError::NotRevertible { .. } => "not_revertible",
-        PlanError::UnknownVersion { .. } => "unknown_version",
-        PlanError::WrongKind { .. } => "wrong_kind",
-        PlanError::Refused(_) => "refused",
+        CliError::Run(r) => r.code(),
     }
 }
 
@@ -413,7 +379,7 @@ pub fn error(e: &CliError, as_json: bool) -> i32 {
     if as_json {
         let mut v = serde_json::json!({ "error": { "code": code_of(e), "message": e.to_string(), "exit_code": code } });
         if let CliError::Run(RunError::Plan(ps)) = e {
-            v["error"]["problems"] = ps.iter().map(|p| serde_json::json!({"code": problem_code(p), "message": p.to_string()})).collect();
+            v["error"]["problems"] = ps.iter().map(|p| serde_json::json!({"code": p.code(), "message": p.to_string()})).collect();
         }
         if let CliError::Run(RunError::Invalid { version, file, violations, done, outcome }) = e {
             v["error"]["version"] = serde_json::json!(version.text);

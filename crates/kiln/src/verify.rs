@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use kiln_core::schema::{self, Change, Contract, Snapshot, Violation};
-use kiln_core::{Backend, BackendConfig, DownTarget, Migration, Policy, RunError, Runner, RunnerSettings, UpTarget};
+use kiln_core::{Engine, BackendConfig, DownTarget, Migration, Policy, RunError, Runner, RunnerSettings, UpTarget};
 
 /// One problem `verify` found.
 #[derive(Clone, Debug, Serialize)]
@@ -78,8 +78,9 @@ pub async fn verify(
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
             );
             let mut admin = crate::connect(base).await?;
-            let url = admin.create_scratch(&name).await?;
+            let url = scratch_admin(admin.as_mut())?.create_scratch(&name).await;
             let _ = admin.close().await;
+            let url = url?;
             (url, Some(name))
         }
     };
@@ -89,8 +90,9 @@ pub async fn verify(
     if let Some(name) = &created {
         if !keep {
             let mut admin = crate::connect(base).await?;
-            admin.drop_scratch(name).await?;
+            let dropped = scratch_admin(admin.as_mut())?.drop_scratch(name).await;
             let _ = admin.close().await;
+            dropped?;
         }
     }
     let mut report = result?;
@@ -101,8 +103,16 @@ pub async fn verify(
     Ok(report)
 }
 
+/// The engine's scratch databases, or a refusal naming the engine.
+fn scratch_admin(engine: &mut dyn Engine) -> Result<&mut dyn kiln_core::engine::ScratchAdmin, RunError> {
+    let name = engine.capabilities().engine;
+    engine.scratch().ok_or_else(|| {
+        kiln_core::PlanError::Refused(format!("{name} cannot create a scratch database; pass --scratch-url with an empty database")).into()
+    })
+}
+
 async fn run_checks(cfg: &BackendConfig, local: &[Migration], contract: Option<&Contract>, settings: RunnerSettings) -> Result<VerifyReport, RunError> {
-    let mut backend: Box<dyn Backend> = crate::connect(cfg).await?;
+    let mut backend: Box<dyn Engine> = crate::connect(cfg).await?;
     let mut report = VerifyReport {
         ok: true,
         scratch: String::new(),
@@ -119,7 +129,7 @@ async fn run_checks(cfg: &BackendConfig, local: &[Migration], contract: Option<&
 }
 
 async fn checks(
-    b: &mut dyn Backend,
+    b: &mut dyn Engine,
     local: &[Migration],
     contract: Option<&Contract>,
     settings: RunnerSettings,

@@ -6,7 +6,9 @@
 use std::path::Path;
 
 use kiln_core::{load_dir, BackendConfig, DownTarget, LoadOptions, Migration, Policy, RunError, RunReport, Runner, RunnerSettings, UpTarget};
-use kiln_core::backend::Protocol;
+#[allow(unused_imports)]
+use kiln_core::engine::{Engine as _, Locker as _};
+use kiln_testkit::compat::Protocol;
 use kiln_mongo::MongoEngine;
 use kiln_testkit::{Engine, TestDb};
 use mongodb::bson::Document;
@@ -38,7 +40,15 @@ impl Env {
         load_dir(self.dir.path(), &LoadOptions::default()).unwrap()
     }
 
-    pub async fn backend(&self) -> Protocol<MongoEngine> {
+    /// An engine whose lease lives `ttl` (renewed every third of it).
+    #[allow(dead_code)]
+    pub async fn backend_with_ttl(&self, ttl: std::time::Duration) -> Protocol {
+        let mut engine = MongoEngine::connect(&self.cfg).await.unwrap();
+        engine.set_lease_ttl(ttl);
+        Protocol::new(engine)
+    }
+
+    pub async fn backend(&self) -> Protocol {
         Protocol::new(MongoEngine::connect(&self.cfg).await.unwrap())
     }
 
