@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: unit tests, the engine tests and the
-# conformance suite against real servers.
+# The whole test suite, as CI runs it: formatting, clippy, unit tests, the
+# engine tests and the conformance suite against real servers.
 #
 #   PostgreSQL   KILN_TEST_POSTGRES_URL  (default postgres://postgres@127.0.0.1:5432/postgres)
 #   MariaDB      KILN_TEST_MYSQL_URL     (default mysql://root@127.0.0.1:3306/mysql)
@@ -31,5 +31,9 @@ check MariaDB "$my_url" 3306 "start it: start-stop-daemon --start --oknodo --bac
 if [[ -z ${KILN_TEST_MONGODB_URL:-} ]]; then
   bash scripts/install-mongo-test-server.sh
 fi
+
+# Hygiene first: formatting and lints are part of the suite.
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 cargo test --workspace --all-targets "$@"

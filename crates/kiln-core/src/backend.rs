@@ -27,7 +27,14 @@ pub struct BackendConfig {
 impl BackendConfig {
     /// Defaults for `url`.
     pub fn new(url: impl Into<String>) -> Self {
-        BackendConfig { url: url.into(), history_table: "kiln_history".into(), log_table: "kiln_log".into(), snapshot_table: "kiln_snapshot".into(), schema: None, database: None }
+        BackendConfig {
+            url: url.into(),
+            history_table: "kiln_history".into(),
+            log_table: "kiln_log".into(),
+            snapshot_table: "kiln_snapshot".into(),
+            schema: None,
+            database: None,
+        }
     }
 }
 
@@ -42,7 +49,14 @@ pub struct RecordContext {
 
 impl RecordContext {
     /// The history entry for `m` recorded in this run.
-    pub fn entry(&self, m: &Migration, state: State, applied_at: chrono::DateTime<chrono::Utc>, duration_ms: i64, error: Option<FailureInfo>) -> AppliedMigration {
+    pub fn entry(
+        &self,
+        m: &Migration,
+        state: State,
+        applied_at: chrono::DateTime<chrono::Utc>,
+        duration_ms: i64,
+        error: Option<FailureInfo>,
+    ) -> AppliedMigration {
         AppliedMigration {
             version: m.version.clone(),
             description: m.description.clone(),

@@ -28,7 +28,9 @@ pub enum SourceError {
         source: std::io::Error,
     },
     /// A file name breaks the naming rule.
-    #[error("{file}: the name does not follow the naming rule {rule} (expected e.g. 0001_create_users.sql); rename it, or set `name_rule` in kiln.toml")]
+    #[error(
+        "{file}: the name does not follow the naming rule {rule} (expected e.g. 0001_create_users.sql); rename it, or set `name_rule` in kiln.toml"
+    )]
     BadName {
         /// The file.
         file: PathBuf,

@@ -514,10 +514,7 @@ mod tests {
     #[test]
     fn checksum_of_known_input() {
         // sha256("abc")
-        assert_eq!(
-            Checksum::of_parts(&["abc"]).0,
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(Checksum::of_parts(&["abc"]).0, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 
     #[test]

@@ -133,12 +133,7 @@ pub fn next_batch(applied: &[AppliedMigration]) -> i64 {
 /// interrupted migrations, changed or missing files of applied migrations, bad
 /// dependencies, out-of-order pending migrations (unless allowed), an unknown
 /// target version.
-pub fn plan_up<'a>(
-    local: &'a [Migration],
-    applied: &[AppliedMigration],
-    target: &UpTarget,
-    policy: &Policy,
-) -> Result<UpPlan<'a>, Vec<PlanError>> {
+pub fn plan_up<'a>(local: &'a [Migration], applied: &[AppliedMigration], target: &UpTarget, policy: &Policy) -> Result<UpPlan<'a>, Vec<PlanError>> {
     let mut problems = integrity_problems(local, applied);
     problems.extend(dependency_problems(local, applied));
     let recorded = by_version(applied);
@@ -170,11 +165,7 @@ pub fn plan_up<'a>(
                 problems.push(PlanError::OutOfOrder {
                     version: m.version.clone(),
                     file: m.display_path(),
-                    newest: local
-                        .iter()
-                        .find(|x| x.version == *newest)
-                        .map(|x| x.version.clone())
-                        .unwrap_or_else(|| newest.clone()),
+                    newest: local.iter().find(|x| x.version == *newest).map(|x| x.version.clone()).unwrap_or_else(|| newest.clone()),
                 });
                 continue;
             }
@@ -221,15 +212,8 @@ pub fn plan_up<'a>(
 /// Failed or interrupted migrations anywhere, and for every migration to revert:
 /// a missing or changed file, no down section (irreversible), a baseline entry.
 /// Nothing is planned unless everything can be reverted.
-pub fn plan_down<'a>(
-    local: &'a [Migration],
-    applied: &'a [AppliedMigration],
-    target: &DownTarget,
-) -> Result<DownPlan<'a>, Vec<PlanError>> {
-    let mut problems: Vec<PlanError> = integrity_problems(local, applied)
-        .into_iter()
-        .filter(|p| matches!(p, PlanError::Blocked { .. }))
-        .collect();
+pub fn plan_down<'a>(local: &'a [Migration], applied: &'a [AppliedMigration], target: &DownTarget) -> Result<DownPlan<'a>, Vec<PlanError>> {
+    let mut problems: Vec<PlanError> = integrity_problems(local, applied).into_iter().filter(|p| matches!(p, PlanError::Blocked { .. })).collect();
     let mut done: Vec<&AppliedMigration> = applied.iter().filter(|a| a.state.is_done()).collect();
     // Reverse order of application: newest batch first, within a batch newest version first.
     done.sort_by(|a, b| b.batch.cmp(&a.batch).then(b.version.cmp(&a.version)));
@@ -436,7 +420,7 @@ mod tests {
     fn retired_is_not_missing_and_not_planned() {
         let local = vec![mig(2, true)];
         let r = rec(&mig(1, true), 1, State::Retired);
-        let p = plan_up(&local, &[r.clone()], &UpTarget::Latest, &Policy::default()).unwrap();
+        let p = plan_up(&local, std::slice::from_ref(&r), &UpTarget::Latest, &Policy::default()).unwrap();
         assert_eq!(p.steps.len(), 1);
         let local = vec![mig(1, true), mig(2, true)];
         let p = plan_up(&local, &[r], &UpTarget::Latest, &Policy::default()).unwrap();
@@ -485,11 +469,7 @@ mod tests {
     #[test]
     fn down_last_batch_steps_to() {
         let local = vec![mig(1, true), mig(2, true), mig(3, true)];
-        let applied = vec![
-            rec(&local[0], 1, State::Applied),
-            rec(&local[1], 2, State::Applied),
-            rec(&local[2], 2, State::Applied),
-        ];
+        let applied = vec![rec(&local[0], 1, State::Applied), rec(&local[1], 2, State::Applied), rec(&local[2], 2, State::Applied)];
         let v = |p: DownPlan| p.steps.iter().map(|(m, _)| m.version.number).collect::<Vec<_>>();
         assert_eq!(v(plan_down(&local, &applied, &DownTarget::LastBatch).unwrap()), vec![3, 2]);
         assert_eq!(v(plan_down(&local, &applied, &DownTarget::Steps(1)).unwrap()), vec![3]);

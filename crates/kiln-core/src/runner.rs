@@ -13,13 +13,13 @@ use serde::Serialize;
 
 use crate::backend::{RecordContext, StepError};
 use crate::engine::Engine;
-use crate::session::Session;
 use crate::error::{EngineError, PlanError, RunError};
 use crate::event::{Direction, Event, Observer, Silent};
 use crate::lock::LockGuard;
 use crate::model::*;
 use crate::plan::{self, DownTarget, Policy, StatusRow, UpTarget};
 use crate::schema::{self, Change, Contract, Snapshot, Violation};
+use crate::session::Session;
 
 /// Settings of a runner.
 #[derive(Clone, Debug)]
@@ -178,10 +178,7 @@ impl<'b> Runner<'b> {
     async fn acquire(&mut self) -> Result<LockGuard, RunError> {
         let observer = self.observer.clone();
         let timeout = self.settings.lock_timeout;
-        let guard = self
-            .backend
-            .lock(timeout, |holder| observer.on_event(&Event::LockWaiting { holder: holder.to_string(), timeout }))
-            .await?;
+        let guard = self.backend.lock(timeout, |holder| observer.on_event(&Event::LockWaiting { holder: holder.to_string(), timeout })).await?;
         self.emit(Event::LockAcquired);
         Ok(guard)
     }
@@ -249,7 +246,13 @@ impl<'b> Runner<'b> {
         if let Some(applied) = &history {
             if let Ok(p) = plan::plan_up(local, applied, target, policy) {
                 if p.steps.is_empty() {
-                    return Ok(RunReport { direction: Direction::Up, batch: None, steps: vec![], dry_run: false, duration_ms: started.elapsed().as_millis() as u64 });
+                    return Ok(RunReport {
+                        direction: Direction::Up,
+                        batch: None,
+                        steps: vec![],
+                        dry_run: false,
+                        duration_ms: started.elapsed().as_millis() as u64,
+                    });
                 }
             }
         }
@@ -259,70 +262,75 @@ impl<'b> Runner<'b> {
             let guard = self.acquire().await?;
             let this = &mut *self;
             let r: Result<_, RunError> = async {
-                    this.backend.ensure_history().await?;
-                    let applied = this.backend.read_history().await?.unwrap_or_default();
-                    let p = plan::plan_up(local, &applied, &target, &policy).map_err(RunError::Plan)?;
-                    this.emit(Event::Planned { direction: Direction::Up, steps: p.steps.len(), batch: Some(p.batch) });
-                    if p.steps.is_empty() {
-                        return Ok(RunReport { direction: Direction::Up, batch: None, steps: vec![], dry_run: false, duration_ms: 0 });
-                    }
-                    let ctx = RecordContext { batch: p.batch, actor: this.settings.actor.clone() };
-                    let start = this.log_entry("run-start", None, Some(p.batch), None, Some(format!("up: {} pending", p.steps.len())));
-                    this.backend.log(&start).await?;
-                    let total = p.steps.len();
-                    let mut done: Vec<StepReport> = Vec::with_capacity(total);
-                    // With a contract, each migration is checked before it commits.
-                    let reaches_head = target == UpTarget::Latest && policy.group.is_none();
-                    let contract = this.contract.clone();
-                    let mut before: Option<Snapshot> = match &contract {
-                        Some(_) => this.backend.inspect().await?,
-                        None => None,
-                    };
-                    for (i, m) in p.steps.iter().enumerate() {
-                        this.emit(Event::StepStarted {
-                            direction: Direction::Up,
-                            version: m.version.text.clone(),
-                            name: m.description.clone(),
-                            index: i + 1,
-                            total,
-                        });
-                        let t = Instant::now();
-                        let result = match (&contract, before.take()) {
-                            (Some(c), Some(prev)) => {
-                                let last = reaches_head && i + 1 == total;
-                                let seen = std::sync::Arc::new(std::sync::Mutex::new(None::<Snapshot>));
-                                let seen2 = seen.clone();
-                                let c2 = c.clone();
-                                let check = move |s: &Snapshot| {
-                                    *seen2.lock().expect("not poisoned") = Some(s.clone());
-                                    if last {
-                                        schema::validate(&c2, s).into_iter().filter(|v| v.severity == schema::Severity::Error).collect()
-                                    } else {
-                                        schema::regressions(&c2, &prev, s)
-                                    }
-                                };
-                                let r = this.backend.apply(m, &ctx, Some(&check)).await;
-                                before = seen.lock().expect("not poisoned").take();
-                                if before.is_none() && r.is_ok() {
-                                    before = this.backend.inspect().await?;
+                this.backend.ensure_history().await?;
+                let applied = this.backend.read_history().await?.unwrap_or_default();
+                let p = plan::plan_up(local, &applied, &target, &policy).map_err(RunError::Plan)?;
+                this.emit(Event::Planned { direction: Direction::Up, steps: p.steps.len(), batch: Some(p.batch) });
+                if p.steps.is_empty() {
+                    return Ok(RunReport { direction: Direction::Up, batch: None, steps: vec![], dry_run: false, duration_ms: 0 });
+                }
+                let ctx = RecordContext { batch: p.batch, actor: this.settings.actor.clone() };
+                let start = this.log_entry("run-start", None, Some(p.batch), None, Some(format!("up: {} pending", p.steps.len())));
+                this.backend.log(&start).await?;
+                let total = p.steps.len();
+                let mut done: Vec<StepReport> = Vec::with_capacity(total);
+                // With a contract, each migration is checked before it commits.
+                let reaches_head = target == UpTarget::Latest && policy.group.is_none();
+                let contract = this.contract.clone();
+                let mut before: Option<Snapshot> = match &contract {
+                    Some(_) => this.backend.inspect().await?,
+                    None => None,
+                };
+                for (i, m) in p.steps.iter().enumerate() {
+                    this.emit(Event::StepStarted {
+                        direction: Direction::Up,
+                        version: m.version.text.clone(),
+                        name: m.description.clone(),
+                        index: i + 1,
+                        total,
+                    });
+                    let t = Instant::now();
+                    let result = match (&contract, before.take()) {
+                        (Some(c), Some(prev)) => {
+                            let last = reaches_head && i + 1 == total;
+                            let seen = std::sync::Arc::new(std::sync::Mutex::new(None::<Snapshot>));
+                            let seen2 = seen.clone();
+                            let c2 = c.clone();
+                            let check = move |s: &Snapshot| {
+                                *seen2.lock().expect("not poisoned") = Some(s.clone());
+                                if last {
+                                    schema::validate(&c2, s).into_iter().filter(|v| v.severity == schema::Severity::Error).collect()
+                                } else {
+                                    schema::regressions(&c2, &prev, s)
                                 }
-                                r
+                            };
+                            let r = this.backend.apply(m, &ctx, Some(&check)).await;
+                            before = seen.lock().expect("not poisoned").take();
+                            if before.is_none() && r.is_ok() {
+                                before = this.backend.inspect().await?;
                             }
-                            _ => this.backend.apply(m, &ctx, None).await,
-                        };
-                        match result {
-                            Ok(()) => {
-                                let d = t.elapsed();
-                                this.emit(Event::StepFinished { direction: Direction::Up, version: m.version.text.clone(), name: m.description.clone(), duration: d });
-                                done.push(StepReport::of(m, &m.up, d.as_millis() as u64, false));
-                            }
-                            Err(e) => return Err(this.step_failed(Direction::Up, m, e, &done, p.batch).await),
+                            r
                         }
+                        _ => this.backend.apply(m, &ctx, None).await,
+                    };
+                    match result {
+                        Ok(()) => {
+                            let d = t.elapsed();
+                            this.emit(Event::StepFinished {
+                                direction: Direction::Up,
+                                version: m.version.text.clone(),
+                                name: m.description.clone(),
+                                duration: d,
+                            });
+                            done.push(StepReport::of(m, &m.up, d.as_millis() as u64, false));
+                        }
+                        Err(e) => return Err(this.step_failed(Direction::Up, m, e, &done, p.batch).await),
                     }
-                    this.save_snapshot().await;
-                    let end = this.log_entry("run-end", None, Some(p.batch), None, Some(format!("up: {} applied", done.len())));
-                    this.backend.log(&end).await?; // also makes every commit of the run durable
-                    Ok(RunReport { direction: Direction::Up, batch: Some(p.batch), steps: done, dry_run: false, duration_ms: 0 })
+                }
+                this.save_snapshot().await;
+                let end = this.log_entry("run-end", None, Some(p.batch), None, Some(format!("up: {} applied", done.len())));
+                this.backend.log(&end).await?; // also makes every commit of the run durable
+                Ok(RunReport { direction: Direction::Up, batch: Some(p.batch), steps: done, dry_run: false, duration_ms: 0 })
             }
             .await;
             self.release(guard, r).await
@@ -340,15 +348,27 @@ impl<'b> Runner<'b> {
         match e {
             StepError::Invalid { violations, outcome } => {
                 let message = violations.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("; ");
-                self.emit(Event::StepFailed { direction: dir, version: m.version.text.clone(), name: m.description.clone(), message: message.clone() });
-                let fail = self.log_entry("failed", Some((&m.version, &m.description)), Some(batch), None, Some(format!("schema validation: {message}")));
+                self.emit(Event::StepFailed {
+                    direction: dir,
+                    version: m.version.text.clone(),
+                    name: m.description.clone(),
+                    message: message.clone(),
+                });
+                let fail =
+                    self.log_entry("failed", Some((&m.version, &m.description)), Some(batch), None, Some(format!("schema validation: {message}")));
                 let _ = self.backend.log(&fail).await;
-                let end = self.log_entry("run-end", None, Some(batch), None, Some(format!("{} done, stopped at {}: schema invalid", done.len(), m.name())));
+                let end =
+                    self.log_entry("run-end", None, Some(batch), None, Some(format!("{} done, stopped at {}: schema invalid", done.len(), m.name())));
                 let _ = self.backend.log(&end).await;
                 RunError::Invalid { version: m.version.clone(), file: m.display_path(), outcome, violations, done: done_versions }
             }
             StepError::Body(a) => {
-                self.emit(Event::StepFailed { direction: dir, version: m.version.text.clone(), name: m.description.clone(), message: a.error.to_string() });
+                self.emit(Event::StepFailed {
+                    direction: dir,
+                    version: m.version.text.clone(),
+                    name: m.description.clone(),
+                    message: a.error.to_string(),
+                });
                 let end = self.log_entry(
                     "run-end",
                     None,
@@ -496,36 +516,47 @@ impl<'b> Runner<'b> {
             let guard = self.acquire().await?;
             let this = &mut *self;
             let r: Result<_, RunError> = async {
-                    let Some(applied) = this.backend.read_history().await? else {
-                        return Ok(RunReport { direction: Direction::Down, batch: None, steps: vec![], dry_run: false, duration_ms: 0 });
-                    };
-                    let p = plan::plan_down(local, &applied, &target).map_err(RunError::Plan)?;
-                    this.emit(Event::Planned { direction: Direction::Down, steps: p.steps.len(), batch: None });
-                    if p.steps.is_empty() {
-                        return Ok(RunReport { direction: Direction::Down, batch: None, steps: vec![], dry_run: false, duration_ms: 0 });
-                    }
-                    let batch = p.steps[0].1.batch;
-                    let ctx = RecordContext { batch, actor: this.settings.actor.clone() };
-                    let start = this.log_entry("run-start", None, Some(batch), None, Some(format!("down: {} to revert", p.steps.len())));
-                    this.backend.log(&start).await?;
-                    let total = p.steps.len();
-                    let mut done = Vec::with_capacity(total);
-                    for (i, (m, a)) in p.steps.iter().enumerate() {
-                        this.emit(Event::StepStarted { direction: Direction::Down, version: m.version.text.clone(), name: m.description.clone(), index: i + 1, total });
-                        let t = Instant::now();
-                        match this.backend.revert(m, a, &ctx).await {
-                            Ok(()) => {
-                                let d = t.elapsed();
-                                this.emit(Event::StepFinished { direction: Direction::Down, version: m.version.text.clone(), name: m.description.clone(), duration: d });
-                                done.push(StepReport::of(m, m.down.as_ref().expect("planned"), d.as_millis() as u64, false));
-                            }
-                            Err(e) => return Err(this.step_failed(Direction::Down, m, e, &done, batch).await),
+                let Some(applied) = this.backend.read_history().await? else {
+                    return Ok(RunReport { direction: Direction::Down, batch: None, steps: vec![], dry_run: false, duration_ms: 0 });
+                };
+                let p = plan::plan_down(local, &applied, &target).map_err(RunError::Plan)?;
+                this.emit(Event::Planned { direction: Direction::Down, steps: p.steps.len(), batch: None });
+                if p.steps.is_empty() {
+                    return Ok(RunReport { direction: Direction::Down, batch: None, steps: vec![], dry_run: false, duration_ms: 0 });
+                }
+                let batch = p.steps[0].1.batch;
+                let ctx = RecordContext { batch, actor: this.settings.actor.clone() };
+                let start = this.log_entry("run-start", None, Some(batch), None, Some(format!("down: {} to revert", p.steps.len())));
+                this.backend.log(&start).await?;
+                let total = p.steps.len();
+                let mut done = Vec::with_capacity(total);
+                for (i, (m, a)) in p.steps.iter().enumerate() {
+                    this.emit(Event::StepStarted {
+                        direction: Direction::Down,
+                        version: m.version.text.clone(),
+                        name: m.description.clone(),
+                        index: i + 1,
+                        total,
+                    });
+                    let t = Instant::now();
+                    match this.backend.revert(m, a, &ctx).await {
+                        Ok(()) => {
+                            let d = t.elapsed();
+                            this.emit(Event::StepFinished {
+                                direction: Direction::Down,
+                                version: m.version.text.clone(),
+                                name: m.description.clone(),
+                                duration: d,
+                            });
+                            done.push(StepReport::of(m, m.down.as_ref().expect("planned"), d.as_millis() as u64, false));
                         }
+                        Err(e) => return Err(this.step_failed(Direction::Down, m, e, &done, batch).await),
                     }
-                    this.save_snapshot().await;
-                    let end = this.log_entry("run-end", None, Some(batch), None, Some(format!("down: {} reverted", done.len())));
-                    this.backend.log(&end).await?;
-                    Ok(RunReport { direction: Direction::Down, batch: None, steps: done, dry_run: false, duration_ms: 0 })
+                }
+                this.save_snapshot().await;
+                let end = this.log_entry("run-end", None, Some(batch), None, Some(format!("down: {} reverted", done.len())));
+                this.backend.log(&end).await?;
+                Ok(RunReport { direction: Direction::Down, batch: None, steps: done, dry_run: false, duration_ms: 0 })
             }
             .await;
             self.release(guard, r).await
@@ -668,7 +699,13 @@ impl<'b> Runner<'b> {
     /// clear failed or interrupted entries — all of them, or one version's.
     /// A cleared entry is deleted (the migration is pending again), or with
     /// `mark_applied` recorded as applied (it was completed by hand).
-    pub async fn repair(&mut self, local: &[Migration], version: Option<&Version>, mark_applied: bool, reason: &str) -> Result<AdminReport, RunError> {
+    pub async fn repair(
+        &mut self,
+        local: &[Migration],
+        version: Option<&Version>,
+        mark_applied: bool,
+        reason: &str,
+    ) -> Result<AdminReport, RunError> {
         let version = version.cloned();
         let reason = reason.to_string();
         {
@@ -678,7 +715,11 @@ impl<'b> Runner<'b> {
                 let applied = this.backend.read_history().await?.unwrap_or_default();
                 if let Some(v) = &version {
                     if !applied.iter().any(|a| &a.version == v) {
-                        return Err(PlanError::UnknownVersion { version: v.to_string(), hint: "it is not recorded in the history, so there is nothing to repair".into() }.into());
+                        return Err(PlanError::UnknownVersion {
+                            version: v.to_string(),
+                            hint: "it is not recorded in the history, so there is nothing to repair".into(),
+                        }
+                        .into());
                     }
                 }
                 let mut changes = Vec::new();
@@ -717,7 +758,13 @@ impl<'b> Runner<'b> {
                             Some(m) if m.checksum != a.checksum => {
                                 let e = AppliedMigration { checksum: m.checksum.clone(), ..a.clone() };
                                 this.backend.put_history(std::slice::from_ref(&e), None).await?;
-                                changes.push(format!("{} {}: checksum {} -> {}", plan::recorded_version(a), name, a.checksum.short(), m.checksum.short()));
+                                changes.push(format!(
+                                    "{} {}: checksum {} -> {}",
+                                    plan::recorded_version(a),
+                                    name,
+                                    a.checksum.short(),
+                                    m.checksum.short()
+                                ));
                                 let log = this.log_entry(
                                     "repair",
                                     Some((&a.version, &name)),
@@ -730,7 +777,9 @@ impl<'b> Runner<'b> {
                             None if version.is_some() && !a.script.is_empty() => {
                                 return Err(PlanError::Refused(format!(
                                     "the file of {} {} is missing; restore it, or run `kiln retire {}` to drop it from every plan",
-                                    plan::recorded_version(a), name, plan::recorded_version(a)
+                                    plan::recorded_version(a),
+                                    name,
+                                    plan::recorded_version(a)
                                 ))
                                 .into())
                             }

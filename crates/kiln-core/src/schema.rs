@@ -382,12 +382,20 @@ pub fn validate(contract: &Contract, live: &Snapshot) -> Vec<Violation> {
         }
         for i in &t.indexes {
             if !index_matches(i, obj, false) {
-                out.push(Violation { severity: Severity::Error, object: name.clone(), message: format!("required index {} is missing", describe_index(i)) });
+                out.push(Violation {
+                    severity: Severity::Error,
+                    object: name.clone(),
+                    message: format!("required index {} is missing", describe_index(i)),
+                });
             }
         }
         for u in &t.unique {
             if !index_matches(u, obj, true) {
-                out.push(Violation { severity: Severity::Error, object: name.clone(), message: format!("required unique constraint {} is missing", describe_index(u)) });
+                out.push(Violation {
+                    severity: Severity::Error,
+                    object: name.clone(),
+                    message: format!("required unique constraint {} is missing", describe_index(u)),
+                });
             }
         }
     }
@@ -406,7 +414,11 @@ pub fn validate(contract: &Contract, live: &Snapshot) -> Vec<Violation> {
                 Some(v) => {
                     for f in &c.required {
                         if !v.required.contains(f) {
-                            out.push(Violation { severity: Severity::Error, object: name.clone(), message: format!("the validator does not require field {f}") });
+                            out.push(Violation {
+                                severity: Severity::Error,
+                                object: name.clone(),
+                                message: format!("the validator does not require field {f}"),
+                            });
                         }
                     }
                 }
@@ -414,7 +426,11 @@ pub fn validate(contract: &Contract, live: &Snapshot) -> Vec<Violation> {
         }
         for i in &c.indexes {
             if !index_matches(i, obj, false) {
-                out.push(Violation { severity: Severity::Error, object: name.clone(), message: format!("required index {} is missing", describe_index(i)) });
+                out.push(Violation {
+                    severity: Severity::Error,
+                    object: name.clone(),
+                    message: format!("required index {} is missing", describe_index(i)),
+                });
             }
         }
     }
@@ -430,7 +446,7 @@ pub fn unsatisfied(contract: &Contract, live: &Snapshot) -> std::collections::BT
     for (name, t) in &contract.tables {
         let obj = live.objects.get(name);
         if obj.is_none() {
-            out.insert(format!("{name}"));
+            out.insert(name.to_string());
         }
         let empty = ObjectInfo::default();
         let o = obj.unwrap_or(&empty);
@@ -610,8 +626,14 @@ pub fn diff(before: &Snapshot, after: &Snapshot) -> Vec<Change> {
         diff_map(name, "index", &b.indexes, &a.indexes, show_index, &mut out);
         diff_map(name, "constraint", &b.constraints, &a.constraints, show_constraint, &mut out);
         if b.validator != a.validator {
-            let show = |v: &Option<ValidatorInfo>| v.as_ref().map(|v| format!("required [{}]", v.required.join(", "))).unwrap_or_else(|| "none".into());
-            out.push(Change { object: name.clone(), kind: "changed".into(), what: "validator".into(), detail: Some(format!("{} → {}", show(&b.validator), show(&a.validator))) });
+            let show =
+                |v: &Option<ValidatorInfo>| v.as_ref().map(|v| format!("required [{}]", v.required.join(", "))).unwrap_or_else(|| "none".into());
+            out.push(Change {
+                object: name.clone(),
+                kind: "changed".into(),
+                what: "validator".into(),
+                detail: Some(format!("{} → {}", show(&b.validator), show(&a.validator))),
+            });
         }
     }
     for (name, a) in &after.objects {
@@ -720,7 +742,11 @@ mod tests {
         o.indexes.insert("email_1".into(), IndexInfo { columns: vec!["email".into()], unique: true, options: None });
         o.validator = Some(ValidatorInfo { required: vec!["email".into()], json: "{}".into() });
         s.objects.insert("users".into(), o);
-        let c = Contract::parse("collections:\n  users:\n    required: [email, name]\n    indexes: [email_1, {keys: {email: 1}}, {keys: {age: -1}}]\n", "s").unwrap();
+        let c = Contract::parse(
+            "collections:\n  users:\n    required: [email, name]\n    indexes: [email_1, {keys: {email: 1}}, {keys: {age: -1}}]\n",
+            "s",
+        )
+        .unwrap();
         let v = validate(&c, &s);
         assert_eq!(v.len(), 2, "{v:?}");
         assert!(v.iter().any(|x| x.message.contains("name")));

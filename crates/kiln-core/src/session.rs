@@ -75,7 +75,9 @@ impl<'e> Session<'e> {
 
     /// Delete the entry of `version`, with `event` in the same commit.
     pub async fn delete_history(&mut self, version: u64, event: Option<&LogEntry>) -> Result<(), EngineError> {
-        self.stepper.flush(Record { changes: vec![HistoryChange::Delete(version)], events: event.into_iter().cloned().collect(), durable: true }).await
+        self.stepper
+            .flush(Record { changes: vec![HistoryChange::Delete(version)], events: event.into_iter().cloned().collect(), durable: true })
+            .await
     }
 
     /// Apply `m` (state `applied`), checking the schema with `check` when given.

@@ -73,10 +73,9 @@ impl Rules {
 pub fn check_name(stem: &str, opts: &LoadOptions) -> Result<(), SourceError> {
     let rules = Rules::new(opts)?;
     rules.check(stem, false, Path::new(stem))?;
-    split_version(stem).map(|_| ()).ok_or_else(|| SourceError::BadName {
-        file: PathBuf::from(stem),
-        rule: rules.custom.clone().unwrap_or_else(|| DEFAULT_FILE_RULE.into()),
-    })
+    split_version(stem)
+        .map(|_| ())
+        .ok_or_else(|| SourceError::BadName { file: PathBuf::from(stem), rule: rules.custom.clone().unwrap_or_else(|| DEFAULT_FILE_RULE.into()) })
 }
 
 /// Split `0001_create_users` into its version and description.
@@ -110,10 +109,7 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Vec<Migration>, Source
     let results: Vec<Result<Migration, SourceError>> = if threads > 1 && tasks.len() >= 64 {
         let chunk = tasks.len().div_ceil(threads);
         std::thread::scope(|sc| {
-            let handles: Vec<_> = tasks
-                .chunks(chunk)
-                .map(|part| sc.spawn(move || part.iter().map(|t| t.load(opts)).collect::<Vec<_>>()))
-                .collect();
+            let handles: Vec<_> = tasks.chunks(chunk).map(|part| sc.spawn(move || part.iter().map(|t| t.load(opts)).collect::<Vec<_>>())).collect();
             handles.into_iter().flat_map(|h| h.join().expect("loader thread panicked")).collect()
         })
     } else {
@@ -126,11 +122,7 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Vec<Migration>, Source
     found.sort_by(|a, b| a.version.cmp(&b.version));
     for w in found.windows(2) {
         if w[0].version == w[1].version {
-            return Err(SourceError::DuplicateVersion {
-                version: w[1].version.clone(),
-                first: w[0].path.clone(),
-                second: w[1].path.clone(),
-            });
+            return Err(SourceError::DuplicateVersion { version: w[1].version.clone(), first: w[0].path.clone(), second: w[1].path.clone() });
         }
     }
     Ok(found)
@@ -173,15 +165,7 @@ impl Task {
     }
 }
 
-fn walk(
-    root: &Path,
-    dir: &Path,
-    rules: &Rules,
-    group: Option<&str>,
-    scope: Scope,
-    depth: usize,
-    out: &mut Vec<Task>,
-) -> Result<(), SourceError> {
+fn walk(root: &Path, dir: &Path, rules: &Rules, group: Option<&str>, scope: Scope, depth: usize, out: &mut Vec<Task>) -> Result<(), SourceError> {
     let rd = std::fs::read_dir(dir).map_err(|e| SourceError::Dir { dir: dir.to_path_buf(), source: e })?;
     let mut entries: Vec<(String, PathBuf, bool)> = Vec::new();
     for e in rd {
@@ -225,11 +209,7 @@ fn walk(
         } else if let Some(stem) = name.strip_suffix(".sql") {
             rules.check(stem, false, &rel)?;
             out.push(Task::Sql { stem: stem.to_string(), path, rel, group: group_owned.clone(), scope });
-        } else if let Some(stem) = name
-            .strip_suffix(".yaml")
-            .or_else(|| name.strip_suffix(".yml"))
-            .or_else(|| name.strip_suffix(".json"))
-        {
+        } else if let Some(stem) = name.strip_suffix(".yaml").or_else(|| name.strip_suffix(".yml")).or_else(|| name.strip_suffix(".json")) {
             rules.check(stem, false, &rel)?;
             let json = name.ends_with(".json");
             out.push(Task::Commands { stem: stem.to_string(), path, rel, json, group: group_owned.clone(), scope });
@@ -240,11 +220,7 @@ fn walk(
         let Some(up) = up else {
             let down = down.expect("one of the two exists");
             let rel = down.strip_prefix(root).unwrap_or(&down).to_path_buf();
-            return Err(SourceError::Parse {
-                file: rel,
-                line: 1,
-                message: format!("has no matching {stem}.up.sql"),
-            });
+            return Err(SourceError::Parse { file: rel, line: 1, message: format!("has no matching {stem}.up.sql") });
         };
         let rel_up = up.strip_prefix(root).unwrap_or(&up).to_path_buf();
         rules.check(&stem, false, &rel_up)?;
@@ -289,20 +265,11 @@ fn read(path: &Path, rel: &Path) -> Result<String, SourceError> {
 }
 
 fn version_of(stem: &str, rel: &Path) -> Result<(Version, String), SourceError> {
-    split_version(stem).ok_or_else(|| SourceError::BadName {
-        file: rel.to_path_buf(),
-        rule: "a leading version number, e.g. 0001_create_users".into(),
-    })
+    split_version(stem)
+        .ok_or_else(|| SourceError::BadName { file: rel.to_path_buf(), rule: "a leading version number, e.g. 0001_create_users".into() })
 }
 
-fn load_diesel(
-    path: &Path,
-    rel: &Path,
-    name: &str,
-    opts: &LoadOptions,
-    group: Option<&str>,
-    scope: Scope,
-) -> Result<Migration, SourceError> {
+fn load_diesel(path: &Path, rel: &Path, name: &str, opts: &LoadOptions, group: Option<&str>, scope: Scope) -> Result<Migration, SourceError> {
     let rel_up = rel.join("up.sql");
     let up = read(&path.join("up.sql"), &rel_up)?;
     let down_path = path.join("down.sql");
@@ -384,7 +351,8 @@ fn sql_section(text: &str, first_line: usize, rel: &Path, opts: &LoadOptions) ->
             return Err(SourceError::Parse {
                 file: rel.to_path_buf(),
                 line: first_line + i,
-                message: "DELIMITER is a mysql client command, not SQL; write the procedure with plain `;` (kiln understands BEGIN … END bodies)".into(),
+                message: "DELIMITER is a mysql client command, not SQL; write the procedure with plain `;` (kiln understands BEGIN … END bodies)"
+                    .into(),
             });
         }
     }
@@ -481,26 +449,15 @@ fn apply_directive(d: &mut Directives, name: &str, value: &str, rel: &Path, line
             d.group = Some(value.to_string());
         }
         "expand" | "backfill" | "contract" | "rollback" | "remaining" => {
-            return Err(err(format!(
-                "`-- kiln:{name}` (expand/backfill/contract migrations) is not supported by this version of kiln"
-            )))
+            return Err(err(format!("`-- kiln:{name}` (expand/backfill/contract migrations) is not supported by this version of kiln")))
         }
-        other => {
-            return Err(err(format!(
-                "unknown directive `-- kiln:{other}` (known: up, down, depends, transaction, scope, group)"
-            )))
-        }
+        other => return Err(err(format!("unknown directive `-- kiln:{other}` (known: up, down, depends, transaction, scope, group)"))),
     }
     Ok(())
 }
 
 fn add_depends(d: &mut Directives, written: &str, rel: &Path, line: usize) -> Result<(), SourceError> {
-    let stem = written
-        .trim_end_matches(".sql")
-        .trim_end_matches(".up")
-        .trim_end_matches(".yaml")
-        .trim_end_matches(".yml")
-        .trim_end_matches(".json");
+    let stem = written.trim_end_matches(".sql").trim_end_matches(".up").trim_end_matches(".yaml").trim_end_matches(".yml").trim_end_matches(".json");
     let stem = stem.rsplit('/').next().unwrap_or(stem);
     let version = Version::parse_arg(stem).ok_or_else(|| SourceError::Parse {
         file: rel.to_path_buf(),
@@ -511,14 +468,7 @@ fn add_depends(d: &mut Directives, written: &str, rel: &Path, line: usize) -> Re
     Ok(())
 }
 
-fn sql_single(
-    stem: &str,
-    rel: &Path,
-    text: &str,
-    opts: &LoadOptions,
-    group: Option<&str>,
-    scope: Scope,
-) -> Result<Migration, SourceError> {
+fn sql_single(stem: &str, rel: &Path, text: &str, opts: &LoadOptions, group: Option<&str>, scope: Scope) -> Result<Migration, SourceError> {
     let (version, description) = version_of(stem, rel)?;
     let (mut directives, header_end) = parse_header(text, rel, 1)?;
     // Find section markers.
@@ -531,7 +481,7 @@ fn sql_single(
         let lineno = i + 1;
         if let Some(m) = marker(line) {
             let err = |msg: &str| SourceError::Parse { file: rel.to_path_buf(), line: lineno, message: msg.to_string() };
-            if !saw_marker && pos < header_end.max(0) {
+            if !saw_marker && pos < header_end {
                 // markers inside the header region are fine; header parsing stops at them
             }
             if !saw_marker && text[header_end.min(pos)..pos].trim() != "" && !only_comments(&text[header_end.min(pos)..pos]) {
@@ -579,16 +529,7 @@ fn sql_single(
     if scope == Scope::Tenant {
         directives.scope = Scope::Tenant;
     }
-    Ok(Migration {
-        version,
-        description,
-        path: rel.to_path_buf(),
-        kind: Kind::Sql,
-        checksum: Checksum::of_parts(&[text]),
-        directives,
-        up,
-        down,
-    })
+    Ok(Migration { version, description, path: rel.to_path_buf(), kind: Kind::Sql, checksum: Checksum::of_parts(&[text]), directives, up, down })
 }
 
 fn only_comments(s: &str) -> bool {
@@ -598,14 +539,7 @@ fn only_comments(s: &str) -> bool {
     })
 }
 
-fn commands_file(
-    stem: &str,
-    rel: &Path,
-    text: &str,
-    json: bool,
-    group: Option<&str>,
-    scope: Scope,
-) -> Result<Migration, SourceError> {
+fn commands_file(stem: &str, rel: &Path, text: &str, json: bool, group: Option<&str>, scope: Scope) -> Result<Migration, SourceError> {
     let (version, description) = version_of(stem, rel)?;
     let perr = |line: usize, message: String| SourceError::Parse { file: rel.to_path_buf(), line, message };
     let value: serde_json::Value = if json {
@@ -685,17 +619,9 @@ fn commands_file(
             },
             "description" | "comment" => {}
             "expand" | "backfill" | "contract" | "rollback" => {
-                return Err(perr(
-                    key_line,
-                    format!("`{k}` (expand/backfill/contract migrations) is not supported by this version of kiln"),
-                ))
+                return Err(perr(key_line, format!("`{k}` (expand/backfill/contract migrations) is not supported by this version of kiln")))
             }
-            other => {
-                return Err(perr(
-                    key_line,
-                    format!("unknown key `{other}` (known: up, down, depends, transaction, scope, group, description)"),
-                ))
-            }
+            other => return Err(perr(key_line, format!("unknown key `{other}` (known: up, down, depends, transaction, scope, group, description)"))),
         }
     }
     let Some(up) = up else {
@@ -707,16 +633,7 @@ fn commands_file(
     if scope == Scope::Tenant {
         directives.scope = Scope::Tenant;
     }
-    Ok(Migration {
-        version,
-        description,
-        path: rel.to_path_buf(),
-        kind: Kind::Commands,
-        checksum: Checksum::of_parts(&[text]),
-        directives,
-        up,
-        down,
-    })
+    Ok(Migration { version, description, path: rel.to_path_buf(), kind: Kind::Commands, checksum: Checksum::of_parts(&[text]), directives, up, down })
 }
 
 /// Line of a top-level key in a YAML/JSON file (1 if not found).
@@ -724,7 +641,7 @@ fn key_line(text: &str, key: &str) -> usize {
     for (i, l) in text.lines().enumerate() {
         let t = l.trim_start_matches(['{', ' ']);
         if l.starts_with(key) || t.starts_with(&format!("\"{key}\"")) {
-            let rest = if l.starts_with(key) { &l[key.len()..] } else { "" };
+            let rest = l.strip_prefix(key).unwrap_or("");
             if l.starts_with(key) && !rest.trim_start().starts_with(':') {
                 continue;
             }
@@ -860,11 +777,7 @@ mod tests {
 
     #[test]
     fn groups_scopes_and_retired() {
-        let d = dir_with(&[
-            ("users/0001_a.sql", "select 1;"),
-            ("tenant/0002_b.sql", "select 1;"),
-            ("0003_c.sql.retired", "select 1;"),
-        ]);
+        let d = dir_with(&[("users/0001_a.sql", "select 1;"), ("tenant/0002_b.sql", "select 1;"), ("0003_c.sql.retired", "select 1;")]);
         let ms = load(&d).unwrap();
         assert_eq!(ms.len(), 2);
         assert_eq!(ms[0].directives.group.as_deref(), Some("users"));
@@ -905,7 +818,10 @@ mod tests {
 
     #[test]
     fn statement_lines_refer_to_file() {
-        let d = dir_with(&[("0001_x.sql", "-- kiln:up\ncreate table a (id int);\n\ncreate table b (id int);\n-- kiln:down\ndrop table b;\ndrop table a;\n")]);
+        let d = dir_with(&[(
+            "0001_x.sql",
+            "-- kiln:up\ncreate table a (id int);\n\ncreate table b (id int);\n-- kiln:down\ndrop table b;\ndrop table a;\n",
+        )]);
         let ms = load(&d).unwrap();
         let Body::Sql { statements, .. } = &ms[0].up else { panic!() };
         assert_eq!(statements[0].line, 2);

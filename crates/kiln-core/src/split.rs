@@ -26,38 +26,18 @@ pub struct Dialect {
 
 impl Dialect {
     /// PostgreSQL.
-    pub const POSTGRES: Dialect = Dialect {
-        dollar_quotes: true,
-        backslash_escapes: false,
-        hash_comments: false,
-        backticks: false,
-        nested_comments: true,
-    };
+    pub const POSTGRES: Dialect =
+        Dialect { dollar_quotes: true, backslash_escapes: false, hash_comments: false, backticks: false, nested_comments: true };
     /// MySQL and MariaDB.
-    pub const MYSQL: Dialect = Dialect {
-        dollar_quotes: false,
-        backslash_escapes: true,
-        hash_comments: true,
-        backticks: true,
-        nested_comments: false,
-    };
+    pub const MYSQL: Dialect =
+        Dialect { dollar_quotes: false, backslash_escapes: true, hash_comments: true, backticks: true, nested_comments: false };
     /// SQLite.
-    pub const SQLITE: Dialect = Dialect {
-        dollar_quotes: false,
-        backslash_escapes: false,
-        hash_comments: false,
-        backticks: true,
-        nested_comments: false,
-    };
+    pub const SQLITE: Dialect =
+        Dialect { dollar_quotes: false, backslash_escapes: false, hash_comments: false, backticks: true, nested_comments: false };
     /// A dialect that accepts the union of the rules that cannot misread
     /// another dialect's text; used to parse files before the engine is known.
-    pub const GENERIC: Dialect = Dialect {
-        dollar_quotes: true,
-        backslash_escapes: false,
-        hash_comments: false,
-        backticks: true,
-        nested_comments: false,
-    };
+    pub const GENERIC: Dialect =
+        Dialect { dollar_quotes: true, backslash_escapes: false, hash_comments: false, backticks: true, nested_comments: false };
 }
 
 /// An error found while splitting (an unterminated quote or comment).
@@ -136,8 +116,7 @@ pub fn split_statements(text: &str, first_line: usize, d: Dialect) -> Result<Vec
                 has_code = true;
                 let open_line = line;
                 // PostgreSQL E'…' strings take backslash escapes.
-                let escapes = d.backslash_escapes
-                    || (c == b'\'' && i > 0 && (b[i - 1] == b'E' || b[i - 1] == b'e') && (i < 2 || !is_word(b[i - 2])));
+                let escapes = d.backslash_escapes || (c == b'\'' && i > 0 && (b[i - 1] == b'E' || b[i - 1] == b'e') && (i < 2 || !is_word(b[i - 2])));
                 i += 1;
                 loop {
                     if i >= b.len() {
@@ -188,12 +167,7 @@ pub fn split_statements(text: &str, first_line: usize, d: Dialect) -> Result<Vec
                             line += text[i..end].bytes().filter(|x| *x == b'\n').count();
                             i = end;
                         }
-                        None => {
-                            return Err(SplitError {
-                                message: format!("unterminated dollar-quoted string {tag}"),
-                                line: open_line,
-                            })
-                        }
+                        None => return Err(SplitError { message: format!("unterminated dollar-quoted string {tag}"), line: open_line }),
                     }
                 } else {
                     has_code = true;

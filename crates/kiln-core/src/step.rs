@@ -153,7 +153,9 @@ impl<'e> Stepper<'e> {
             return Ok(());
         }
         self.engine.commit(&record).await.map_err(|e| match finished {
-            Some(names) => annotate(e, &format!("recording {names} as finished (it stays recorded as running and blocks the next run until `kiln repair`)")),
+            Some(names) => {
+                annotate(e, &format!("recording {names} as finished (it stays recorded as running and blocks the next run until `kiln repair`)"))
+            }
             None => e,
         })
     }
@@ -167,7 +169,13 @@ impl<'e> Stepper<'e> {
     /// [`StepError::Body`] with what the failure left behind,
     /// [`StepError::Invalid`] for contract violations, [`StepError::Engine`]
     /// when kiln could not talk to the database.
-    pub async fn run(&mut self, step: &Step<'_>, recorded: Option<&AppliedMigration>, outcome: &Outcome, check: Option<&SchemaCheck>) -> Result<(), StepError> {
+    pub async fn run(
+        &mut self,
+        step: &Step<'_>,
+        recorded: Option<&AppliedMigration>,
+        outcome: &Outcome,
+        check: Option<&SchemaCheck>,
+    ) -> Result<(), StepError> {
         let m = step.migration;
         let kind = match step.body {
             Body::Sql { .. } => Kind::Sql,
@@ -210,7 +218,13 @@ impl<'e> Stepper<'e> {
         }
     }
 
-    async fn run_intent(&mut self, step: &Step<'_>, recorded: Option<&AppliedMigration>, outcome: &Outcome, check: Option<&SchemaCheck>) -> Result<(), StepError> {
+    async fn run_intent(
+        &mut self,
+        step: &Step<'_>,
+        recorded: Option<&AppliedMigration>,
+        outcome: &Outcome,
+        check: Option<&SchemaCheck>,
+    ) -> Result<(), StepError> {
         let m = step.migration;
         let started = Instant::now();
 
@@ -254,7 +268,14 @@ impl<'e> Stepper<'e> {
             self.pending = Some(finish);
         } else {
             self.engine.commit(&finish).await.map_err(|e| {
-                annotate(e, &format!("recording the end of {} (it stays recorded as running and blocks the next run until `kiln repair {}`)", m.name(), m.version))
+                annotate(
+                    e,
+                    &format!(
+                        "recording the end of {} (it stays recorded as running and blocks the next run until `kiln repair {}`)",
+                        m.name(),
+                        m.version
+                    ),
+                )
             })?;
         }
         Ok(())
@@ -263,11 +284,22 @@ impl<'e> Stepper<'e> {
     /// The body of an intent-path step ran but breaks the contract: roll back
     /// what the engine can, then undo the intent (nothing remains) or record
     /// the step `failed` (something does). The runner logs the violations.
-    async fn intent_invalid(&mut self, step: &Step<'_>, recorded: Option<&AppliedMigration>, violations: Vec<crate::schema::Violation>, ms: i64) -> StepError {
+    async fn intent_invalid(
+        &mut self,
+        step: &Step<'_>,
+        recorded: Option<&AppliedMigration>,
+        violations: Vec<crate::schema::Violation>,
+        ms: i64,
+    ) -> StepError {
         let m = step.migration;
         let left = match self.engine.abandon(step).await {
             Ok(left) => left,
-            Err(e) => return StepError::Engine(annotate(e, &format!("rolling back {}, which breaks the schema contract (it stays recorded as running)", m.name()))),
+            Err(e) => {
+                return StepError::Engine(annotate(
+                    e,
+                    &format!("rolling back {}, which breaks the schema contract (it stays recorded as running)", m.name()),
+                ))
+            }
         };
         let (change, outcome) = match left {
             Left::Nothing => (undo_intent(step, recorded), FailureOutcome::RolledBack),
@@ -287,12 +319,21 @@ impl<'e> Stepper<'e> {
         };
         match self.engine.commit(&Record { changes: vec![change], events: vec![], durable: false }).await {
             Ok(()) => StepError::Invalid { violations, outcome },
-            Err(e) => StepError::Engine(annotate(e, &format!("recording that {} breaks the schema contract (it stays recorded as running)", m.name()))),
+            Err(e) => {
+                StepError::Engine(annotate(e, &format!("recording that {} breaks the schema contract (it stays recorded as running)", m.name())))
+            }
         }
     }
 
     /// Record a failed statement of the intent path (see the module docs, step 3).
-    async fn intent_failed(&mut self, step: &Step<'_>, recorded: Option<&AppliedMigration>, mut error: StatementError, left: Left, started: Instant) -> StepError {
+    async fn intent_failed(
+        &mut self,
+        step: &Step<'_>,
+        recorded: Option<&AppliedMigration>,
+        mut error: StatementError,
+        left: Left,
+        started: Instant,
+    ) -> StepError {
         let m = step.migration;
         let ms = started.elapsed().as_millis() as i64;
         let (change, outcome, note) = match left {

@@ -6,12 +6,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kiln_core::engine::Step;
 #[allow(unused_imports)]
 use kiln_core::engine::{Engine as _, Locker as _};
-use kiln_testkit::compat::Protocol;
-use kiln_core::engine::Step;
 use kiln_core::step::{Outcome, Stepper};
 use kiln_core::{load_dir, DownTarget, FailureOutcome, LoadOptions, Migration, Policy, RunError, Runner, RunnerSettings, State, UpTarget};
+use kiln_testkit::compat::Protocol;
 use kiln_testkit::fake::{FakeDb, FakeEngine};
 
 fn write(dir: &Path, name: &str, body: &str) {
@@ -230,7 +230,11 @@ async fn a_contract_violation_is_rolled_back_or_recorded() {
         let db = FakeDb::new();
         let engine = if transactional { db.transactional() } else { db.non_transactional() };
         let mut b = Protocol::new(engine);
-        let err = Runner::new(&mut b, settings()).with_contract(Some(Arc::new(contract.clone()))).up(&local, &UpTarget::Latest, &Policy::default(), false).await.unwrap_err();
+        let err = Runner::new(&mut b, settings())
+            .with_contract(Some(Arc::new(contract.clone())))
+            .up(&local, &UpTarget::Latest, &Policy::default(), false)
+            .await
+            .unwrap_err();
         let RunError::Invalid { version, outcome, .. } = &err else { panic!("{err}") };
         assert_eq!(version.number, 2);
         if transactional {

@@ -161,7 +161,9 @@ pub(crate) fn check_reply(reply: &Document) -> Result<(), Failure> {
 pub(crate) fn failure_of(conn: &Conn, e: &mongodb::error::Error) -> Failure {
     use mongodb::error::ErrorKind;
     match &*e.kind {
-        ErrorKind::Command(c) => Failure { code: Some(c.code), message: conn.scrub(describe(c.code, Some(&c.code_name), &c.message)), effect: Effect::Nothing },
+        ErrorKind::Command(c) => {
+            Failure { code: Some(c.code), message: conn.scrub(describe(c.code, Some(&c.code_name), &c.message)), effect: Effect::Nothing }
+        }
         _ if is_connection_error(e) => Failure {
             code: None,
             message: conn.scrub(format!("lost the connection, the command may or may not have run: {}", e.kind)),

@@ -183,10 +183,7 @@ pub(crate) fn url_with_database(url: &str, db: &str) -> String {
 /// server that answered with an error).
 pub(crate) fn is_connection_error(e: &mongodb::error::Error) -> bool {
     use mongodb::error::ErrorKind;
-    matches!(
-        *e.kind,
-        ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. } | ErrorKind::ServerSelection { .. } | ErrorKind::Shutdown
-    )
+    matches!(*e.kind, ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. } | ErrorKind::ServerSelection { .. } | ErrorKind::Shutdown)
 }
 
 /// The server's error code of a driver error, if the server answered with one.
@@ -196,11 +193,9 @@ pub(crate) fn error_code(e: &mongodb::error::Error) -> Option<i32> {
         ErrorKind::Command(c) => Some(c.code),
         ErrorKind::Write(WriteFailure::WriteError(w)) => Some(w.code),
         ErrorKind::Write(WriteFailure::WriteConcernError(w)) => Some(w.code),
-        ErrorKind::InsertMany(m) => m
-            .write_errors
-            .as_ref()
-            .and_then(|w| w.first().map(|w| w.code))
-            .or_else(|| m.write_concern_error.as_ref().map(|w| w.code)),
+        ErrorKind::InsertMany(m) => {
+            m.write_errors.as_ref().and_then(|w| w.first().map(|w| w.code)).or_else(|| m.write_concern_error.as_ref().map(|w| w.code))
+        }
         _ => None,
     }
 }

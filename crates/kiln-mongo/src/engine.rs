@@ -76,7 +76,8 @@ impl MongoEngine {
                 return Err(EngineError::BadUrl { url: redact(&cfg.url), message: format!("{name:?} cannot be the {what} collection") });
             }
         }
-        let history = conn.db.collection_with_options(&cfg.history_table, CollectionOptions::builder().write_concern(WriteConcern::majority()).build());
+        let history =
+            conn.db.collection_with_options(&cfg.history_table, CollectionOptions::builder().write_concern(WriteConcern::majority()).build());
         let snapshot_coll = conn.db.collection(&cfg.snapshot_table);
         let lease = Lease::new(&conn, &cfg.history_table);
         Ok(MongoEngine {

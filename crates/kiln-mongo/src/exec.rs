@@ -138,7 +138,10 @@ impl Executor for MongoEngine {
         }
         let (file, cmds) = commands(step).map_err(|error| ExecFailure::Statement { error, left: Left::Nothing })?;
         let cmd = match self.prepared_for(step) {
-            Ok(p) => p.get(index).cloned().ok_or_else(|| ExecFailure::Engine(EngineError::Unsupported(format!("{} has no command {}", m.name(), index + 1))))?,
+            Ok(p) => p
+                .get(index)
+                .cloned()
+                .ok_or_else(|| ExecFailure::Engine(EngineError::Unsupported(format!("{} has no command {}", m.name(), index + 1))))?,
             Err(error) => {
                 let left = if index == 0 { Left::Nothing } else { Left::Committed(remains(index, Effect::Nothing)) };
                 return Err(ExecFailure::Statement { error, left });
@@ -146,11 +149,7 @@ impl Executor for MongoEngine {
         };
         let Err(f) = command::run(&self.conn, &cmd, None).await else { return Ok(()) };
         let error = statement_error(file, cmds, index, format!("{} failed: {}", cmd.name(), f.message), f.code);
-        let left = if index == 0 && f.effect == Effect::Nothing {
-            Left::Nothing
-        } else {
-            Left::Committed(remains(index, f.effect))
-        };
+        let left = if index == 0 && f.effect == Effect::Nothing { Left::Nothing } else { Left::Committed(remains(index, f.effect)) };
         Err(ExecFailure::Statement { error, left })
     }
 
@@ -162,7 +161,8 @@ impl Executor for MongoEngine {
         let (file, cmds) = commands(step).map_err(AtomicFailure::Body)?;
         let prepared = self.prepared_for(step).map_err(AtomicFailure::Body)?.to_vec();
         let conn = &self.conn;
-        let mut session = conn.client.start_session().await.map_err(|e| AtomicFailure::Engine(conn.engine_error("starting a session for a transaction", &e)))?;
+        let mut session =
+            conn.client.start_session().await.map_err(|e| AtomicFailure::Engine(conn.engine_error("starting a session for a transaction", &e)))?;
         session.start_transaction().await.map_err(|e| AtomicFailure::Engine(conn.engine_error("starting a transaction", &e)))?;
         for (i, cmd) in prepared.iter().enumerate() {
             if let Err(f) = command::run(conn, cmd, Some(&mut session)).await {

@@ -82,11 +82,9 @@ pub(crate) fn from_doc(d: &Document) -> Result<AppliedMigration, BadEntry> {
         let state = State::parse(&state_text).unwrap_or(State::Failed);
         let message = text(d, "error");
         let error = match (message, state) {
-            (Some(m), _) => Some(FailureInfo {
-                message: m,
-                statement: num(d, "error_statement").map(|n| n as u32),
-                line: num(d, "error_line").map(|n| n as u32),
-            }),
+            (Some(m), _) => {
+                Some(FailureInfo { message: m, statement: num(d, "error_statement").map(|n| n as u32), line: num(d, "error_line").map(|n| n as u32) })
+            }
             (None, State::Failed) if State::parse(&state_text).is_none() => {
                 Some(FailureInfo { message: format!("unknown state {state_text:?}"), statement: None, line: None })
             }

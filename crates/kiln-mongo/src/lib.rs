@@ -33,8 +33,8 @@ mod status;
 mod store;
 mod sync;
 
-pub use engine::MongoEngine;
 pub use conn::Topology;
+pub use engine::MongoEngine;
 pub use history::MIGRATE_MONGO_ACTOR;
 pub use lock::{DEFAULT_TTL as DEFAULT_LEASE_TTL, LOCK_COLLECTION};
 pub use snapshot::schema_snapshot;

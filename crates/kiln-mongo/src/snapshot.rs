@@ -30,10 +30,8 @@ fn index_options(spec: &Document) -> Option<String> {
 }
 
 fn index_info(spec: &Document) -> IndexInfo {
-    let columns = spec
-        .get_document("key")
-        .map(|k| k.iter().map(|(f, v)| key_column(f, &v.clone().into_relaxed_extjson())).collect())
-        .unwrap_or_default();
+    let columns =
+        spec.get_document("key").map(|k| k.iter().map(|(f, v)| key_column(f, &v.clone().into_relaxed_extjson())).collect()).unwrap_or_default();
     IndexInfo { columns, unique: matches!(spec.get("unique"), Some(Bson::Boolean(true))), options: index_options(spec) }
 }
 
@@ -102,7 +100,9 @@ mod tests {
 
     #[test]
     fn index_and_validator_normalised() {
-        let i = index_info(&doc! {"v": 2, "key": {"role": 1, "rating.avg": -1, "loc": "2dsphere"}, "name": "x", "unique": true, "sparse": true, "expireAfterSeconds": 60});
+        let i = index_info(
+            &doc! {"v": 2, "key": {"role": 1, "rating.avg": -1, "loc": "2dsphere"}, "name": "x", "unique": true, "sparse": true, "expireAfterSeconds": 60},
+        );
         assert_eq!(i.columns, vec!["role", "rating.avg:-1", "loc:2dsphere"]);
         assert!(i.unique);
         assert_eq!(i.options.as_deref(), Some("sparse; expireAfterSeconds=60"));

@@ -120,11 +120,13 @@ async fn one(conn: &Conn, name: &str, view: bool, validator: bool, exact: bool) 
             .try_collect()
             .await
             .map_err(|e| err("listing the indexes", e))?;
-        specs.iter().filter_map(|s| match s.get("name") {
-            Some(Bson::String(n)) => Some(n.clone()),
-            _ => None,
-        })
-        .collect()
+        specs
+            .iter()
+            .filter_map(|s| match s.get("name") {
+                Some(Bson::String(n)) => Some(n.clone()),
+                _ => None,
+            })
+            .collect()
     };
     Ok(CollectionStatus { name: name.to_string(), exists: true, documents, exact: counted, indexes, validator })
 }

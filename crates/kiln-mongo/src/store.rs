@@ -75,7 +75,11 @@ fn history_batches(history: &str, changes: &[HistoryChange]) -> Vec<Batch> {
 /// upsert fail with 11000).
 fn upsert(row: &AppliedMigration, insert_only: bool) -> Document {
     let id = row.version.number as i64;
-    let q = if insert_only { doc! { "_id": id, "state": { "$in": [] } } } else { doc! { "_id": id } };
+    let q = if insert_only {
+        doc! { "_id": id, "state": { "$in": [] } }
+    } else {
+        doc! { "_id": id }
+    };
     doc! { "q": q, "u": history::to_doc(row), "upsert": true }
 }
 
@@ -135,7 +139,12 @@ impl MongoEngine {
 
     /// Apply `changes` to the history, in order. Outside a transaction
     /// (`session` is `None`) with majority write concern, journaled when `journal`.
-    pub(crate) async fn write_history(&self, mut session: Option<&mut ClientSession>, changes: &[HistoryChange], journal: bool) -> Result<(), EngineError> {
+    pub(crate) async fn write_history(
+        &self,
+        mut session: Option<&mut ClientSession>,
+        changes: &[HistoryChange],
+        journal: bool,
+    ) -> Result<(), EngineError> {
         let context = format!("writing {} to the history collection {}", plural(changes.len(), "change"), self.history_name);
         for Batch { mut cmd, inserts } in history_batches(&self.history_name, changes) {
             if session.is_none() {

@@ -664,7 +664,17 @@ mod tests {
         assert!(e.starts_with("indexes/users.yaml: entry 2: unknown field `uniqe`"), "{e}");
         let e = parse("- key: { a: 1 }\n  name: x\n- key: { b: 1 }\n  name: x\n").unwrap_err().to_string();
         assert!(e.contains("entry 2 (x)") && e.contains("twice"), "{e}");
-        for bad in ["- key: {}\n", "- name: x\n", "- key: { a: 0 }\n", "- key: { a: 1 }\n  unique: yes please\n", "- key: { a: 1 }\n  expireAfterSeconds: -1\n", "- key: { _id: 1 }\n  name: _id_\n", "- key: { a: 1 }\n  collation: { strength: 2 }\n", "key: { a: 1 }\n", "- [1]\n"] {
+        for bad in [
+            "- key: {}\n",
+            "- name: x\n",
+            "- key: { a: 0 }\n",
+            "- key: { a: 1 }\n  unique: yes please\n",
+            "- key: { a: 1 }\n  expireAfterSeconds: -1\n",
+            "- key: { _id: 1 }\n  name: _id_\n",
+            "- key: { a: 1 }\n  collation: { strength: 2 }\n",
+            "key: { a: 1 }\n",
+            "- [1]\n",
+        ] {
             assert!(matches!(parse(bad), Err(SyncError::BadFile { .. })), "{bad}");
         }
         assert!(parse("- key: { a: 1 \n").unwrap_err().to_string().contains("invalid YAML"));
@@ -692,13 +702,23 @@ mod tests {
             doc! {"v": 2, "key": {"c": 1}, "name": "c_1"},
             doc! {"v": 2, "key": {"z": 1}, "name": "z_1"},
         ];
-        let kinds = |acts: &[SyncAction]| acts.iter().map(|a| format!("{}:{}", a.name(), match a {
-            SyncAction::Create { .. } => "create",
-            SyncAction::Differs { .. } => "differs",
-            SyncAction::Drop { .. } => "drop",
-            SyncAction::Extra { .. } => "extra",
-            SyncAction::Unchanged { .. } => "unchanged",
-        })).collect::<Vec<_>>();
+        let kinds = |acts: &[SyncAction]| {
+            acts.iter()
+                .map(|a| {
+                    format!(
+                        "{}:{}",
+                        a.name(),
+                        match a {
+                            SyncAction::Create { .. } => "create",
+                            SyncAction::Differs { .. } => "differs",
+                            SyncAction::Drop { .. } => "drop",
+                            SyncAction::Extra { .. } => "extra",
+                            SyncAction::Unchanged { .. } => "unchanged",
+                        }
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
         let acts = plan_collection(&decl, &existing, false);
         assert_eq!(kinds(&acts), vec!["a_1:unchanged", "b_1:differs", "c_new:differs", "d_1:create", "z_1:extra"]);
         let acts = plan_collection(&decl, &existing, true);

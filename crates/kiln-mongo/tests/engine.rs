@@ -7,12 +7,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{code_of, settings, Env};
-use kiln_core::{BackendConfig, EngineError, FailureOutcome, PlanError, Policy, RunError, Runner, State, UpTarget, Version};
 #[allow(unused_imports)]
 use kiln_core::engine::{Engine as _, Locker as _};
+use kiln_core::{BackendConfig, EngineError, FailureOutcome, PlanError, Policy, RunError, Runner, State, UpTarget, Version};
+use kiln_mongo::MongoEngine;
 use kiln_testkit::compat::Backend;
 use kiln_testkit::compat::Protocol;
-use kiln_mongo::MongoEngine;
 use mongodb::bson::{doc, Bson, Document};
 
 const USERS: &str = "up:
@@ -62,7 +62,21 @@ async fn up_status_down_up_again() {
     let h = env.docs("kiln_history").await;
     assert_eq!(h.len(), 2);
     assert_eq!(h[0].get_i64("_id").unwrap(), 1);
-    for f in ["description", "script", "migration_group", "checksum", "state", "batch", "applied_at", "duration_ms", "applied_by", "kiln_version", "error", "error_statement", "error_line"] {
+    for f in [
+        "description",
+        "script",
+        "migration_group",
+        "checksum",
+        "state",
+        "batch",
+        "applied_at",
+        "duration_ms",
+        "applied_by",
+        "kiln_version",
+        "error",
+        "error_statement",
+        "error_line",
+    ] {
         assert!(h[0].contains_key(f), "history lacks {f}: {:?}", h[0]);
     }
     assert_eq!(h[0].get_str("description").unwrap(), "create_users");
@@ -132,7 +146,10 @@ async fn failing_command_mid_batch_is_recorded_and_blocks_until_repair() {
 
     // The operator cleans up and fixes the file, then repairs: pending again.
     env.database().await.collection::<Document>("users").delete_many(doc! {}).await.unwrap();
-    env.write("0002_add_name_index.yaml", &bad.replace("      - { email: dup@example.com }\n      - { email: dup@example.com }\n", "      - { email: one@example.com }\n"));
+    env.write(
+        "0002_add_name_index.yaml",
+        &bad.replace("      - { email: dup@example.com }\n      - { email: dup@example.com }\n", "      - { email: one@example.com }\n"),
+    );
     let rep = env.repair(Some("0002")).await;
     assert!(rep.changes[0].contains("pending again"), "{:?}", rep.changes);
     let r = env.up().await.unwrap();
@@ -492,10 +509,7 @@ async fn migrate_mongo_changelog_is_adopted() {
 
     let rows = env.status().await;
     let view: Vec<String> = rows.iter().map(|r| format!("{}:{}:{}", r.version, r.state, r.applied_by.clone().unwrap_or_default())).collect();
-    assert_eq!(
-        view,
-        vec!["20240101120000:baseline:migrate-mongo", "20240201120000:baseline:migrate-mongo", "20251101000000:pending:"]
-    );
+    assert_eq!(view, vec!["20240101120000:baseline:migrate-mongo", "20240201120000:baseline:migrate-mongo", "20251101000000:pending:"]);
     assert_eq!(rows[1].name, "20240201120000-add-users-index.js");
     assert_eq!(rows[1].batch, Some(2));
 
@@ -612,7 +626,11 @@ async fn an_insert_never_overwrites_a_recorded_version_and_no_event_is_logged_wi
     e.commit(&Record { changes: vec![HistoryChange::Insert(row(1, State::Running))], events: vec![], durable: false }).await.unwrap();
     // Another runner's merged finish + intent collides with the recorded version 1.
     let record = Record {
-        changes: vec![HistoryChange::Put(row(2, State::Applied)), HistoryChange::Insert(row(1, State::Applied)), HistoryChange::Put(row(3, State::Applied))],
+        changes: vec![
+            HistoryChange::Put(row(2, State::Applied)),
+            HistoryChange::Insert(row(1, State::Applied)),
+            HistoryChange::Put(row(3, State::Applied)),
+        ],
         events: vec![event],
         durable: false,
     };
@@ -624,6 +642,8 @@ async fn an_insert_never_overwrites_a_recorded_version_and_no_event_is_logged_wi
     assert_eq!(states, vec![(1, "running".to_string()), (2, "applied".to_string())], "version 1 kept, statements after the collision not run");
     assert!(env.docs("kiln_log").await.is_empty(), "no event is logged when the history write failed");
     // Put replaces, Delete removes, one record at a time.
-    e.commit(&Record { changes: vec![HistoryChange::Put(row(1, State::Applied)), HistoryChange::Delete(2)], events: vec![], durable: true }).await.unwrap();
+    e.commit(&Record { changes: vec![HistoryChange::Put(row(1, State::Applied)), HistoryChange::Delete(2)], events: vec![], durable: true })
+        .await
+        .unwrap();
     assert_eq!(e.list().await.unwrap().unwrap().iter().map(|a| (a.version.number, a.state)).collect::<Vec<_>>(), vec![(1, State::Applied)]);
 }

@@ -5,11 +5,11 @@ mod common;
 
 use std::path::PathBuf;
 
-use kiln_core::{load_dir, BackendConfig, DownTarget, LoadOptions, Policy, Runner, UpTarget};
 #[allow(unused_imports)]
 use kiln_core::engine::{Engine as _, Locker as _};
-use kiln_testkit::compat::Protocol;
+use kiln_core::{load_dir, BackendConfig, DownTarget, LoadOptions, Policy, Runner, UpTarget};
 use kiln_mongo::{sync_indexes, MongoEngine, SyncAction, SyncOptions};
+use kiln_testkit::compat::Protocol;
 use kiln_testkit::{Engine, TestDb};
 use mongodb::bson::{doc, Document};
 
@@ -24,13 +24,14 @@ async fn creator_discovery_example_applies_and_reverts() {
     let mdb = kiln_testkit::mongo::database(&db.url).await;
     let users = mdb.collection::<Document>("users");
     users
-        .insert_many(vec![doc! { "_id": 1, "email": "a@x" }, doc! { "_id": 2, "email": "b@x", "isMfaRequired": true }, doc! { "_id": 3, "email": "c@x" }])
+        .insert_many(vec![
+            doc! { "_id": 1, "email": "a@x" },
+            doc! { "_id": 2, "email": "b@x", "isMfaRequired": true },
+            doc! { "_id": 3, "email": "c@x" },
+        ])
         .await
         .unwrap();
-    mdb.collection::<Document>("creatorprofiles")
-        .insert_one(doc! { "role": "creator", "verified": true, "rating": { "avg": 4.5 } })
-        .await
-        .unwrap();
+    mdb.collection::<Document>("creatorprofiles").insert_one(doc! { "role": "creator", "verified": true, "rating": { "avg": 4.5 } }).await.unwrap();
 
     let local = load_dir(&example().join("migrations"), &LoadOptions::default()).unwrap();
     assert_eq!(local.len(), 1);

@@ -9,10 +9,10 @@ use std::time::Duration;
 use common::{settings, Env};
 #[allow(unused_imports)]
 use kiln_core::engine::{Engine as _, Locker as _};
-use kiln_testkit::compat::Protocol;
 use kiln_core::{EngineError, Policy, Runner, UpTarget};
-use kiln_testkit::compat::Backend;
 use kiln_mongo::MongoEngine;
+use kiln_testkit::compat::Backend;
+use kiln_testkit::compat::Protocol;
 use mongodb::bson::{doc, Document};
 
 async fn lease(env: &Env) -> Option<Document> {

@@ -6,10 +6,10 @@ mod common;
 use std::sync::Arc;
 
 use common::{settings, Env};
-use kiln_core::schema::Contract;
-use kiln_core::{FailureOutcome, Policy, RunError, Runner, UpTarget};
 #[allow(unused_imports)]
 use kiln_core::engine::{Engine as _, Locker as _};
+use kiln_core::schema::Contract;
+use kiln_core::{FailureOutcome, Policy, RunError, Runner, UpTarget};
 use kiln_testkit::compat::Backend;
 use mongodb::bson::{doc, Document};
 
@@ -76,7 +76,11 @@ async fn a_migration_breaking_the_contract_is_recorded_failed() {
     let env = Env::new().await;
     env.write("0001_users.yaml", USERS);
     let mut b = env.backend().await;
-    Runner::new(&mut b, settings()).with_contract(Some(contract.clone())).up(&env.load(), &UpTarget::Latest, &Policy::default(), false).await.unwrap();
+    Runner::new(&mut b, settings())
+        .with_contract(Some(contract.clone()))
+        .up(&env.load(), &UpTarget::Latest, &Policy::default(), false)
+        .await
+        .unwrap();
     let report = Runner::new(&mut b, settings()).check(&env.load(), Some(&contract)).await.unwrap();
     assert!(report.ok, "{report:?}");
 }

@@ -50,7 +50,13 @@ async fn sync_creates_missing_indexes_then_is_a_no_op() {
     let r = sync_indexes(&env.cfg, &dir, &SyncOptions::default()).await.unwrap();
     assert_eq!(
         kinds(&r.actions),
-        vec!["users.email_1:create", "users.lastName_1_firstName_1:create", "users.session_ttl:create", "users.phone_1:create", "users.referrer_1:create"]
+        vec![
+            "users.email_1:create",
+            "users.lastName_1_firstName_1:create",
+            "users.session_ttl:create",
+            "users.phone_1:create",
+            "users.referrer_1:create"
+        ]
     );
     assert_eq!(r.applied, 5);
     assert!(!r.has_drift());
@@ -77,7 +83,9 @@ async fn differing_indexes_are_reported_not_rebuilt() {
         .create_index(
             mongodb::IndexModel::builder()
                 .keys(doc! { "at": 1 })
-                .options(mongodb::options::IndexOptions::builder().name("at_ttl".to_string()).expire_after(std::time::Duration::from_secs(60)).build())
+                .options(
+                    mongodb::options::IndexOptions::builder().name("at_ttl".to_string()).expire_after(std::time::Duration::from_secs(60)).build(),
+                )
                 .build(),
         )
         .await

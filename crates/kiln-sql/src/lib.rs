@@ -34,10 +34,7 @@ pub async fn connect(cfg: &BackendConfig) -> Result<Box<dyn Engine>, EngineError
         Some(EngineKind::Mysql) => Ok(Box::new(mysql::MysqlEngine::connect(cfg).await?)),
         #[cfg(feature = "sqlite")]
         Some(EngineKind::Sqlite) => Ok(Box::new(sqlite::SqliteEngine::connect(cfg).await?)),
-        Some(other) => Err(EngineError::BadUrl {
-            url: redact(&cfg.url),
-            message: format!("{other:?} is not a SQL engine of this build"),
-        }),
+        Some(other) => Err(EngineError::BadUrl { url: redact(&cfg.url), message: format!("{other:?} is not a SQL engine of this build") }),
         None => Err(EngineKind::parse(&cfg.url).expect_err("no engine")),
     }
 }

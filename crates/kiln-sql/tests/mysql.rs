@@ -6,11 +6,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_core::schema::{self, ColumnInfo, ConstraintInfo, Contract, IndexInfo, Snapshot};
-use kiln_core::split::Dialect;
-use kiln_core::{load_dir, BackendConfig, DownTarget, EngineError, FailureOutcome, LoadOptions, Migration, Policy, RecordContext, RunError, Runner, RunnerSettings, State, StepError, UpTarget, Version};
 #[allow(unused_imports)]
 use kiln_core::engine::{Engine as _, Locker as _};
+use kiln_core::schema::{self, ColumnInfo, ConstraintInfo, Contract, IndexInfo, Snapshot};
+use kiln_core::split::Dialect;
+use kiln_core::{
+    load_dir, BackendConfig, DownTarget, EngineError, FailureOutcome, LoadOptions, Migration, Policy, RecordContext, RunError, Runner,
+    RunnerSettings, State, StepError, UpTarget, Version,
+};
 use kiln_testkit::compat::Backend;
 use kiln_testkit::{Engine, TestDb};
 
@@ -68,7 +71,11 @@ async fn up_status_down_and_up_again() {
         "0002_seed_users.sql",
         "-- kiln:up\nINSERT INTO users (email) VALUES ('a@x'), ('b@x');\nCREATE UNIQUE INDEX users_email ON users (email);\n-- kiln:down\nDROP INDEX users_email ON users;\nDELETE FROM users;\n",
     );
-    write(dir.path(), "0003_create_posts.up.sql", "CREATE TABLE posts (id INT PRIMARY KEY, user_id INT, FOREIGN KEY (user_id) REFERENCES users (id));\n");
+    write(
+        dir.path(),
+        "0003_create_posts.up.sql",
+        "CREATE TABLE posts (id INT PRIMARY KEY, user_id INT, FOREIGN KEY (user_id) REFERENCES users (id));\n",
+    );
     write(dir.path(), "0003_create_posts.down.sql", "DROP TABLE posts;\n");
     let local = load(dir.path());
     let mut b = backend(&db.url).await;
@@ -185,10 +192,7 @@ async fn failure_after_ddl_is_recorded_blocks_and_is_repaired() {
     // transaction kiln reopened after the DDL, so it was rolled back. 0003 never ran.
     assert_eq!(tables(&db).await, ["a", "b"]);
     assert_eq!(q(&db, "SELECT COUNT(*) FROM b").await, ["0"]);
-    assert_eq!(
-        q(&db, "SELECT CONCAT(state, ' ', error_statement, ' ', error_line) FROM kiln_history WHERE version = 2").await,
-        ["failed 3 4"]
-    );
+    assert_eq!(q(&db, "SELECT CONCAT(state, ' ', error_statement, ' ', error_line) FROM kiln_history WHERE version = 2").await, ["failed 3 4"]);
     let recorded = q(&db, "SELECT error FROM kiln_history WHERE version = 2").await;
     assert!(recorded[0].contains("1146 (42S02)") && recorded[0].contains("committed statement 1"), "{recorded:?}");
     assert_eq!(q(&db, "SELECT COUNT(*) FROM kiln_log WHERE event = 'failed' AND version = 2").await, ["1"]);
@@ -265,10 +269,7 @@ DROP TABLE nums;
     assert_eq!(q(&db, "SELECT COUNT(*) FROM nums").await, ["5"]);
     assert_eq!(q(&db, "SELECT note FROM nums WHERE n = 0").await, ["big"]);
     assert_eq!(q(&db, "SELECT note FROM nums WHERE n = 1").await, ["a;b"]);
-    assert_eq!(
-        q(&db, &format!("SELECT ROUTINE_NAME FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = '{}'", db.name)).await,
-        ["fill"]
-    );
+    assert_eq!(q(&db, &format!("SELECT ROUTINE_NAME FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = '{}'", db.name)).await, ["fill"]);
     Runner::new(&mut *b, settings()).down(&local, &DownTarget::LastBatch, false).await.unwrap();
     assert!(tables(&db).await.is_empty());
     assert!(q(&db, &format!("SELECT ROUTINE_NAME FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = '{}'", db.name)).await.is_empty());
@@ -297,7 +298,11 @@ async fn use_in_a_migration_does_not_move_kiln_tables() {
 async fn failing_down_after_ddl_is_recorded_failed() {
     let db = TestDb::new(Engine::Mysql).await;
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "0001_two.sql", "-- kiln:up\nCREATE TABLE x (id INT);\nCREATE TABLE y (id INT);\n-- kiln:down\nDROP TABLE y;\nDROP TABLE nope;\n");
+    write(
+        dir.path(),
+        "0001_two.sql",
+        "-- kiln:up\nCREATE TABLE x (id INT);\nCREATE TABLE y (id INT);\n-- kiln:down\nDROP TABLE y;\nDROP TABLE nope;\n",
+    );
     write(dir.path(), "0002_z.sql", "-- kiln:up\nCREATE TABLE z (id INT);\n-- kiln:down\nDROP TABLE missing_z;\n");
     let local = load(dir.path());
     let mut b = backend(&db.url).await;
@@ -393,10 +398,7 @@ async fn read_history_on_a_fresh_database_creates_nothing() {
     b.ensure_history().await.unwrap();
     assert_eq!(b.read_history().await.unwrap().unwrap().len(), 0);
     assert_eq!(q(&db, &count).await, ["3"], "history, log and snapshot tables");
-    assert_eq!(
-        q(&db, &format!("SELECT DISTINCT ENGINE FROM information_schema.TABLES WHERE TABLE_SCHEMA = '{}'", db.name)).await,
-        ["InnoDB"]
-    );
+    assert_eq!(q(&db, &format!("SELECT DISTINCT ENGINE FROM information_schema.TABLES WHERE TABLE_SCHEMA = '{}'", db.name)).await, ["InnoDB"]);
 }
 
 #[tokio::test]

@@ -7,14 +7,17 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_core::schema::{self, ColumnInfo, ConstraintInfo, Contract, IndexInfo, Severity, Snapshot};
-use kiln_core::split::Dialect;
-use kiln_core::{load_dir, BackendConfig, DownTarget, EngineError, FailureOutcome, LoadOptions, Migration, PlanError, Policy, RunError, Runner, RunnerSettings, State, UpTarget, Version};
 #[allow(unused_imports)]
 use kiln_core::engine::{Engine as _, Locker as _};
+use kiln_core::schema::{self, ColumnInfo, ConstraintInfo, Contract, IndexInfo, Severity, Snapshot};
+use kiln_core::split::Dialect;
+use kiln_core::{
+    load_dir, BackendConfig, DownTarget, EngineError, FailureOutcome, LoadOptions, Migration, PlanError, Policy, RunError, Runner, RunnerSettings,
+    State, UpTarget, Version,
+};
+use kiln_sql::postgres::PgBackend;
 use kiln_testkit::compat::Backend;
 use kiln_testkit::compat::Protocol;
-use kiln_sql::postgres::PgBackend;
 use kiln_testkit::{Engine, TestDb};
 
 const ACTOR: &str = "tester@kiln-tests";
@@ -108,10 +111,7 @@ async fn up_status_down_up_again() {
     assert_eq!(down.steps.iter().map(|s| s.version.as_str()).collect::<Vec<_>>(), ["0003", "0002", "0001"]);
     assert_eq!(tables(&db).await, ["kiln_history", "kiln_log", "kiln_snapshot"]);
     assert!(history(&db).await.is_empty());
-    assert_eq!(
-        events(&db).await[5..],
-        ["run-start", "reverted:3", "reverted:2", "reverted:1", "run-end"]
-    );
+    assert_eq!(events(&db).await[5..], ["run-start", "reverted:3", "reverted:2", "reverted:1", "run-end"]);
 
     let report = up(b.as_mut(), &local).await.unwrap();
     assert_eq!(report.steps.len(), 3);
@@ -316,10 +316,8 @@ async fn retire_removes_a_migration_from_every_plan() {
     let mut b = backend(&db).await;
     up(b.as_mut(), &load(dir.path())).await.unwrap();
 
-    let report = Runner::new(b.as_mut(), settings())
-        .retire(&load(dir.path()), dir.path(), &Version::from_number(2), "superseded by 0003")
-        .await
-        .unwrap();
+    let report =
+        Runner::new(b.as_mut(), settings()).retire(&load(dir.path()), dir.path(), &Version::from_number(2), "superseded by 0003").await.unwrap();
     assert!(report.changes.iter().any(|c| c.contains("retired")), "{:?}", report.changes);
     assert!(dir.path().join("0002_two.sql.retired").exists());
     assert!(!dir.path().join("0002_two.sql").exists());
@@ -544,7 +542,11 @@ async fn transaction_control_in_a_body() {
     assert_eq!(db.query_strings("SELECT count(*) FROM sp").await.unwrap(), ["1"]);
 
     // A savepoint body that fails is rolled back as a whole.
-    write(dir.path(), "0003_split.sql", "CREATE TABLE t3 (id INT);\nSAVEPOINT s;\nINSERT INTO t3 VALUES ('x');\nROLLBACK TO SAVEPOINT s;\nCREATE TABLE t3b (id INT);\n");
+    write(
+        dir.path(),
+        "0003_split.sql",
+        "CREATE TABLE t3 (id INT);\nSAVEPOINT s;\nINSERT INTO t3 VALUES ('x');\nROLLBACK TO SAVEPOINT s;\nCREATE TABLE t3b (id INT);\n",
+    );
     let err = up(b.as_mut(), &load(dir.path())).await.unwrap_err();
     let RunError::Migration { error, outcome, .. } = err else { panic!("{err:?}") };
     assert_eq!((error.statement, error.code.as_deref(), outcome), (3, Some("22P02"), FailureOutcome::RolledBack));
@@ -575,7 +577,11 @@ async fn deferred_constraint_failing_at_commit_rolls_back() {
 async fn schema_per_tenant() {
     let db = TestDb::new(Engine::Postgres).await;
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "0001_orders.sql", "CREATE TABLE orders (id INT);\n-- A migration may move the search_path; kiln's own writes must not follow it.\nSET search_path TO public;\n");
+    write(
+        dir.path(),
+        "0001_orders.sql",
+        "CREATE TABLE orders (id INT);\n-- A migration may move the search_path; kiln's own writes must not follow it.\nSET search_path TO public;\n",
+    );
     write(dir.path(), "0002_lines.sql", "CREATE TABLE lines (id INT);\n");
     let local = load(dir.path());
     let mut cfg = BackendConfig::new(db.url.clone());
@@ -624,7 +630,12 @@ async fn tls_modes_and_connect_speed() {
     let err = pg(BackendConfig::new(with(&format!("sslmode=verify-full&sslrootcert={ca}")))).await.err().expect("wrong name");
     assert!(err.to_string().contains("certificate not valid for name"), "{err}");
     let u = url::Url::parse(&db.url).unwrap();
-    let by_name = format!("postgres://{}@localhost:{}{}?hostaddr=127.0.0.1&sslmode=verify-full&sslrootcert={ca}", u.username(), u.port().unwrap_or(5432), u.path());
+    let by_name = format!(
+        "postgres://{}@localhost:{}{}?hostaddr=127.0.0.1&sslmode=verify-full&sslrootcert={ca}",
+        u.username(),
+        u.port().unwrap_or(5432),
+        u.path()
+    );
     let b = pg(BackendConfig::new(by_name)).await.unwrap();
     Box::new(b).close().await.unwrap();
     let err = pg(BackendConfig::new(with("sslmode=verify-full"))).await.err().expect("unknown issuer");
@@ -661,8 +672,6 @@ async fn unix_socket_host() {
     );
     assert_eq!(tables(&db).await, ["kiln_history", "kiln_log", "kiln_snapshot"]);
 }
-
-
 
 /// A TCP proxy that adds `delay` in each direction, like a database across a
 /// network, and counts round trips: the client's *turns*, each a burst of
@@ -909,11 +918,18 @@ async fn inspect_reports_columns_indexes_and_constraints_without_kilns_tables() 
         [
             (
                 "addresses_country_fkey",
-                constraint("foreign key", &["country"], Some("references geo.countries (code) on update cascade on delete no action deferrable initially deferred"))
+                constraint(
+                    "foreign key",
+                    &["country"],
+                    Some("references geo.countries (code) on update cascade on delete no action deferrable initially deferred")
+                )
             ),
             ("addresses_one", constraint("unique", &["kind", "country"], Some("nulls not distinct include (user_id)"))),
             ("addresses_pkey", constraint("primary key", &["user_id", "kind"], None)),
-            ("addresses_user", constraint("foreign key", &["user_id"], Some("references users (id) on update no action on delete no action match full"))),
+            (
+                "addresses_user",
+                constraint("foreign key", &["user_id"], Some("references users (id) on update no action on delete no action match full"))
+            ),
         ]
     );
     assert!(addresses.indexes.is_empty(), "{:?}", addresses.indexes);
@@ -1007,7 +1023,11 @@ async fn a_migration_dropping_a_required_column_is_rolled_back() {
     let db = TestDb::new(Engine::Postgres).await;
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "0001_users.sql", "CREATE TABLE users (id BIGINT PRIMARY KEY, email TEXT NOT NULL, nickname TEXT);\n");
-    write(dir.path(), "0002_cleanup.sql", "CREATE TABLE audit (id INT);\nALTER TABLE users DROP COLUMN email;\nALTER TABLE users DROP COLUMN nickname;\n");
+    write(
+        dir.path(),
+        "0002_cleanup.sql",
+        "CREATE TABLE audit (id INT);\nALTER TABLE users DROP COLUMN email;\nALTER TABLE users DROP COLUMN nickname;\n",
+    );
     write(dir.path(), "0003_more.sql", "CREATE TABLE more (id INT);\n");
     let local = load(dir.path());
     let c = contract("tables:\n  users:\n    required: [id, email]\n    optional: [nickname]\n");
@@ -1024,7 +1044,9 @@ async fn a_migration_dropping_a_required_column_is_rolled_back() {
 
     // Nothing of 0002 remains: the columns, the other table, the history row, its `applied` event.
     assert_eq!(
-        db.query_strings("SELECT column_name::text FROM information_schema.columns WHERE table_name = 'users' ORDER BY ordinal_position").await.unwrap(),
+        db.query_strings("SELECT column_name::text FROM information_schema.columns WHERE table_name = 'users' ORDER BY ordinal_position")
+            .await
+            .unwrap(),
         ["id", "email", "nickname"]
     );
     assert_eq!(tables(&db).await, ["kiln_history", "kiln_log", "kiln_snapshot", "users"]);
@@ -1141,10 +1163,7 @@ async fn inspect_of_a_thousand_tables_takes_milliseconds() {
     assert_eq!(s.objects.len(), 1000);
     let t500 = &s.objects["t500"];
     assert_eq!((t500.columns.len(), t500.indexes.len(), t500.constraints.len()), (5, 1, 4), "{t500:?}");
-    assert_eq!(
-        t500.constraints["t500_parent_id_fkey"].definition.as_deref(),
-        Some("references t0 (id) on update no action on delete no action")
-    );
+    assert_eq!(t500.constraints["t500_parent_id_fkey"].definition.as_deref(), Some("references t0 (id) on update no action on delete no action"));
     assert_eq!(t500.constraints["t500_code_key"].columns, ["code"]);
     assert!(took < Duration::from_secs(5), "inspect of 1,000 tables took {took:?}: a query per table?");
 }

@@ -6,11 +6,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_core::schema::{self, ColumnInfo, ConstraintInfo, Contract, IndexInfo, Snapshot};
-use kiln_core::split::Dialect;
-use kiln_core::{load_dir, BackendConfig, DownTarget, EngineError, FailureOutcome, LoadOptions, Migration, Policy, RecordContext, RunError, Runner, RunnerSettings, StepError, UpTarget, Version};
 #[allow(unused_imports)]
 use kiln_core::engine::{Engine as _, Locker as _};
+use kiln_core::schema::{self, ColumnInfo, ConstraintInfo, Contract, IndexInfo, Snapshot};
+use kiln_core::split::Dialect;
+use kiln_core::{
+    load_dir, BackendConfig, DownTarget, EngineError, FailureOutcome, LoadOptions, Migration, Policy, RecordContext, RunError, Runner,
+    RunnerSettings, StepError, UpTarget, Version,
+};
 use kiln_testkit::compat::Backend;
 use kiln_testkit::{Engine, TestDb};
 
@@ -218,10 +221,7 @@ async fn transaction_off_runs_outside_a_transaction_and_records_partial_failures
     assert!(error.message.contains("kiln repair 0003"), "{}", error.message);
     // Statement 1 of 0003 committed on its own; the entry records the failure.
     assert_eq!(q(&db, "SELECT group_concat(id) FROM t").await, ["1,2"]);
-    assert_eq!(
-        q(&db, "SELECT state || ' ' || error_statement || ' ' || error_line FROM kiln_history WHERE version = 3").await,
-        ["failed 2 4"]
-    );
+    assert_eq!(q(&db, "SELECT state || ' ' || error_statement || ' ' || error_line FROM kiln_history WHERE version = 3").await, ["failed 2 4"]);
 
     // The next run is refused, naming the version and `kiln repair`.
     let err = up(&mut *b, &local).await.unwrap_err();
@@ -264,10 +264,7 @@ async fn custom_table_names_and_baseline() {
     let mut b = kiln_testkit::compat::Protocol::boxed(kiln_sql::connect(&cfg).await.unwrap());
     Runner::new(&mut *b, settings()).baseline(&local, &v("0001"), Some("existed before kiln")).await.unwrap();
     up(&mut *b, &local).await.unwrap();
-    assert_eq!(
-        q(&db, "SELECT version || ' ' || state FROM \"app \"\"changelog\"\"\" ORDER BY version").await,
-        ["1 baseline", "2 applied"]
-    );
+    assert_eq!(q(&db, "SELECT version || ' ' || state FROM \"app \"\"changelog\"\"\" ORDER BY version").await, ["1 baseline", "2 applied"]);
     // The baseline did not run 0001.
     assert_eq!(q(&db, "SELECT group_concat(name) FROM sqlite_master WHERE name IN ('one', 'two')").await, ["two"]);
     assert_eq!(q(&db, "SELECT count(*) FROM app_events WHERE event = 'baseline'").await, ["1"]);
@@ -607,7 +604,11 @@ async fn a_migration_dropping_a_required_column_is_rolled_back() {
     let db = TestDb::new(Engine::Sqlite).await;
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "0001_users.sql", "CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT NOT NULL, nickname TEXT);\n");
-    write(dir.path(), "0002_cleanup.sql", "CREATE TABLE audit (id INT);\nALTER TABLE users DROP COLUMN email;\nALTER TABLE users DROP COLUMN nickname;\n");
+    write(
+        dir.path(),
+        "0002_cleanup.sql",
+        "CREATE TABLE audit (id INT);\nALTER TABLE users DROP COLUMN email;\nALTER TABLE users DROP COLUMN nickname;\n",
+    );
     write(dir.path(), "0003_more.sql", "CREATE TABLE more (id INT);\n");
     let local = load(dir.path());
     let c = contract("tables:\n  users:\n    required: [id, email]\n    optional: [nickname]\n");
@@ -690,10 +691,7 @@ async fn inspect_of_a_thousand_tables_takes_milliseconds() {
     assert_eq!(s.objects.len(), 1000);
     let t500 = &s.objects["t500"];
     assert_eq!((t500.columns.len(), t500.indexes.len(), t500.constraints.len()), (5, 1, 3), "{t500:?}");
-    assert_eq!(
-        t500.constraints["t500_parent_id_fkey"].definition.as_deref(),
-        Some("references t0 (id) on update no action on delete no action")
-    );
+    assert_eq!(t500.constraints["t500_parent_id_fkey"].definition.as_deref(), Some("references t0 (id) on update no action on delete no action"));
     assert_eq!(t500.constraints["t500_code_key"].columns, ["code"]);
     assert!(took < Duration::from_secs(5), "inspect of 1,000 tables took {took:?}");
 }
@@ -724,11 +722,8 @@ async fn scratch_databases_are_files_next_to_the_database() {
         std::fs::write(dir.join(format!("{name}.db{companion}")), b"").unwrap();
     }
     b.drop_scratch(&name).await.unwrap();
-    let left: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(&name))
-        .collect();
+    let left: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&name)).collect();
     assert!(left.is_empty(), "{left:?}");
     b.drop_scratch(&name).await.unwrap(); // already gone: not an error
 

@@ -10,7 +10,10 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use kiln_core::engine::{AtomicFailure, Capabilities, Engine, ExecFailure, Executor, HistoryChange, HistoryStore, Left, Locker, Record, SchemaCheck, SchemaStore, ScratchAdmin, Step};
+use kiln_core::engine::{
+    AtomicFailure, Capabilities, Engine, ExecFailure, Executor, HistoryChange, HistoryStore, Left, Locker, Record, SchemaCheck, SchemaStore,
+    ScratchAdmin, Step,
+};
 use kiln_core::schema::Snapshot;
 use kiln_core::step::{Outcome, Stepper};
 use kiln_core::{AppliedMigration, Body, Direction, EngineError, LogEntry, Migration, RecordContext, State, StatementError, StepError};
@@ -67,7 +70,15 @@ impl Protocol {
         Box::new(Protocol { engine, pending: None })
     }
 
-    async fn step(&mut self, m: &Migration, body: &Body, dir: Direction, ctx: &RecordContext, recorded: Option<&AppliedMigration>, check: Option<&SchemaCheck>) -> Result<(), StepError> {
+    async fn step(
+        &mut self,
+        m: &Migration,
+        body: &Body,
+        dir: Direction,
+        ctx: &RecordContext,
+        recorded: Option<&AppliedMigration>,
+        check: Option<&SchemaCheck>,
+    ) -> Result<(), StepError> {
         let step = Step { migration: m, direction: dir, body, batch: ctx.batch, actor: &ctx.actor };
         let outcome = match dir {
             Direction::Up => Outcome::Record(State::Applied),
@@ -114,7 +125,11 @@ impl Backend for Protocol {
     }
     async fn revert(&mut self, m: &Migration, applied: &AppliedMigration, ctx: &RecordContext) -> Result<(), StepError> {
         let Some(down) = &m.down else {
-            return Err(StepError::Engine(EngineError::Unsupported(format!("{} (version {}) has no down section, so it cannot be reverted", m.display_path(), m.version))));
+            return Err(StepError::Engine(EngineError::Unsupported(format!(
+                "{} (version {}) has no down section, so it cannot be reverted",
+                m.display_path(),
+                m.version
+            ))));
         };
         self.step(m, down, Direction::Down, ctx, Some(applied), None).await
     }

@@ -20,7 +20,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use kiln_core::engine::{AtomicFailure, Capabilities, Engine, ExecFailure, HistoryChange, Left, Locker, Record, SchemaCheck, SchemaStore, Step, HistoryStore, Executor};
+use kiln_core::engine::{
+    AtomicFailure, Capabilities, Engine, ExecFailure, Executor, HistoryChange, HistoryStore, Left, Locker, Record, SchemaCheck, SchemaStore, Step,
+};
 use kiln_core::schema::{ObjectInfo, Snapshot};
 use kiln_core::{AppliedMigration, Body, EngineError, Kind, LogEntry, StatementError};
 
@@ -132,7 +134,9 @@ impl FakeEngine {
                 std::future::pending::<()>().await;
                 unreachable!()
             }
-            (Some("LOSE"), _) => Err(Err(EngineError::ConnectionLost { context: "running a statement".into(), message: "the fake server went away".into() })),
+            (Some("LOSE"), _) => {
+                Err(Err(EngineError::ConnectionLost { context: "running a statement".into(), message: "the fake server went away".into() }))
+            }
             _ => Ok(None),
         }
     }
@@ -142,7 +146,10 @@ impl FakeEngine {
         for c in &record.changes {
             if let HistoryChange::Insert(row) = c {
                 if history.contains_key(&row.version.number) {
-                    return Err(EngineError::Query { context: "inserting a history entry".into(), message: format!("version {} is already recorded", row.version) });
+                    return Err(EngineError::Query {
+                        context: "inserting a history entry".into(),
+                        message: format!("version {} is already recorded", row.version),
+                    });
                 }
             }
         }

@@ -124,9 +124,7 @@ impl TestDb {
     /// `prefix`, sorted: what a migration created, seen without kiln.
     pub async fn objects(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
         let mut names = match self.engine {
-            Engine::Postgres => {
-                self.query_strings("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()").await?
-            }
+            Engine::Postgres => self.query_strings("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()").await?,
             Engine::Mysql => {
                 self.query_strings("SELECT CAST(table_name AS CHAR) FROM information_schema.tables WHERE table_schema = DATABASE()").await?
             }

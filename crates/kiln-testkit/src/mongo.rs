@@ -59,7 +59,8 @@ fn env_url(var: &str) -> Option<String> {
 fn started(cell: &'static OnceLock<Result<String, String>>, standalone: bool) -> String {
     // Start on a thread of its own: the readiness probe runs its own tokio
     // runtime, which cannot be nested in the test's.
-    let r = cell.get_or_init(|| std::thread::spawn(move || start(standalone)).join().unwrap_or_else(|_| Err("the server start-up thread panicked".into())));
+    let r = cell
+        .get_or_init(|| std::thread::spawn(move || start(standalone)).join().unwrap_or_else(|_| Err("the server start-up thread panicked".into())));
     match r {
         Ok(url) => url.clone(),
         Err(e) => panic!("MongoDB test server: {e}"),
@@ -141,7 +142,8 @@ fn secantusd() -> Result<PathBuf, String> {
     let script = root.join("scripts/install-mongo-test-server.sh");
     // One installer at a time across test binaries running in parallel.
     let lock_path = std::env::temp_dir().join(format!("kiln-venv-test-{:x}.lock", fnv(root.to_string_lossy().as_bytes())));
-    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| format!("{}: {e}", lock_path.display()))?;
+    let lock =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| format!("{}: {e}", lock_path.display()))?;
     lock.lock().map_err(|e| format!("locking {}: {e}", lock_path.display()))?;
     let out = Command::new("bash").arg(&script).stdin(Stdio::null()).output().map_err(|e| format!("running {}: {e}", script.display()))?;
     drop(lock);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kiln::config::{self, Config, Overrides, Versioning};
-use kiln::{Engine, DownTarget, Migration, Policy, RunError, Runner, RunnerSettings, UpTarget, Version};
+use kiln::{DownTarget, Engine, Migration, Policy, RunError, Runner, RunnerSettings, UpTarget, Version};
 
 use crate::render;
 
@@ -15,7 +15,9 @@ use crate::render;
 /// keep applied migrations immutable, and one runner at a time under a lock.
 #[derive(Parser, Debug)]
 #[command(name = "kiln", version, propagate_version = true, max_term_width = 100)]
-#[command(after_help = "The database URL comes from --url, else KILN_DATABASE_URL, else DATABASE_URL (also read from .env), else kiln.toml, else sqlite://kiln.db.\nExit codes: 0 success, 1 a migration or check failed, 2 bad usage or configuration.")]
+#[command(
+    after_help = "The database URL comes from --url, else KILN_DATABASE_URL, else DATABASE_URL (also read from .env), else kiln.toml, else sqlite://kiln.db.\nExit codes: 0 success, 1 a migration or check failed, 2 bad usage or configuration."
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -285,10 +287,9 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
 
 fn annotate_dir(e: kiln::SourceError, dir: &Path) -> CliError {
     match e {
-        kiln::SourceError::Dir { dir: d, source } if source.kind() == std::io::ErrorKind::NotFound => CliError::Usage(format!(
-            "migrations directory {} does not exist; run `kiln init`, or point --dir / kiln.toml's `dir` at it",
-            d.display()
-        )),
+        kiln::SourceError::Dir { dir: d, source } if source.kind() == std::io::ErrorKind::NotFound => {
+            CliError::Usage(format!("migrations directory {} does not exist; run `kiln init`, or point --dir / kiln.toml's `dir` at it", d.display()))
+        }
         other => {
             let _ = dir;
             CliError::Run(other.into())
@@ -526,7 +527,10 @@ fn create(cfg: &Config, name: &str, versioning: Versioning, layout: Layout, json
     } else if layout == Layout::Pair {
         vec![
             (dir.join(format!("{stem}.up.sql")), "-- Forward change. Statements end with `;`.\n\n".to_string()),
-            (dir.join(format!("{stem}.down.sql")), "-- Undo the forward change. Delete this file to make the migration irreversible.\n\n".to_string()),
+            (
+                dir.join(format!("{stem}.down.sql")),
+                "-- Undo the forward change. Delete this file to make the migration irreversible.\n\n".to_string(),
+            ),
         ]
     } else {
         vec![(dir.join(format!("{stem}.sql")), SQL_TEMPLATE.to_string())]

@@ -207,7 +207,9 @@ impl Config {
         let explicit = o.config.clone().or_else(|| std::env::var_os("KILN_CONFIG").map(PathBuf::from));
         let path = explicit.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
         let file: FileConfig = match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.clone(), message: e.to_string().trim_end().to_string() })?,
+            Ok(text) => {
+                toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.clone(), message: e.to_string().trim_end().to_string() })?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => FileConfig::default(),
             Err(e) => return Err(ConfigError::Read { path: path.clone(), source: e }),
         };
@@ -240,13 +242,15 @@ impl Config {
         if let Some(rule) = &file.name_rule {
             regex::Regex::new(rule).map_err(|e| ConfigError::Invalid(format!("{}: name_rule is not a valid regex: {e}", path.display())))?;
         }
-        for (key, v) in [("history_table", &file.history_table), ("log_table", &file.log_table), ("snapshot_table", &file.snapshot_table), ("schema", &file.schema)] {
+        for (key, v) in [
+            ("history_table", &file.history_table),
+            ("log_table", &file.log_table),
+            ("snapshot_table", &file.snapshot_table),
+            ("schema", &file.schema),
+        ] {
             if let Some(v) = v {
                 if v.is_empty() || v.len() > 63 || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    return Err(ConfigError::Invalid(format!(
-                        "{}: {key} = {v:?}: use 1 to 63 letters, digits or underscores",
-                        path.display()
-                    )));
+                    return Err(ConfigError::Invalid(format!("{}: {key} = {v:?}: use 1 to 63 letters, digits or underscores", path.display())));
                 }
             }
         }

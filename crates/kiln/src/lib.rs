@@ -15,6 +15,8 @@
 //! ```
 
 #![warn(missing_docs)]
+// `RunError` is large by design (see kiln-core).
+#![allow(clippy::result_large_err)]
 
 pub mod config;
 pub mod verify;
@@ -39,16 +41,15 @@ pub async fn connect(cfg: &BackendConfig) -> Result<Box<dyn Engine>, EngineError
         EngineKind::Mongodb => kiln_mongo::connect(cfg).await,
         EngineKind::Postgres | EngineKind::Mysql | EngineKind::Sqlite => kiln_sql::connect(cfg).await,
         #[allow(unreachable_patterns)]
-        other => Err(EngineError::BadUrl { url: kiln_core::url::redact(&cfg.url), message: format!("{other:?} is not compiled into this build of kiln") }),
+        other => {
+            Err(EngineError::BadUrl { url: kiln_core::url::redact(&cfg.url), message: format!("{other:?} is not compiled into this build of kiln") })
+        }
     }
 }
 
 /// Load options (dialect and naming rule) for a URL and naming rule.
 pub fn load_options(url: &str, name_rule: Option<String>) -> LoadOptions {
-    LoadOptions {
-        dialect: EngineKind::of(url).map(EngineKind::dialect).unwrap_or(kiln_core::split::Dialect::GENERIC),
-        name_rule,
-    }
+    LoadOptions { dialect: EngineKind::of(url).map(EngineKind::dialect).unwrap_or(kiln_core::split::Dialect::GENERIC), name_rule }
 }
 
 /// Everything needed to run migrations from a program: a builder over the same

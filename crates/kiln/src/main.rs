@@ -4,6 +4,9 @@
 //! application would; this file only renders events and reports. Exit codes:
 //! 0 success, 1 a migration or check failed, 2 bad usage or configuration.
 
+// `RunError` is large by design (see kiln-core).
+#![allow(clippy::result_large_err)]
+
 mod cli;
 mod render;
 

@@ -37,10 +37,7 @@ impl kiln::Observer for Progress {
                 println!("  {} {version} {name} {}", verb.green(), format!("({} ms)", duration.as_millis()).dimmed());
             }
             Event::Warning { message } => eprintln!("{} {message}", "warning:".yellow().bold()),
-            Event::StepFailed { direction, version, name, .. } => {
-                let verb = if *direction == Direction::Up { "failed  " } else { "failed  " };
-                println!("  {} {version} {name}", verb.red().bold());
-            }
+            Event::StepFailed { version, name, .. } => println!("  {} {version} {name}", "failed  ".red().bold()),
             _ => {}
         }
     }
@@ -59,11 +56,7 @@ pub fn run_report(r: &RunReport, target: &str, as_json: bool) {
             return;
         }
         let batch = r.batch.map(|b| format!(" as batch {b}")).unwrap_or_default();
-        println!(
-            "Dry run: would {} {} migration(s){batch} on {target}; nothing was changed.",
-            if up { "apply" } else { "revert" },
-            r.steps.len()
-        );
+        println!("Dry run: would {} {} migration(s){batch} on {target}; nothing was changed.", if up { "apply" } else { "revert" }, r.steps.len());
         for s in &r.steps {
             let tx = match s.transaction {
                 kiln::TxMode::Off => ", no transaction",
@@ -97,12 +90,7 @@ pub fn run_report(r: &RunReport, target: &str, as_json: bool) {
         return;
     }
     let batch = r.batch.map(|b| format!(" (batch {b})")).unwrap_or_default();
-    println!(
-        "{} {} migration(s){batch} in {} ms.",
-        if up { "Applied" } else { "Reverted" }.green().bold(),
-        r.steps.len(),
-        r.duration_ms
-    );
+    println!("{} {} migration(s){batch} in {} ms.", if up { "Applied" } else { "Reverted" }.green().bold(), r.steps.len(), r.duration_ms);
 }
 
 /// Colour only for a terminal (and not with NO_COLOR): building and then
@@ -159,8 +147,8 @@ pub fn status(rows: &[StatusRow], collections: Option<&serde_json::Value>, targe
         let ws = 8;
         let _ = writeln!(
             out,
-            "{:<wv$}  {:<wn$}  {:<ws$}  {:>5}  {:<20}  {:>8}  {}",
-            "VERSION", "NAME", "STATE", "BATCH", "APPLIED AT (UTC)", "DURATION", "CHECKSUM"
+            "{:<wv$}  {:<wn$}  {:<ws$}  {:>5}  {:<20}  {:>8}  CHECKSUM",
+            "VERSION", "NAME", "STATE", "BATCH", "APPLIED AT (UTC)", "DURATION"
         );
         for r in rows {
             let mut name: String = r.name.chars().take(wn).collect();
@@ -191,18 +179,17 @@ pub fn status(rows: &[StatusRow], collections: Option<&serde_json::Value>, targe
             );
             if let Some(e) = &r.error {
                 if r.state == "failed" || r.state == "running" {
-                    let at = e.statement.map(|s| format!("statement {s}{}: ", e.line.map(|l| format!(", line {l}")).unwrap_or_default())).unwrap_or_default();
+                    let at = e
+                        .statement
+                        .map(|s| format!("statement {s}{}: ", e.line.map(|l| format!(", line {l}")).unwrap_or_default()))
+                        .unwrap_or_default();
                     let arrow = if colour() { "↳".red().to_string() } else { "↳".to_string() };
                     let _ = writeln!(out, "{:wv$}  {arrow} {at}{}", "", e.message);
                 }
             }
         }
         let count = |s: &str| rows.iter().filter(|r| r.state == s).count();
-        let mut summary = format!(
-            "{} applied, {} pending",
-            count("applied") + count("baseline"),
-            count("pending")
-        );
+        let mut summary = format!("{} applied, {} pending", count("applied") + count("baseline"), count("pending"));
         for s in ["failed", "running", "missing", "retired"] {
             let n = count(s);
             if n > 0 {
@@ -228,7 +215,8 @@ pub fn status(rows: &[StatusRow], collections: Option<&serde_json::Value>, targe
         println!();
         println!("{:<32}  {:>6}  {:>12}  {:>7}  {:<9}  INDEX NAMES", "COLLECTION", "EXISTS", "DOCUMENTS", "INDEXES", "VALIDATOR");
         for c in cols {
-            let idx: Vec<String> = c["indexes"].as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default();
+            let idx: Vec<String> =
+                c["indexes"].as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default();
             let docs = c["documents"].as_u64().unwrap_or(0);
             let docs = if c["exact"].as_bool().unwrap_or(true) { docs.to_string() } else { format!("~{docs}") };
             println!(
@@ -263,9 +251,11 @@ pub fn check(r: &kiln::runner::CheckReport, target: &str, as_json: bool) {
     section("failed migrations (run `kiln repair` after fixing the database)", &r.failed);
     section("applied migrations changed or missing", &r.changed);
     section("plan problems", &r.problems);
-    let errors: Vec<String> = r.violations.iter().filter(|v| v.severity == kiln::schema::Severity::Error).map(|v| format!("{}: {}", v.object, v.message)).collect();
+    let errors: Vec<String> =
+        r.violations.iter().filter(|v| v.severity == kiln::schema::Severity::Error).map(|v| format!("{}: {}", v.object, v.message)).collect();
     section("schema contract violations", &errors);
-    let warnings: Vec<String> = r.violations.iter().filter(|v| v.severity == kiln::schema::Severity::Warning).map(|v| format!("{}: {}", v.object, v.message)).collect();
+    let warnings: Vec<String> =
+        r.violations.iter().filter(|v| v.severity == kiln::schema::Severity::Warning).map(|v| format!("{}: {}", v.object, v.message)).collect();
     if !warnings.is_empty() {
         println!("{} schema warnings:", "!".yellow().bold());
         for w in &warnings {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use kiln_core::schema::{self, Change, Contract, Snapshot, Violation};
-use kiln_core::{Engine, BackendConfig, DownTarget, Migration, Policy, RunError, Runner, RunnerSettings, UpTarget};
+use kiln_core::{BackendConfig, DownTarget, Engine, Migration, Policy, RunError, Runner, RunnerSettings, UpTarget};
 
 /// One problem `verify` found.
 #[derive(Clone, Debug, Serialize)]
@@ -111,16 +111,15 @@ fn scratch_admin(engine: &mut dyn Engine) -> Result<&mut dyn kiln_core::engine::
     })
 }
 
-async fn run_checks(cfg: &BackendConfig, local: &[Migration], contract: Option<&Contract>, settings: RunnerSettings) -> Result<VerifyReport, RunError> {
+async fn run_checks(
+    cfg: &BackendConfig,
+    local: &[Migration],
+    contract: Option<&Contract>,
+    settings: RunnerSettings,
+) -> Result<VerifyReport, RunError> {
     let mut backend: Box<dyn Engine> = crate::connect(cfg).await?;
-    let mut report = VerifyReport {
-        ok: true,
-        scratch: String::new(),
-        migrations: local.len(),
-        irreversible: vec![],
-        findings: vec![],
-        notes: vec![],
-    };
+    let mut report =
+        VerifyReport { ok: true, scratch: String::new(), migrations: local.len(), irreversible: vec![], findings: vec![], notes: vec![] };
     let result = checks(backend.as_mut(), local, contract, settings, &mut report).await;
     let _ = backend.close().await;
     result?;
@@ -139,10 +138,7 @@ async fn checks(
     let policy = Policy::default();
     let mut runner = Runner::new(b, settings).with_contract(None);
     if runner.history().await?.iter().any(|_| true) || !runner.inspect().await?.objects.is_empty() {
-        return Err(kiln_core::PlanError::Refused(
-            "the scratch database is not empty; verify needs an empty database".into(),
-        )
-        .into());
+        return Err(kiln_core::PlanError::Refused("the scratch database is not empty; verify needs an empty database".into()).into());
     }
     let empty = runner.inspect().await?;
 
@@ -151,7 +147,12 @@ async fn checks(
     for m in local {
         let name = m.name();
         if let Err(e) = runner.up(local, &UpTarget::To(m.version.clone()), &policy, false).await {
-            report.findings.push(Finding { migration: name, problem: format!("does not apply: {}", err_text(&e)), differences: vec![], violations: vec![] });
+            report.findings.push(Finding {
+                migration: name,
+                problem: format!("does not apply: {}", err_text(&e)),
+                differences: vec![],
+                violations: vec![],
+            });
             report.notes.push("stopped at the first migration that does not apply".into());
             return Ok(());
         }
@@ -159,7 +160,12 @@ async fn checks(
         if let Some(c) = &contract_arc {
             let broke = schema::regressions(c, &before, &after);
             if !broke.is_empty() {
-                report.findings.push(Finding { migration: name.clone(), problem: "breaks the schema contract".into(), differences: vec![], violations: broke });
+                report.findings.push(Finding {
+                    migration: name.clone(),
+                    problem: "breaks the schema contract".into(),
+                    differences: vec![],
+                    violations: broke,
+                });
             }
         }
         if m.down.is_none() {
@@ -168,7 +174,12 @@ async fn checks(
             continue;
         }
         if let Err(e) = runner.down(local, &DownTarget::Steps(1), false).await {
-            report.findings.push(Finding { migration: name, problem: format!("its down fails: {}", err_text(&e)), differences: vec![], violations: vec![] });
+            report.findings.push(Finding {
+                migration: name,
+                problem: format!("its down fails: {}", err_text(&e)),
+                differences: vec![],
+                violations: vec![],
+            });
             report.notes.push("stopped at the first down that fails".into());
             return Ok(());
         }
@@ -183,13 +194,23 @@ async fn checks(
             });
         }
         if let Err(e) = runner.up(local, &UpTarget::To(m.version.clone()), &policy, false).await {
-            report.findings.push(Finding { migration: name, problem: format!("does not apply again after its down: {}", err_text(&e)), differences: vec![], violations: vec![] });
+            report.findings.push(Finding {
+                migration: name,
+                problem: format!("does not apply again after its down: {}", err_text(&e)),
+                differences: vec![],
+                violations: vec![],
+            });
             return Ok(());
         }
         let again = runner.inspect().await?;
         let differs = schema::diff(&after, &again);
         if !differs.is_empty() {
-            report.findings.push(Finding { migration: name, problem: "applying it again after its down gives a different schema".into(), differences: differs, violations: vec![] });
+            report.findings.push(Finding {
+                migration: name,
+                problem: "applying it again after its down gives a different schema".into(),
+                differences: differs,
+                violations: vec![],
+            });
         }
         before = again;
     }
@@ -199,7 +220,12 @@ async fn checks(
     if let Some(c) = contract {
         let v: Vec<Violation> = schema::validate(c, &full).into_iter().filter(|v| v.severity == schema::Severity::Error).collect();
         if !v.is_empty() {
-            report.findings.push(Finding { migration: "(all)".into(), problem: "after every migration the schema breaks the contract".into(), differences: vec![], violations: v });
+            report.findings.push(Finding {
+                migration: "(all)".into(),
+                problem: "after every migration the schema breaks the contract".into(),
+                differences: vec![],
+                violations: v,
+            });
         }
     }
 
@@ -213,22 +239,42 @@ async fn checks(
         return Ok(());
     }
     if let Err(e) = runner.down(local, &DownTarget::To(kiln_core::Version::from_number(0)), false).await {
-        report.findings.push(Finding { migration: "(all)".into(), problem: format!("reverting everything fails: {}", err_text(&e)), differences: vec![], violations: vec![] });
+        report.findings.push(Finding {
+            migration: "(all)".into(),
+            problem: format!("reverting everything fails: {}", err_text(&e)),
+            differences: vec![],
+            violations: vec![],
+        });
         return Ok(());
     }
     let emptied = runner.inspect().await?;
     let left = schema::diff(&empty, &emptied);
     if !left.is_empty() {
-        report.findings.push(Finding { migration: "(all)".into(), problem: "after reverting everything the schema is not empty".into(), differences: left, violations: vec![] });
+        report.findings.push(Finding {
+            migration: "(all)".into(),
+            problem: "after reverting everything the schema is not empty".into(),
+            differences: left,
+            violations: vec![],
+        });
     }
     if let Err(e) = runner.up(local, &UpTarget::Latest, &policy, false).await {
-        report.findings.push(Finding { migration: "(all)".into(), problem: format!("applying everything again fails: {}", err_text(&e)), differences: vec![], violations: vec![] });
+        report.findings.push(Finding {
+            migration: "(all)".into(),
+            problem: format!("applying everything again fails: {}", err_text(&e)),
+            differences: vec![],
+            violations: vec![],
+        });
         return Ok(());
     }
     let again = runner.inspect().await?;
     let differs = schema::diff(&full, &again);
     if !differs.is_empty() {
-        report.findings.push(Finding { migration: "(all)".into(), problem: "applying everything again gives a different schema than the first time".into(), differences: differs, violations: vec![] });
+        report.findings.push(Finding {
+            migration: "(all)".into(),
+            problem: "applying everything again gives a different schema than the first time".into(),
+            differences: differs,
+            violations: vec![],
+        });
     }
     Ok(())
 }

@@ -62,7 +62,9 @@ fn write_breaking(p: &Project, n: u32) {
         let drop_index = if p.db.engine == Engine::Mysql { "DROP INDEX users_email_idx ON users;\n" } else { "DROP INDEX users_email_idx;\n" };
         p.write(
             &format!("{n:04}_drop_email.sql"),
-            &format!("-- kiln:up\n{drop_index}ALTER TABLE users DROP COLUMN email;\n-- kiln:down\nALTER TABLE users ADD COLUMN email varchar(200);\n"),
+            &format!(
+                "-- kiln:up\n{drop_index}ALTER TABLE users DROP COLUMN email;\n-- kiln:down\nALTER TABLE users ADD COLUMN email varchar(200);\n"
+            ),
         );
     }
 }
@@ -104,12 +106,13 @@ async fn breaking_migration_is_caught_and_rolled_back(e: Engine) {
             // rolled back: the column is still there, nothing recorded
             assert_eq!(err["rolled_back"], true);
             assert_eq!(p.state_of("0003"), "pending");
-            let cols = p.db.query_strings(match e {
-                Engine::Postgres => "SELECT column_name FROM information_schema.columns WHERE table_name = 'users' AND column_name = 'email'",
-                _ => "SELECT name FROM pragma_table_info('users') WHERE name = 'email'",
-            })
-            .await
-            .unwrap();
+            let cols =
+                p.db.query_strings(match e {
+                    Engine::Postgres => "SELECT column_name FROM information_schema.columns WHERE table_name = 'users' AND column_name = 'email'",
+                    _ => "SELECT name FROM pragma_table_info('users') WHERE name = 'email'",
+                })
+                .await
+                .unwrap();
             assert_eq!(cols, vec!["email"]);
         }
         _ => {
@@ -249,10 +252,7 @@ async fn verify_passes_a_good_set_and_names_a_bad_down(e: Engine) {
 
     // a down that forgets to drop an index
     if p.is_mongo() {
-        p.write(
-            "0003_add_name_index.yaml",
-            "up:\n  - createIndexes: users\n    indexes: [ { key: { name: 1 }, name: users_name_idx } ]\ndown: []\n",
-        );
+        p.write("0003_add_name_index.yaml", "up:\n  - createIndexes: users\n    indexes: [ { key: { name: 1 }, name: users_name_idx } ]\ndown: []\n");
     } else {
         p.write("0003_add_name_index.sql", "-- kiln:up\nCREATE INDEX users_name_idx ON users (name);\n-- kiln:down\n");
     }

@@ -5,11 +5,11 @@
 
 use std::path::Path;
 
-use kiln_core::{load_dir, BackendConfig, DownTarget, LoadOptions, Migration, Policy, RunError, RunReport, Runner, RunnerSettings, UpTarget};
 #[allow(unused_imports)]
 use kiln_core::engine::{Engine as _, Locker as _};
-use kiln_testkit::compat::Protocol;
+use kiln_core::{load_dir, BackendConfig, DownTarget, LoadOptions, Migration, Policy, RunError, RunReport, Runner, RunnerSettings, UpTarget};
 use kiln_mongo::MongoEngine;
+use kiln_testkit::compat::Protocol;
 use kiln_testkit::{Engine, TestDb};
 use mongodb::bson::Document;
 

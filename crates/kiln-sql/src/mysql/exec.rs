@@ -38,10 +38,9 @@ fn refuse(step: &Step<'_>) -> Option<StatementError> {
     let (file, message) = match step.body {
         Body::Sql { .. } => return None,
         Body::Commands { file, .. } => (file.display().to_string(), "MongoDB commands cannot run on MySQL/MariaDB".to_string()),
-        Body::Code => (
-            step.migration.display_path(),
-            "code migrations are run by the library's registered code, not by the MySQL engine".to_string(),
-        ),
+        Body::Code => {
+            (step.migration.display_path(), "code migrations are run by the library's registered code, not by the MySQL engine".to_string())
+        }
     };
     Some(StatementError { file, statement: 1, line: 1, message, code: None })
 }
@@ -107,7 +106,9 @@ impl Executor for MysqlEngine {
             return Err(ExecFailure::Engine(self.err(format!("running {file} statement {}", index + 1), error)));
         }
         if let Err(e) = self.roll_back().await {
-            return Err(ExecFailure::Engine(self.err(format!("rolling back {} after statement {} failed ({})", m.name(), index + 1, describe(&error)), e)));
+            return Err(ExecFailure::Engine(
+                self.err(format!("rolling back {} after statement {} failed ({})", m.name(), index + 1, describe(&error)), e),
+            ));
         }
         // A syntax error quotes the text it was sent; show the user's statement only.
         let message = describe(&error).replace(REOPEN, "");
@@ -119,11 +120,8 @@ impl Executor for MysqlEngine {
         // everything before it as it starts; otherwise everything up to the
         // last implicitly committing statement (after which kiln reopened a
         // transaction that the ROLLBACK undid).
-        let committed = if !tx || implicit {
-            index
-        } else {
-            statements[..index].iter().rposition(|s| commits_implicitly(&s.sql)).map_or(0, |k| k + 1)
-        };
+        let committed =
+            if !tx || implicit { index } else { statements[..index].iter().rposition(|s| commits_implicitly(&s.sql)).map_or(0, |k| k + 1) };
         if committed == 0 {
             return Err(ExecFailure::Statement { error, left: Left::Nothing });
         }

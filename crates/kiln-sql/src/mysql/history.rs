@@ -52,12 +52,7 @@ impl Sql {
         );
         let q14 = "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?";
         // VALUES(col) rather than MySQL 8's row alias: MariaDB has no alias syntax.
-        let updates = HISTORY_COLUMNS
-            .split(", ")
-            .filter(|c| *c != "version")
-            .map(|c| format!("{c} = VALUES({c})"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let updates = HISTORY_COLUMNS.split(", ").filter(|c| *c != "version").map(|c| format!("{c} = VALUES({c})")).collect::<Vec<_>>().join(", ");
         Sql {
             create: format!(
                 "CREATE TABLE IF NOT EXISTS {h} (

@@ -50,11 +50,11 @@ const INSPECT_TABLES: &str = "SELECT TABLE_NAME, TABLE_TYPE FROM information_sch
 
 /// Every column (of views too: filtered by the table list, because an
 /// `information_schema` join costs a scan per row on MariaDB).
-const INSPECT_COLUMNS: &str =
-    "SELECT TABLE_NAME, COLUMN_NAME, COLUMN_TYPE, IS_NULLABLE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ?";
+const INSPECT_COLUMNS: &str = "SELECT TABLE_NAME, COLUMN_NAME, COLUMN_TYPE, IS_NULLABLE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ?";
 
 /// Foreign key columns in key order, with the referenced table and column.
-const INSPECT_FOREIGN_KEYS: &str = "SELECT TABLE_NAME, CONSTRAINT_NAME, COLUMN_NAME, REFERENCED_TABLE_SCHEMA, REFERENCED_TABLE_NAME, REFERENCED_COLUMN_NAME \
+const INSPECT_FOREIGN_KEYS: &str =
+    "SELECT TABLE_NAME, CONSTRAINT_NAME, COLUMN_NAME, REFERENCED_TABLE_SCHEMA, REFERENCED_TABLE_NAME, REFERENCED_COLUMN_NAME \
     FROM information_schema.KEY_COLUMN_USAGE WHERE TABLE_SCHEMA = ? AND REFERENCED_TABLE_NAME IS NOT NULL \
     ORDER BY TABLE_NAME, CONSTRAINT_NAME, ORDINAL_POSITION";
 
@@ -337,11 +337,8 @@ impl SchemaStore for MysqlEngine {
         let context = format!("writing the schema snapshot to {}", self.snapshot_name);
         let json = serde_json::to_string(snapshot).map_err(|e| EngineError::Query { context: context.clone(), message: e.to_string() })?;
         for attempt in 0..2 {
-            let r = sqlx::query(AssertSqlSafe(self.sql.insert_snapshot.clone()))
-                .bind(Utc::now().naive_utc())
-                .bind(&json)
-                .execute(&mut self.conn)
-                .await;
+            let r =
+                sqlx::query(AssertSqlSafe(self.sql.insert_snapshot.clone())).bind(Utc::now().naive_utc()).bind(&json).execute(&mut self.conn).await;
             match r {
                 Ok(_) => return Ok(()),
                 Err(e) if attempt == 0 && error_number(&e) == Some(1146) => {

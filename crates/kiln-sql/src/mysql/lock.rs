@@ -40,11 +40,8 @@ impl MysqlEngine {
     }
 
     async fn ask_holder(&mut self) -> Result<Option<String>, sqlx::Error> {
-        let id: Option<i64> = sqlx::query("SELECT CAST(IS_USED_LOCK(?) AS SIGNED)")
-            .bind(&self.lock_name)
-            .fetch_one(&mut self.conn)
-            .await?
-            .try_get(0)?;
+        let id: Option<i64> =
+            sqlx::query("SELECT CAST(IS_USED_LOCK(?) AS SIGNED)").bind(&self.lock_name).fetch_one(&mut self.conn).await?.try_get(0)?;
         let Some(id) = id else { return Ok(None) };
         // PROCESSLIST shows other users' sessions only with the PROCESS privilege.
         let who = sqlx::query("SELECT USER, HOST FROM information_schema.PROCESSLIST WHERE ID = ?")

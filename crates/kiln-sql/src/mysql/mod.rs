@@ -74,7 +74,6 @@ use crate::common::lock_key;
 use history::Sql;
 use inspect::Server;
 
-
 /// MySQL's and MariaDB's limit on `GET_LOCK` names.
 const MAX_LOCK_NAME: usize = 64;
 

@@ -23,11 +23,12 @@ impl ScratchAdmin for MysqlEngine {
         // CREATE/DROP DATABASE commit implicitly; the core flushes a kept finish first.
         self.in_tx = false;
         let context = format!("creating the scratch database {name}");
-        let defaults = sqlx::query("SELECT DEFAULT_CHARACTER_SET_NAME, DEFAULT_COLLATION_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?")
-            .bind(&self.database)
-            .fetch_optional(&mut self.conn)
-            .await
-            .and_then(|r| r.map(|r| Ok::<_, sqlx::Error>((text1(&r, 0)?, text1(&r, 1)?))).transpose());
+        let defaults =
+            sqlx::query("SELECT DEFAULT_CHARACTER_SET_NAME, DEFAULT_COLLATION_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?")
+                .bind(&self.database)
+                .fetch_optional(&mut self.conn)
+                .await
+                .and_then(|r| r.map(|r| Ok::<_, sqlx::Error>((text1(&r, 0)?, text1(&r, 1)?))).transpose());
         let defaults = match defaults {
             Ok(d) => d,
             Err(e) => return Err(self.err(&context, e)),

@@ -49,12 +49,9 @@ impl Executor for PgBackend {
     async fn run_atomic(&mut self, step: &Step<'_>, record: &Record, check: Option<&SchemaCheck>) -> Result<(), AtomicFailure> {
         let m = step.migration;
         let (file, statements) = sql_body(step).map_err(AtomicFailure::Body)?;
-        let plan = BodyPlan::transactional(statements).map_err(|(i, message)| AtomicFailure::Body(statement_error(&file, statements, i, message, None)))?;
-        let prelude = format!(
-            "BEGIN; SET LOCAL synchronous_commit TO {}; {}",
-            if record.durable { "on" } else { "off" },
-            self.search_path_sql()
-        );
+        let plan =
+            BodyPlan::transactional(statements).map_err(|(i, message)| AtomicFailure::Body(statement_error(&file, statements, i, message, None)))?;
+        let prelude = format!("BEGIN; SET LOCAL synchronous_commit TO {}; {}", if record.durable { "on" } else { "off" }, self.search_path_sql());
         let vals = RecordVals::new(record);
         let mut items: Vec<(Tag, Item<'_>)> = Vec::with_capacity(plan.run.len() + record.changes.len() + record.events.len() + 2);
         items.push((Tag::Prelude, Item::Simple(&prelude)));
@@ -79,7 +76,9 @@ impl Executor for PgBackend {
             };
             if !violations.is_empty() {
                 if let Err(e) = self.client.batch_execute("ROLLBACK").await {
-                    return Err(AtomicFailure::Engine(self.engine_error(&format!("rolling back {}, which breaks the schema contract", m.name()), &e)));
+                    return Err(AtomicFailure::Engine(
+                        self.engine_error(&format!("rolling back {}, which breaks the schema contract", m.name()), &e),
+                    ));
                 }
                 return Err(AtomicFailure::Invalid(violations));
             }
@@ -225,10 +224,9 @@ fn sql_body<'b>(step: &Step<'b>) -> Result<(String, &'b [Statement]), StatementE
     let refuse = |file: String, message: String| StatementError { file, statement: 1, line: 1, message, code: None };
     match step.body {
         Body::Sql { file, statements } => Ok((file.display().to_string(), statements)),
-        Body::Commands { file, .. } => Err(refuse(
-            file.display().to_string(),
-            "MongoDB commands cannot run on PostgreSQL; this migration belongs to a MongoDB database".into(),
-        )),
+        Body::Commands { file, .. } => {
+            Err(refuse(file.display().to_string(), "MongoDB commands cannot run on PostgreSQL; this migration belongs to a MongoDB database".into()))
+        }
         Body::Code => Err(refuse(
             step.migration.display_path(),
             "a Rust code migration is run by the code registered for it through the library, not by the PostgreSQL engine".into(),

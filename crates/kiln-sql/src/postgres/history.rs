@@ -66,10 +66,8 @@ impl HistoryStore for PgBackend {
         // on a database kiln never touched the second fails and is ignored.
         let sql = format!("SELECT {HISTORY_COLUMNS} FROM {} ORDER BY version", self.history);
         let params = [(&self.history as &(dyn tokio_postgres::types::ToSql + Sync), Type::TEXT)];
-        let (exists, rows) = futures::join!(
-            self.client.query_typed_one("SELECT to_regclass($1) IS NOT NULL", &params),
-            self.client.query_typed(&sql, &[])
-        );
+        let (exists, rows) =
+            futures::join!(self.client.query_typed_one("SELECT to_regclass($1) IS NOT NULL", &params), self.client.query_typed(&sql, &[]));
         let exists: bool = exists.and_then(|r| r.try_get(0)).map_err(|e| self.engine_error(&context, &e))?;
         if !exists {
             return Ok(None);
@@ -127,13 +125,15 @@ impl HistoryStore for PgBackend {
         items.push((Tag::Commit, Item::Simple("COMMIT")));
         match run_items(&self.client, &items, true).await {
             Ok(()) => Ok(()),
-            Err((Tag::Insert(version), e)) if !is_connection_loss(&e) && e.as_db_error().is_some_and(|d| d.code().code() == "23505") => Err(EngineError::Query {
-                context: format!("recording version {version} in the history table {}", self.history),
-                message: format!(
-                    "version {version} is already recorded (another runner recorded it); nothing of this write was committed ({})",
-                    error_text(&e)
-                ),
-            }),
+            Err((Tag::Insert(version), e)) if !is_connection_loss(&e) && e.as_db_error().is_some_and(|d| d.code().code() == "23505") => {
+                Err(EngineError::Query {
+                    context: format!("recording version {version} in the history table {}", self.history),
+                    message: format!(
+                        "version {version} is already recorded (another runner recorded it); nothing of this write was committed ({})",
+                        error_text(&e)
+                    ),
+                })
+            }
             Err((_, e)) => Err(self.engine_error(&format!("writing the history table {} and the event log {}", self.history, self.log_table), &e)),
         }
     }
@@ -159,7 +159,8 @@ impl RecordSql {
         const GIVEN: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14";
         // Duration since the transaction began: the one pipeline of an atomic
         // step is one transaction, so only the server knows when its body ended.
-        const NOW: &str = "$1, $2, $3, $4, $5, $6, $7, clock_timestamp(), (extract(epoch FROM clock_timestamp() - now()) * 1000)::bigint, $8, $9, $10, $11, $12";
+        const NOW: &str =
+            "$1, $2, $3, $4, $5, $6, $7, clock_timestamp(), (extract(epoch FROM clock_timestamp() - now()) * 1000)::bigint, $8, $9, $10, $11, $12";
         const UPSERT: &str = " ON CONFLICT (version) DO UPDATE SET description = EXCLUDED.description, script = EXCLUDED.script, \
              migration_group = EXCLUDED.migration_group, checksum = EXCLUDED.checksum, state = EXCLUDED.state, batch = EXCLUDED.batch, \
              applied_at = EXCLUDED.applied_at, duration_ms = EXCLUDED.duration_ms, applied_by = EXCLUDED.applied_by, \
@@ -184,7 +185,15 @@ pub(super) struct RecordVals<'r> {
 }
 
 enum ChangeVals<'r> {
-    Row { row: &'r AppliedMigration, insert: bool, version: i64, state: &'static str, error: Option<String>, statement: Option<i32>, line: Option<i32> },
+    Row {
+        row: &'r AppliedMigration,
+        insert: bool,
+        version: i64,
+        state: &'static str,
+        error: Option<String>,
+        statement: Option<i32>,
+        line: Option<i32>,
+    },
     Delete(i64),
 }
 

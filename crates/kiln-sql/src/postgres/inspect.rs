@@ -223,7 +223,8 @@ const INSPECT_TABLES: &str = "WITH t AS (\
 /// One row per column, and one with NULLs for a table without columns. The
 /// table's oid and the column's number let constraints be resolved to column
 /// names here instead of by a sub-query per constraint on the server.
-const INSPECT_COLUMNS: &str = "SELECT t.oid, t.name, a.attnum, a.attname::text, lower(pg_catalog.format_type(a.atttypid, a.atttypmod)), NOT a.attnotnull \
+const INSPECT_COLUMNS: &str =
+    "SELECT t.oid, t.name, a.attnum, a.attname::text, lower(pg_catalog.format_type(a.atttypid, a.atttypmod)), NOT a.attnotnull \
     FROM t LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped";
 
 /// One row per index that backs no constraint.

@@ -130,4 +130,3 @@ impl PgBackend {
         ((k >> 32) as u32, (k & 0xffff_ffff) as u32)
     }
 }
-

@@ -100,10 +100,16 @@ mod tests {
 
     #[test]
     fn scratch_urls_keep_everything_but_the_database() {
-        assert_eq!(database_url("postgres://u:pw@h:5432/app?sslmode=require", "kiln_verify_1").unwrap(), "postgres://u:pw@h:5432/kiln_verify_1?sslmode=require");
+        assert_eq!(
+            database_url("postgres://u:pw@h:5432/app?sslmode=require", "kiln_verify_1").unwrap(),
+            "postgres://u:pw@h:5432/kiln_verify_1?sslmode=require"
+        );
         assert_eq!(database_url("postgresql://u@h1:5432,h2:5433/app", "kiln_verify_1").unwrap(), "postgresql://u@h1:5432,h2:5433/kiln_verify_1");
         assert_eq!(database_url("postgres://h", "kiln_verify_1").unwrap(), "postgres://h/kiln_verify_1");
-        assert_eq!(database_url("postgres:///app?host=/var/run/postgresql", "kiln_verify_1").unwrap(), "postgres:///kiln_verify_1?host=/var/run/postgresql");
+        assert_eq!(
+            database_url("postgres:///app?host=/var/run/postgresql", "kiln_verify_1").unwrap(),
+            "postgres:///kiln_verify_1?host=/var/run/postgresql"
+        );
         assert_eq!(database_url("postgres://h/?dbname=app&x=1", "kiln_verify_1").unwrap(), "postgres://h/kiln_verify_1?dbname=kiln_verify_1&x=1");
         assert!(database_url("host=h dbname=app", "kiln_verify_1").is_err());
     }

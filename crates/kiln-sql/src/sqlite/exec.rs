@@ -94,9 +94,9 @@ impl Executor for SqliteEngine {
                 }
             };
             if !violations.is_empty() {
-                self.conn.execute_batch("ROLLBACK").map_err(|e| {
-                    AtomicFailure::Engine(self.query_err(format!("rolling back {}, which breaks the schema contract", m.name()), e))
-                })?;
+                self.conn
+                    .execute_batch("ROLLBACK")
+                    .map_err(|e| AtomicFailure::Engine(self.query_err(format!("rolling back {}, which breaks the schema contract", m.name()), e)))?;
                 return Err(AtomicFailure::Invalid(violations));
             }
         }

@@ -103,10 +103,15 @@ impl SqliteEngine {
                 HistoryChange::Insert(row) => self.write_history(&self.sql.insert_history, row, clock).map_err(|e| {
                     let v = &row.version;
                     match e.sqlite_error() {
-                        Some(f) if f.code == ErrorCode::ConstraintViolation && [SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE].contains(&f.extended_code) => EngineError::Query {
-                            context: format!("recording version {v} in {} ({})", self.history_name, self.target),
-                            message: format!("version {v} is already recorded in {} (another runner recorded it): {e}", self.history_name),
-                        },
+                        Some(f)
+                            if f.code == ErrorCode::ConstraintViolation
+                                && [SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE].contains(&f.extended_code) =>
+                        {
+                            EngineError::Query {
+                                context: format!("recording version {v} in {} ({})", self.history_name, self.target),
+                                message: format!("version {v} is already recorded in {} (another runner recorded it): {e}", self.history_name),
+                            }
+                        }
                         _ => self.query_err(format!("recording version {v} in {}", self.history_name), e),
                     }
                 })?,

@@ -272,7 +272,6 @@ impl SqliteEngine {
         }
         Ok(snapshot)
     }
-
 }
 
 /// `base`, or `base1`, `base2`… when a constraint of that name exists already
@@ -323,11 +322,8 @@ fn index_parts(sql: &str) -> Option<(Vec<String>, Option<String>)> {
                 if depth == 0 {
                     items.push(sql[item_start..i].trim().to_string());
                     let rest = sql[i + 1..].trim();
-                    let predicate = rest
-                        .get(..5)
-                        .filter(|w| w.eq_ignore_ascii_case("where"))
-                        .map(|_| rest[5..].trim().to_string())
-                        .filter(|p| !p.is_empty());
+                    let predicate =
+                        rest.get(..5).filter(|w| w.eq_ignore_ascii_case("where")).map(|_| rest[5..].trim().to_string()).filter(|p| !p.is_empty());
                     return Some((items, predicate));
                 }
             }
@@ -360,7 +356,6 @@ fn expression_key(item: &str) -> String {
     }
     t.to_string()
 }
-
 
 #[async_trait]
 impl SchemaStore for SqliteEngine {
@@ -428,7 +423,8 @@ mod tests {
 
     #[test]
     fn index_sql_parts() {
-        let (keys, predicate) = index_parts("CREATE INDEX \"a(b\" ON t (lower(title) DESC, \"x,y\", substr(b, 1, 2) COLLATE nocase) WHERE a > ')'").unwrap();
+        let (keys, predicate) =
+            index_parts("CREATE INDEX \"a(b\" ON t (lower(title) DESC, \"x,y\", substr(b, 1, 2) COLLATE nocase) WHERE a > ')'").unwrap();
         assert_eq!(keys, ["lower(title) DESC", "\"x,y\"", "substr(b, 1, 2) COLLATE nocase"]);
         assert_eq!(predicate.as_deref(), Some("a > ')'"));
         assert_eq!(index_parts("CREATE UNIQUE INDEX i ON t(a)").unwrap(), (vec!["a".to_string()], None));

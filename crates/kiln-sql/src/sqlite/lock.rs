@@ -66,12 +66,8 @@ impl SidecarLock {
             Err(std::fs::TryLockError::WouldBlock) => return Ok(false),
             Err(std::fs::TryLockError::Error(e)) => return Err(lock_err(e)),
         }
-        let note = format!(
-            "pid {} {} since {}",
-            std::process::id(),
-            kiln_core::current_actor(),
-            Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
-        );
+        let note =
+            format!("pid {} {} since {}", std::process::id(), kiln_core::current_actor(), Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true));
         // The note is only for messages; the lock is what matters, so a failed write is not fatal.
         let _ = f.set_len(0).and_then(|_| f.write_all(note.as_bytes())).and_then(|_| f.flush());
         *held = Some(Held::File(f));

@@ -194,7 +194,10 @@ fn parse_url(url: &str, shown: &str) -> Result<Location, EngineError> {
         .ok_or_else(|| EngineError::BadUrl { url: shown.into(), message: "expected sqlite://PATH, sqlite:PATH or sqlite::memory:".into() })?;
     let path = rest.split('?').next().unwrap_or("");
     match path {
-        "" => Err(EngineError::BadUrl { url: shown.into(), message: "no database file; use e.g. sqlite://kiln.db or sqlite:///var/lib/app/app.db".into() }),
+        "" => Err(EngineError::BadUrl {
+            url: shown.into(),
+            message: "no database file; use e.g. sqlite://kiln.db or sqlite:///var/lib/app/app.db".into(),
+        }),
         ":memory:" => Ok(Location::Memory),
         p => Ok(Location::File(PathBuf::from(p))),
     }

@@ -39,10 +39,11 @@ impl ScratchAdmin for SqliteEngine {
     /// and an existing file: a scratch database must start empty.
     async fn create_scratch(&mut self, name: &str) -> Result<String, EngineError> {
         let path = self.scratch_path(name)?;
-        OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| EngineError::Query {
-            context: format!("creating the scratch database {}", path.display()),
-            message: e.to_string(),
-        })?;
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| EngineError::Query { context: format!("creating the scratch database {}", path.display()), message: e.to_string() })?;
         Ok(format!("sqlite://{}", path.display()))
     }
 
@@ -58,7 +59,10 @@ impl ScratchAdmin for SqliteEngine {
             let file = PathBuf::from(file);
             match std::fs::remove_file(&file) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(EngineError::Query { context: format!("dropping the scratch database: removing {}", file.display()), message: e.to_string() })
+                    return Err(EngineError::Query {
+                        context: format!("dropping the scratch database: removing {}", file.display()),
+                        message: e.to_string(),
+                    })
                 }
                 _ => {}
             }

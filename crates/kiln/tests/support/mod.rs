@@ -46,12 +46,7 @@ pub fn kiln_bin() -> PathBuf {
 /// environment, run in `cwd` so no kiln.toml or .env of the repository is read.
 pub fn kiln_cmd(cwd: &Path) -> Command {
     let mut c = Command::new(kiln_bin());
-    c.current_dir(cwd)
-        .env_remove("KILN_DATABASE_URL")
-        .env_remove("DATABASE_URL")
-        .env_remove("KILN_CONFIG")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null());
+    c.current_dir(cwd).env_remove("KILN_DATABASE_URL").env_remove("DATABASE_URL").env_remove("KILN_CONFIG").env("NO_COLOR", "1").stdin(Stdio::null());
     c
 }
 
@@ -116,14 +111,7 @@ impl Project {
 
     /// Run kiln with `--url` and `--dir` set for this project.
     pub fn kiln(&self, args: &[&str]) -> Run {
-        let o = kiln_cmd(self.root.path())
-            .args(args)
-            .arg("--url")
-            .arg(&self.db.url)
-            .arg("--dir")
-            .arg(self.dir())
-            .output()
-            .expect("run kiln");
+        let o = kiln_cmd(self.root.path()).args(args).arg("--url").arg(&self.db.url).arg("--dir").arg(self.dir()).output().expect("run kiln");
         output_to_run(o)
     }
 
