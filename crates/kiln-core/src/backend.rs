@@ -7,7 +7,8 @@ use crate::model::{AppliedMigration, FailureInfo, Migration, State};
 use crate::schema::Violation;
 
 /// Where an engine keeps kiln's own objects. Every engine takes this.
-#[derive(Clone, Debug)]
+/// `Debug` shows the URL with its password redacted.
+#[derive(Clone)]
 pub struct BackendConfig {
     /// The database URL (may hold a password: never print it, use [`crate::url::redact`]).
     pub url: String,
@@ -22,6 +23,19 @@ pub struct BackendConfig {
     pub schema: Option<String>,
     /// Database name to use when the URL names none (MongoDB: `[mongodb] database` in kiln.toml).
     pub database: Option<String>,
+}
+
+impl std::fmt::Debug for BackendConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendConfig")
+            .field("url", &crate::url::redact(&self.url))
+            .field("history_table", &self.history_table)
+            .field("log_table", &self.log_table)
+            .field("snapshot_table", &self.snapshot_table)
+            .field("schema", &self.schema)
+            .field("database", &self.database)
+            .finish()
+    }
 }
 
 impl BackendConfig {
@@ -102,5 +116,16 @@ pub enum StepError {
 impl From<EngineError> for StepError {
     fn from(e: EngineError) -> Self {
         StepError::Engine(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn debug_never_shows_the_password() {
+        let cfg = super::BackendConfig::new("postgres://app:hunter2@db.example/app?password=also-secret");
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("hunter2") && !shown.contains("also-secret"), "{shown}");
+        assert!(shown.contains("db.example"), "{shown}");
     }
 }

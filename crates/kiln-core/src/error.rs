@@ -172,6 +172,15 @@ pub enum PlanError {
         /// The engine.
         engine: String,
     },
+    /// A version no history can store (every engine keeps versions as signed
+    /// 64-bit integers).
+    #[error("{file}: version {version} is larger than {}, the largest version kiln can store; give the file a smaller version", i64::MAX)]
+    VersionTooLarge {
+        /// File.
+        file: String,
+        /// The version as written.
+        version: String,
+    },
     /// Anything else the operator asked for that cannot be done.
     #[error("{0}")]
     Refused(String),
@@ -311,6 +320,7 @@ impl PlanError {
             PlanError::NotRevertible { .. } => "not_revertible",
             PlanError::UnknownVersion { .. } => "unknown_version",
             PlanError::WrongKind { .. } => "wrong_kind",
+            PlanError::VersionTooLarge { .. } => "version_too_large",
             PlanError::Refused(_) => "refused",
         }
     }
@@ -354,7 +364,7 @@ impl RunError {
     pub fn exit_code(&self) -> i32 {
         match self {
             RunError::Source(_) => 2,
-            RunError::Plan(p) if p.iter().all(|e| matches!(e, PlanError::UnknownVersion { .. })) => 2,
+            RunError::Plan(p) if p.iter().all(|e| matches!(e, PlanError::UnknownVersion { .. } | PlanError::VersionTooLarge { .. })) => 2,
             RunError::Engine(EngineError::BadUrl { .. }) => 2,
             _ => 1,
         }

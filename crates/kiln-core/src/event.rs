@@ -79,10 +79,31 @@ pub enum Event {
     },
 }
 
+/// An event with the database (or tenant) it concerns, as the HTTP API and
+/// fleet reports serve it: `{"target": "acme", "event": "step-started", …}`.
+#[derive(Clone, Debug, Serialize)]
+pub struct TargetedEvent {
+    /// The runner's target label ([`crate::Runner::with_target`]); `None` for
+    /// a runner over a single database.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// What happened.
+    #[serde(flatten)]
+    pub event: Event,
+}
+
 /// Receives events. Implementations must be cheap: they run on the runner's task.
 pub trait Observer: Send + Sync {
     /// Called for every event, in order.
     fn on_event(&self, event: &Event);
+
+    /// Called instead of [`Observer::on_event`] by a runner that has a target
+    /// label (a tenant of a fleet, a database of several); the default drops
+    /// the label. Observers that watch several runners override this.
+    fn on_targeted(&self, target: Option<&str>, event: &Event) {
+        let _ = target;
+        self.on_event(event)
+    }
 }
 
 /// An observer that ignores everything.

@@ -30,7 +30,7 @@ pub mod url;
 pub use backend::{ApplyError, BackendConfig, RecordContext, StepError};
 pub use engine::{Capabilities, Engine, SchemaCheck};
 pub use error::{EngineError, FailureOutcome, PlanError, RunError, SourceError, StatementError};
-pub use event::{Direction, Event, Observer};
+pub use event::{Direction, Event, Observer, TargetedEvent};
 pub use model::*;
 pub use plan::{DownTarget, Policy, StatusRow, UpTarget};
 pub use runner::{AdminReport, RunReport, Runner, RunnerSettings, StepReport};

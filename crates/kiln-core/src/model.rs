@@ -434,8 +434,8 @@ impl fmt::Display for LogEvent {
 pub struct LogEntry {
     /// When.
     pub at: DateTime<Utc>,
-    /// What: `run-start`, `applied`, `failed`, `reverted`, `repair`, `baseline`, `retire`, `run-end`.
-    pub event: String,
+    /// What happened (stored as [`LogEvent::as_str`]).
+    pub event: LogEvent,
     /// The migration concerned, if any.
     pub version: Option<u64>,
     /// Its name, if any.

@@ -100,6 +100,7 @@ pub struct Runner<'b> {
     settings: RunnerSettings,
     observer: Arc<dyn Observer>,
     contract: Option<Arc<Contract>>,
+    target: Option<String>,
 }
 
 /// What `kiln check` found. `ok` is false when anything below is non-empty
@@ -129,7 +130,7 @@ pub struct CheckReport {
 impl<'b> Runner<'b> {
     /// A runner over `backend`.
     pub fn new(engine: &'b mut dyn Engine, settings: RunnerSettings) -> Self {
-        Runner { backend: Session::new(engine), settings, observer: Arc::new(Silent), contract: None }
+        Runner { backend: Session::new(engine), settings, observer: Arc::new(Silent), contract: None, target: None }
     }
 
     /// Validate every migration of `up` against `contract` before it commits: a
@@ -147,8 +148,15 @@ impl<'b> Runner<'b> {
         self
     }
 
+    /// Label every event of this runner with `target` (a tenant's name, a
+    /// database of several), see [`Observer::on_targeted`].
+    pub fn with_target(mut self, target: impl Into<String>) -> Self {
+        self.target = Some(target.into());
+        self
+    }
+
     fn emit(&self, e: Event) {
-        self.observer.on_event(&e);
+        self.observer.on_targeted(self.target.as_deref(), &e);
     }
 
     fn check_kinds(&self, local: &[Migration]) -> Result<(), RunError> {
@@ -165,6 +173,12 @@ impl<'b> Runner<'b> {
                 },
                 engine: caps.engine.into(),
             })
+            .chain(
+                local
+                    .iter()
+                    .filter(|m| m.version.number > i64::MAX as u64)
+                    .map(|m| PlanError::VersionTooLarge { file: m.display_path(), version: m.version.text.clone() }),
+            )
             .collect();
         if wrong.is_empty() {
             Ok(())
@@ -178,7 +192,11 @@ impl<'b> Runner<'b> {
     async fn acquire(&mut self) -> Result<LockGuard, RunError> {
         let observer = self.observer.clone();
         let timeout = self.settings.lock_timeout;
-        let guard = self.backend.lock(timeout, |holder| observer.on_event(&Event::LockWaiting { holder: holder.to_string(), timeout })).await?;
+        let target = self.target.clone();
+        let guard = self
+            .backend
+            .lock(timeout, |holder| observer.on_targeted(target.as_deref(), &Event::LockWaiting { holder: holder.to_string(), timeout }))
+            .await?;
         self.emit(Event::LockAcquired);
         Ok(guard)
     }
@@ -193,10 +211,10 @@ impl<'b> Runner<'b> {
         }
     }
 
-    fn log_entry(&self, event: &str, m: Option<(&Version, &str)>, batch: Option<i64>, reason: Option<&str>, detail: Option<String>) -> LogEntry {
+    fn log_entry(&self, event: LogEvent, m: Option<(&Version, &str)>, batch: Option<i64>, reason: Option<&str>, detail: Option<String>) -> LogEntry {
         LogEntry {
             at: Utc::now(),
-            event: event.to_string(),
+            event,
             version: m.map(|(v, _)| v.number),
             name: m.map(|(_, n)| n.to_string()),
             batch,
@@ -270,7 +288,7 @@ impl<'b> Runner<'b> {
                     return Ok(RunReport { direction: Direction::Up, batch: None, steps: vec![], dry_run: false, duration_ms: 0 });
                 }
                 let ctx = RecordContext { batch: p.batch, actor: this.settings.actor.clone() };
-                let start = this.log_entry("run-start", None, Some(p.batch), None, Some(format!("up: {} pending", p.steps.len())));
+                let start = this.log_entry(LogEvent::RunStart, None, Some(p.batch), None, Some(format!("up: {} pending", p.steps.len())));
                 this.backend.log(&start).await?;
                 let total = p.steps.len();
                 let mut done: Vec<StepReport> = Vec::with_capacity(total);
@@ -328,7 +346,7 @@ impl<'b> Runner<'b> {
                     }
                 }
                 this.save_snapshot().await;
-                let end = this.log_entry("run-end", None, Some(p.batch), None, Some(format!("up: {} applied", done.len())));
+                let end = this.log_entry(LogEvent::RunEnd, None, Some(p.batch), None, Some(format!("up: {} applied", done.len())));
                 this.backend.log(&end).await?; // also makes every commit of the run durable
                 Ok(RunReport { direction: Direction::Up, batch: Some(p.batch), steps: done, dry_run: false, duration_ms: 0 })
             }
@@ -354,11 +372,21 @@ impl<'b> Runner<'b> {
                     name: m.description.clone(),
                     message: message.clone(),
                 });
-                let fail =
-                    self.log_entry("failed", Some((&m.version, &m.description)), Some(batch), None, Some(format!("schema validation: {message}")));
+                let fail = self.log_entry(
+                    LogEvent::Failed,
+                    Some((&m.version, &m.description)),
+                    Some(batch),
+                    None,
+                    Some(format!("schema validation: {message}")),
+                );
                 let _ = self.backend.log(&fail).await;
-                let end =
-                    self.log_entry("run-end", None, Some(batch), None, Some(format!("{} done, stopped at {}: schema invalid", done.len(), m.name())));
+                let end = self.log_entry(
+                    LogEvent::RunEnd,
+                    None,
+                    Some(batch),
+                    None,
+                    Some(format!("{} done, stopped at {}: schema invalid", done.len(), m.name())),
+                );
                 let _ = self.backend.log(&end).await;
                 RunError::Invalid { version: m.version.clone(), file: m.display_path(), outcome, violations, done: done_versions }
             }
@@ -370,7 +398,7 @@ impl<'b> Runner<'b> {
                     message: a.error.to_string(),
                 });
                 let end = self.log_entry(
-                    "run-end",
+                    LogEvent::RunEnd,
                     None,
                     Some(batch),
                     None,
@@ -526,7 +554,7 @@ impl<'b> Runner<'b> {
                 }
                 let batch = p.steps[0].1.batch;
                 let ctx = RecordContext { batch, actor: this.settings.actor.clone() };
-                let start = this.log_entry("run-start", None, Some(batch), None, Some(format!("down: {} to revert", p.steps.len())));
+                let start = this.log_entry(LogEvent::RunStart, None, Some(batch), None, Some(format!("down: {} to revert", p.steps.len())));
                 this.backend.log(&start).await?;
                 let total = p.steps.len();
                 let mut done = Vec::with_capacity(total);
@@ -554,7 +582,7 @@ impl<'b> Runner<'b> {
                     }
                 }
                 this.save_snapshot().await;
-                let end = this.log_entry("run-end", None, Some(batch), None, Some(format!("down: {} reverted", done.len())));
+                let end = this.log_entry(LogEvent::RunEnd, None, Some(batch), None, Some(format!("down: {} reverted", done.len())));
                 this.backend.log(&end).await?;
                 Ok(RunReport { direction: Direction::Down, batch: None, steps: done, dry_run: false, duration_ms: 0 })
             }
@@ -617,7 +645,7 @@ impl<'b> Runner<'b> {
                 this.save_snapshot().await;
                 let changes: Vec<String> = entries.iter().map(|e| format!("{} {}: baseline", e.version, e.description)).collect();
                 let entry = this.log_entry(
-                    "baseline",
+                    LogEvent::Baseline,
                     Some((&version, "")),
                     Some(batch),
                     reason.as_deref(),
@@ -686,7 +714,8 @@ impl<'b> Runner<'b> {
                         changes.push(format!("renamed {} to {}.retired", p.display(), p.display()));
                     }
                 }
-                let log = this.log_entry("retire", Some((&entry.version, &entry.description)), None, Some(&reason), Some(format!("was {old}")));
+                let log =
+                    this.log_entry(LogEvent::Retire, Some((&entry.version, &entry.description)), None, Some(&reason), Some(format!("was {old}")));
                 this.backend.log(&log).await?;
                 Ok(AdminReport { action: "retire".into(), changes })
             }
@@ -750,7 +779,7 @@ impl<'b> Runner<'b> {
                                 if mark_applied { "applied" } else { "removed" },
                                 a.error.as_ref().map(|e| e.message.as_str()).unwrap_or("none")
                             );
-                            let log = this.log_entry("repair", Some((&a.version, &name)), Some(a.batch), Some(&reason), Some(detail));
+                            let log = this.log_entry(LogEvent::Repair, Some((&a.version, &name)), Some(a.batch), Some(&reason), Some(detail));
                             this.backend.log(&log).await?;
                         }
                         State::Applied | State::Baseline => match file {
@@ -766,7 +795,7 @@ impl<'b> Runner<'b> {
                                     m.checksum.short()
                                 ));
                                 let log = this.log_entry(
-                                    "repair",
+                                    LogEvent::Repair,
                                     Some((&a.version, &name)),
                                     Some(a.batch),
                                     Some(&reason),

@@ -378,7 +378,7 @@ fn finished_names(record: &Record) -> Option<String> {
     let names: Vec<String> = record
         .events
         .iter()
-        .filter(|e| e.event == LogEvent::Applied.as_str() || e.event == LogEvent::Reverted.as_str())
+        .filter(|e| matches!(e.event, LogEvent::Applied | LogEvent::Reverted))
         .filter_map(|e| Some(format!("{}_{}", e.version?, e.name.as_deref()?)))
         .collect();
     (!names.is_empty()).then(|| names.join(", "))
@@ -453,7 +453,7 @@ fn finish_change(step: &Step<'_>, recorded: Option<&AppliedMigration>, outcome: 
 fn step_event(step: &Step<'_>, event: LogEvent, detail: String) -> LogEntry {
     LogEntry {
         at: Utc::now(),
-        event: event.as_str().into(),
+        event,
         version: Some(step.migration.version.number),
         name: Some(step.migration.description.clone()),
         batch: Some(step.batch),

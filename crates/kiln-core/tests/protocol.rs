@@ -248,3 +248,55 @@ async fn a_contract_violation_is_rolled_back_or_recorded() {
         assert!(!db.locked());
     }
 }
+
+#[tokio::test]
+async fn a_version_no_history_can_store_is_refused_before_anything_runs() {
+    // 2^63 was stored as a negative number (MongoDB `_id`, SQL BIGINT) and then
+    // broke every later command.
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_a.sql", "CREATE a;\n");
+    write(dir.path(), "9223372036854775808_big.sql", "CREATE big;\n");
+    let db = FakeDb::new();
+    let err = up(db.transactional(), &load(dir.path())).await.unwrap_err();
+    assert!(
+        matches!(&err, RunError::Plan(p) if matches!(&p[0], kiln_core::PlanError::VersionTooLarge { version, .. } if version == "9223372036854775808")),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), 2);
+    assert!(err.to_string().contains("9223372036854775808_big.sql"), "{err}");
+    assert!(db.state().executed.is_empty());
+    assert_eq!(db.states(), []);
+    // The largest storable version is fine.
+    std::fs::remove_file(dir.path().join("9223372036854775808_big.sql")).unwrap();
+    write(dir.path(), "9223372036854775807_max.sql", "CREATE max;\n");
+    up(db.transactional(), &load(dir.path())).await.unwrap();
+    assert_eq!(db.states().last().unwrap().0, i64::MAX as u64);
+}
+
+#[tokio::test]
+async fn events_carry_the_runners_target() {
+    #[derive(Default)]
+    struct Seen(std::sync::Mutex<Vec<String>>);
+    impl kiln_core::Observer for Seen {
+        fn on_event(&self, _: &kiln_core::Event) {
+            panic!("a runner with a target reports through on_targeted");
+        }
+        fn on_targeted(&self, target: Option<&str>, event: &kiln_core::Event) {
+            let json = serde_json::to_value(kiln_core::TargetedEvent { target: target.map(str::to_string), event: event.clone() }).unwrap();
+            self.0.lock().unwrap().push(format!("{} {}", json["target"].as_str().unwrap(), json["event"].as_str().unwrap()));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_a.sql", "CREATE a;\n");
+    let db = FakeDb::new();
+    let seen = Arc::new(Seen::default());
+    let mut b = Protocol::new(db.transactional());
+    Runner::new(&mut b, settings())
+        .with_target("acme")
+        .with_observer(seen.clone())
+        .up(&load(dir.path()), &UpTarget::Latest, &Policy::default(), false)
+        .await
+        .unwrap();
+    let seen = seen.0.lock().unwrap().clone();
+    assert_eq!(seen, ["acme lock-acquired", "acme planned", "acme step-started", "acme step-finished"]);
+}

@@ -163,7 +163,7 @@ impl Locker for MongoEngine {
                 tracing::warn!(previous = %owner, "took over an expired migration lock lease");
                 let entry = LogEntry {
                     at: chrono::Utc::now(),
-                    event: "lock-takeover".into(),
+                    event: kiln_core::LogEvent::LockTakeover,
                     version: None,
                     name: None,
                     batch: None,

@@ -168,7 +168,7 @@ pub(crate) fn from_docs(docs: &[Document]) -> Result<Vec<AppliedMigration>, BadE
 pub(crate) fn log_doc(e: &LogEntry) -> Document {
     doc! {
         "at": bson::DateTime::from_chrono(e.at),
-        "event": &e.event,
+        "event": e.event.as_str(),
         "version": e.version.map(|v| Bson::Int64(v as i64)).unwrap_or(Bson::Null),
         "name": e.name.clone().map(Bson::String).unwrap_or(Bson::Null),
         "batch": e.batch.map(Bson::Int64).unwrap_or(Bson::Null),

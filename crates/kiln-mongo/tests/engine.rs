@@ -615,7 +615,7 @@ async fn an_insert_never_overwrites_a_recorded_version_and_no_event_is_logged_wi
     };
     let event = kiln_core::LogEntry {
         at: chrono::Utc::now(),
-        event: "applied".into(),
+        event: kiln_core::LogEvent::Applied,
         version: Some(2),
         name: Some("m2".into()),
         batch: Some(1),

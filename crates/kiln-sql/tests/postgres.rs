@@ -773,7 +773,7 @@ async fn a_transactional_migration_costs_one_round_trip() {
     let from = turns.load(Ordering::SeqCst);
     let entry = kiln_core::LogEntry {
         at: chrono::Utc::now(),
-        event: "run-end".into(),
+        event: kiln_core::LogEvent::RunEnd,
         version: None,
         name: None,
         batch: Some(1),

@@ -145,8 +145,8 @@ pub enum UrlSource {
     Default,
 }
 
-/// The resolved configuration.
-#[derive(Clone, Debug)]
+/// The resolved configuration. `Debug` shows the URL with its password redacted.
+#[derive(Clone)]
 pub struct Config {
     /// Database URL (may contain a password: print [`Config::redacted_url`]).
     pub url: String,
@@ -180,6 +180,21 @@ pub struct Config {
     pub schema_file_explicit: bool,
     /// When `up` validates.
     pub validate: ValidateMode,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("url", &self.redacted_url())
+            .field("url_source", &self.url_source)
+            .field("dir", &self.dir)
+            .field("config_file", &self.config_file)
+            .field("history_table", &self.history_table)
+            .field("lock_timeout", &self.lock_timeout)
+            .field("schema", &self.schema)
+            .field("mongodb_database", &self.mongodb_database)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Read `.env` from the current directory (or a parent) into the process
@@ -312,7 +327,7 @@ impl Config {
 
 fn parse_duration(v: &DurationValue) -> Result<Duration, String> {
     match v {
-        DurationValue::Secs(s) => Ok(Duration::from_secs(*s)),
+        DurationValue::Secs(s) => checked_duration(*s as f64, &s.to_string()),
         DurationValue::Text(t) => parse_duration_text(t),
     }
 }
@@ -321,15 +336,28 @@ fn parse_duration(v: &DurationValue) -> Result<Duration, String> {
 pub fn parse_duration_text(t: &str) -> Result<Duration, String> {
     let t = t.trim();
     let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len()));
-    let n: f64 = num.parse().map_err(|_| format!("{t:?} is not a duration (use e.g. 60, \"90s\", \"2m\", \"500ms\")"))?;
+    let shown: String = t.chars().take(40).collect();
+    let shown = if shown.len() < t.len() { format!("{shown}…") } else { shown };
+    let n: f64 = num.parse().map_err(|_| format!("{shown:?} is not a duration (use e.g. 60, \"90s\", \"2m\", \"500ms\")"))?;
     let secs = match unit.trim() {
         "" | "s" => n,
         "ms" => n / 1000.0,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        other => return Err(format!("unknown unit {other:?} in {t:?} (use ms, s, m or h)")),
+        other => return Err(format!("unknown unit {other:?} in {shown:?} (use ms, s, m or h)")),
     };
-    Ok(Duration::from_secs_f64(secs))
+    checked_duration(secs, &shown)
+}
+
+/// The longest duration kiln accepts for a wait: a week. Anything longer is a
+/// typo, and would overflow the clock arithmetic of the wait itself.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn checked_duration(secs: f64, shown: &str) -> Result<Duration, String> {
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if d <= MAX_DURATION => Ok(d),
+        _ => Err(format!("{shown:?} is out of range (at most {} hours)", MAX_DURATION.as_secs() / 3600)),
+    }
 }
 
 /// The `kiln.toml` that `kiln init` writes.
@@ -384,6 +412,17 @@ lock_timeout = 60
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_range_checked_not_panicking() {
+        // These panicked ("cannot convert float seconds to Duration") before.
+        for bad in ["99999999999999999999", "5124095576030431h", "169h"] {
+            let e = parse_duration_text(bad).unwrap_err();
+            assert!(e.contains("out of range") || e.contains("not a duration"), "{bad}: {e}");
+        }
+        assert!(parse_duration(&DurationValue::Secs(u64::MAX)).unwrap_err().contains("out of range"));
+        assert!(parse_duration_text(&"9".repeat(10_000)).unwrap_err().len() < 200, "errors do not echo huge values");
+    }
 
     #[test]
     fn durations() {

@@ -132,7 +132,7 @@ fn bind_row<'q>(q: MyQuery<'q>, a: &AppliedMigration) -> MyQuery<'q> {
 /// Bind the 8 event-log columns of `e`, in [`LOG_COLUMNS`] order.
 fn bind_event<'q>(q: MyQuery<'q>, e: &LogEntry) -> MyQuery<'q> {
     q.bind(e.at.naive_utc())
-        .bind(e.event.clone())
+        .bind(e.event.as_str())
         .bind(e.version.map(|v| v as i64))
         .bind(e.name.clone())
         .bind(e.batch)

@@ -181,7 +181,7 @@ impl RecordSql {
 pub(super) struct RecordVals<'r> {
     changes: Vec<ChangeVals<'r>>,
     /// Each event, with its version as a bigint.
-    events: Vec<(&'r LogEntry, Option<i64>)>,
+    events: Vec<(&'r LogEntry, Option<i64>, &'static str)>,
 }
 
 enum ChangeVals<'r> {
@@ -217,7 +217,7 @@ impl<'r> RecordVals<'r> {
                 HistoryChange::Delete(v) => ChangeVals::Delete(*v as i64),
             })
             .collect();
-        let events = record.events.iter().map(|e| (e, e.version.map(|v| v as i64))).collect();
+        let events = record.events.iter().map(|e| (e, e.version.map(|v| v as i64), e.event.as_str())).collect();
         RecordVals { changes, events }
     }
 
@@ -262,10 +262,10 @@ impl<'r> RecordVals<'r> {
             };
             items.push((tag, Item::Typed(text, params)));
         }
-        for (e, version) in &self.events {
+        for (e, version, kind) in &self.events {
             let params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
                 (&e.at, Type::TIMESTAMPTZ),
-                (&e.event, Type::TEXT),
+                (kind, Type::TEXT),
                 (version, Type::INT8),
                 (&e.name, Type::TEXT),
                 (&e.batch, Type::INT8),

@@ -135,7 +135,7 @@ impl SqliteEngine {
     fn insert_log(&self, e: &LogEntry) -> rusqlite::Result<()> {
         self.conn.prepare_cached(&self.sql.insert_log)?.execute(params![
             ts(&e.at),
-            e.event,
+            e.event.as_str(),
             e.version.map(|v| v as i64),
             e.name,
             e.batch,
