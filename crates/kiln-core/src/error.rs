@@ -231,9 +231,11 @@ pub enum EngineError {
         /// The driver's message.
         message: String,
     },
-    /// The engine cannot do what was asked.
+    /// kiln refused what was asked, before doing any of it (a body the engine
+    /// cannot run, a scratch name outside `kiln_`, `transaction: true` on a
+    /// server without transactions). Never a failure of the database itself.
     #[error("{0}")]
-    Unsupported(String),
+    Refused(String),
 }
 
 /// A migration body failed.
@@ -334,7 +336,8 @@ impl EngineError {
             EngineError::Connect { .. } => "connect_failed",
             EngineError::LockTimeout { .. } => "lock_timeout",
             EngineError::ConnectionLost { .. } => "connection_lost",
-            EngineError::Query { .. } | EngineError::Unsupported(_) => "engine_error",
+            EngineError::Query { .. } => "engine_error",
+            EngineError::Refused(_) => "refused",
         }
     }
 }

@@ -704,12 +704,9 @@ impl<'b> Runner<'b> {
                         let from = dir.join(&p);
                         let mut to = from.clone().into_os_string();
                         to.push(".retired");
-                        std::fs::rename(&from, &to).map_err(|e| {
-                            EngineError::Unsupported(format!(
-                                "recorded {version} as retired but could not rename {}: {e}; rename it to {}.retired by hand",
-                                p.display(),
-                                p.display()
-                            ))
+                        std::fs::rename(&from, &to).map_err(|e| EngineError::Query {
+                            context: format!("recorded {version} as retired but could not rename {}", p.display()),
+                            message: format!("{e}; rename it to {}.retired by hand", p.display()),
                         })?;
                         changes.push(format!("renamed {} to {}.retired", p.display(), p.display()));
                     }

@@ -68,11 +68,11 @@ use std::time::Instant;
 
 use chrono::{SecondsFormat, Utc};
 
-use crate::backend::{ApplyError, StepError};
+use crate::backend::{ApplyError, RecordContext, StepError};
 use crate::engine::{AtomicFailure, Capabilities, Engine, ExecFailure, HistoryChange, Left, Record, SchemaCheck, Step};
 use crate::error::{EngineError, FailureOutcome, StatementError};
 use crate::event::Direction;
-use crate::model::{AppliedMigration, Body, FailureInfo, Kind, LogEntry, LogEvent, Migration, State, TxMode, KILN_VERSION};
+use crate::model::{AppliedMigration, Body, FailureInfo, Kind, LogEntry, LogEvent, Migration, State, TxMode};
 
 /// Which of the two paths a step takes (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,7 +183,7 @@ impl<'e> Stepper<'e> {
             Body::Code => Kind::Code,
         };
         if kind != self.caps.kind {
-            return Err(StepError::Engine(EngineError::Unsupported(format!(
+            return Err(StepError::Engine(EngineError::Refused(format!(
                 "{}: a {} body cannot run on {}; nothing was run",
                 m.display_path(),
                 match kind {
@@ -399,20 +399,7 @@ fn entry(step: &Step<'_>, recorded: Option<&AppliedMigration>, state: State, ms:
     let m = step.migration;
     match (step.direction, recorded) {
         (Direction::Down, Some(prev)) => AppliedMigration { state, error: None, duration_ms: ms, applied_at: Utc::now(), ..prev.clone() },
-        _ => AppliedMigration {
-            version: m.version.clone(),
-            description: m.description.clone(),
-            script: m.display_path(),
-            group: m.directives.group.clone(),
-            checksum: m.checksum.clone(),
-            state,
-            batch: step.batch,
-            applied_at: Utc::now(),
-            duration_ms: ms,
-            applied_by: step.actor.to_string(),
-            kiln_version: KILN_VERSION.into(),
-            error: None,
-        },
+        _ => RecordContext { batch: step.batch, actor: step.actor.to_string() }.entry(m, state, Utc::now(), ms, None),
     }
 }
 

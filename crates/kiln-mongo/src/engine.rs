@@ -128,7 +128,7 @@ impl MongoEngine {
     /// another runner may hold the lock now, so kiln writes nothing more.
     pub(crate) fn lease_lost(&self, what: &str) -> Option<EngineError> {
         self.lease.is_lost().then(|| {
-            EngineError::Unsupported(format!(
+            EngineError::Refused(format!(
                 "the migration lock lease on {} was lost (it could not be renewed in time, and another runner may hold it now); stopped before {what}",
                 self.conn.target
             ))
@@ -200,7 +200,8 @@ impl SchemaStore for MongoEngine {
     /// "<JSON>"}`: the snapshot is stored as JSON text because collection and
     /// index names may contain dots, which make awkward field names.
     async fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), EngineError> {
-        let json = serde_json::to_string(snapshot).map_err(|e| EngineError::Unsupported(format!("serialising the schema snapshot: {e}")))?;
+        let json = serde_json::to_string(snapshot)
+            .map_err(|e| EngineError::Query { context: "serialising the schema snapshot".into(), message: e.to_string() })?;
         let d = doc! { "_id": &self.history_name, "at": bson::DateTime::from_chrono(self.conn.now()), "snapshot": json };
         self.snapshot_coll
             .replace_one(doc! { "_id": &self.history_name }, d)
@@ -226,10 +227,10 @@ impl ScratchAdmin for MongoEngine {
     /// and returns the URL with the database replaced (credentials and options kept).
     async fn create_scratch(&mut self, name: &str) -> Result<String, EngineError> {
         if !name.starts_with("kiln_") {
-            return Err(EngineError::Unsupported(format!("scratch database names start with kiln_; refusing {name}")));
+            return Err(EngineError::Refused(format!("scratch database names start with kiln_; refusing {name}")));
         }
         if name == self.conn.db_name {
-            return Err(EngineError::Unsupported(format!("the scratch database cannot be the migration database {name}")));
+            return Err(EngineError::Refused(format!("the scratch database cannot be the migration database {name}")));
         }
         let existing = self
             .conn
@@ -239,17 +240,17 @@ impl ScratchAdmin for MongoEngine {
             .await
             .map_err(|e| self.conn.engine_error(format!("checking that database {name} is free"), &e))?;
         if !existing.is_empty() {
-            return Err(EngineError::Unsupported(format!("database {name} already exists ({} collections); choose another name", existing.len())));
+            return Err(EngineError::Refused(format!("database {name} already exists ({} collections); choose another name", existing.len())));
         }
         Ok(crate::conn::url_with_database(&self.conn.url, name))
     }
 
     async fn drop_scratch(&mut self, name: &str) -> Result<(), EngineError> {
         if name == self.conn.db_name {
-            return Err(EngineError::Unsupported(format!("refusing to drop the migration database {name}")));
+            return Err(EngineError::Refused(format!("refusing to drop the migration database {name}")));
         }
         if !name.starts_with("kiln_") {
-            return Err(EngineError::Unsupported(format!("refusing to drop {name}: scratch database names start with kiln_")));
+            return Err(EngineError::Refused(format!("refusing to drop {name}: scratch database names start with kiln_")));
         }
         self.conn.client.database(name).drop().await.map_err(|e| self.conn.engine_error(format!("dropping database {name}"), &e))
     }

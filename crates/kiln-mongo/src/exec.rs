@@ -141,7 +141,7 @@ impl Executor for MongoEngine {
             Ok(p) => p
                 .get(index)
                 .cloned()
-                .ok_or_else(|| ExecFailure::Engine(EngineError::Unsupported(format!("{} has no command {}", m.name(), index + 1))))?,
+                .ok_or_else(|| ExecFailure::Engine(EngineError::Refused(format!("{} has no command {}", m.name(), index + 1))))?,
             Err(error) => {
                 let left = if index == 0 { Left::Nothing } else { Left::Committed(remains(index, Effect::Nothing)) };
                 return Err(ExecFailure::Statement { error, left });

@@ -597,7 +597,8 @@ pub async fn sync_indexes(cfg: &BackendConfig, indexes_dir: &Path, opts: &SyncOp
         for a in actions.iter().filter(|a| a.is_change()) {
             let (cmd, action) = match a {
                 SyncAction::Create { collection, spec, .. } => {
-                    let spec = Bson::try_from(spec.clone()).map_err(|e| EngineError::Unsupported(format!("index spec: {e}")))?;
+                    let spec = Bson::try_from(spec.clone())
+                        .map_err(|e| EngineError::Query { context: "converting an index spec".into(), message: e.to_string() })?;
                     (doc! { "createIndexes": collection, "indexes": [spec] }, "create")
                 }
                 SyncAction::Drop { collection, name } => (doc! { "dropIndexes": collection, "index": name }, "drop"),

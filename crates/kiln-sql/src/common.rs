@@ -30,7 +30,7 @@ pub fn lock_key(name: &str) -> i64 {
 pub fn check_scratch_name(name: &str, max_len: usize) -> Result<(), kiln_core::EngineError> {
     let rest = name.strip_prefix("kiln_verify_").unwrap_or("");
     if rest.is_empty() || name.len() > max_len || !rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-        return Err(kiln_core::EngineError::Unsupported(format!(
+        return Err(kiln_core::EngineError::Refused(format!(
             "refusing scratch database name {name:?}: kiln only creates and drops scratch databases named kiln_verify_<letters, digits, _> (at most {max_len} bytes)"
         )));
     }

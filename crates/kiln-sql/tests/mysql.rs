@@ -528,7 +528,7 @@ async fn non_sql_bodies_are_unsupported() {
     b.ensure_history().await.unwrap();
     let ctx = RecordContext { batch: 1, actor: "t@h".into() };
     match b.apply(&local[0], &ctx).await {
-        Err(StepError::Engine(EngineError::Unsupported(m))) => assert!(m.contains("0001_index.yaml"), "{m}"),
+        Err(StepError::Engine(EngineError::Refused(m))) => assert!(m.contains("0001_index.yaml"), "{m}"),
         Err(StepError::Engine(e)) => panic!("{e}"),
         Err(StepError::Body(e)) => panic!("{}", e.error),
         Err(StepError::Invalid { violations, .. }) => panic!("{violations:?}"),
@@ -843,7 +843,7 @@ async fn scratch_databases_are_created_and_dropped_by_name() {
     // Only kiln's scratch names, never anything else.
     for other in ["mysql", db.name.as_str(), "kiln_verify_x`; DROP DATABASE mysql; --"] {
         let err = b.drop_scratch(other).await.unwrap_err();
-        assert!(matches!(err, EngineError::Unsupported(_)) && err.to_string().contains("kiln_verify_"), "{err}");
+        assert!(matches!(err, EngineError::Refused(_)) && err.to_string().contains("kiln_verify_"), "{err}");
         assert!(b.create_scratch(other).await.is_err());
     }
     assert_eq!(schema_of(db.name.clone()).await.len(), 1);

@@ -389,7 +389,7 @@ async fn non_sql_bodies_are_unsupported() {
     b.ensure_history().await.unwrap();
     let ctx = RecordContext { batch: 1, actor: "t@h".into() };
     match b.apply(&local[0], &ctx).await {
-        Err(StepError::Engine(EngineError::Unsupported(m))) => assert!(m.contains("0001_index.yaml"), "{m}"),
+        Err(StepError::Engine(EngineError::Refused(m))) => assert!(m.contains("0001_index.yaml"), "{m}"),
         Err(StepError::Engine(e)) => panic!("{e}"),
         Err(StepError::Body(e)) => panic!("{}", e.error),
         Err(StepError::Invalid { violations, .. }) => panic!("{violations:?}"),
@@ -730,7 +730,7 @@ async fn scratch_databases_are_files_next_to_the_database() {
     // Only kiln's scratch names, never anything else.
     for other in ["test", "kiln_verify_../test", "kiln_verify_x/../../test"] {
         let err = b.drop_scratch(other).await.unwrap_err();
-        assert!(matches!(err, EngineError::Unsupported(_)) && err.to_string().contains("kiln_verify_"), "{err}");
+        assert!(matches!(err, EngineError::Refused(_)) && err.to_string().contains("kiln_verify_"), "{err}");
         assert!(b.create_scratch(other).await.is_err());
     }
     assert!(Path::new(&db.name).exists());

@@ -125,7 +125,7 @@ impl Backend for Protocol {
     }
     async fn revert(&mut self, m: &Migration, applied: &AppliedMigration, ctx: &RecordContext) -> Result<(), StepError> {
         let Some(down) = &m.down else {
-            return Err(StepError::Engine(EngineError::Unsupported(format!(
+            return Err(StepError::Engine(EngineError::Refused(format!(
                 "{} (version {}) has no down section, so it cannot be reverted",
                 m.display_path(),
                 m.version
@@ -138,35 +138,35 @@ impl Backend for Protocol {
         let engine = self.engine.capabilities().engine;
         match self.engine.schema() {
             Some(s) => s.inspect().await,
-            None => Err(EngineError::Unsupported(format!("schema inspection is not available for {engine}"))),
+            None => Err(EngineError::Refused(format!("schema inspection is not available for {engine}"))),
         }
     }
     async fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), EngineError> {
         let engine = self.engine.capabilities().engine;
         match self.engine.schema() {
             Some(s) => s.save_snapshot(snapshot).await,
-            None => Err(EngineError::Unsupported(format!("schema snapshots are not available for {engine}"))),
+            None => Err(EngineError::Refused(format!("schema snapshots are not available for {engine}"))),
         }
     }
     async fn load_snapshot(&mut self) -> Result<Option<Snapshot>, EngineError> {
         let engine = self.engine.capabilities().engine;
         match self.engine.schema() {
             Some(s) => s.load_snapshot().await,
-            None => Err(EngineError::Unsupported(format!("schema snapshots are not available for {engine}"))),
+            None => Err(EngineError::Refused(format!("schema snapshots are not available for {engine}"))),
         }
     }
     async fn create_scratch(&mut self, name: &str) -> Result<String, EngineError> {
         let engine = self.engine.capabilities().engine;
         match self.engine.scratch() {
             Some(s) => s.create_scratch(name).await,
-            None => Err(EngineError::Unsupported(format!("scratch databases are not available for {engine}"))),
+            None => Err(EngineError::Refused(format!("scratch databases are not available for {engine}"))),
         }
     }
     async fn drop_scratch(&mut self, name: &str) -> Result<(), EngineError> {
         let engine = self.engine.capabilities().engine;
         match self.engine.scratch() {
             Some(s) => s.drop_scratch(name).await,
-            None => Err(EngineError::Unsupported(format!("scratch databases are not available for {engine}"))),
+            None => Err(EngineError::Refused(format!("scratch databases are not available for {engine}"))),
         }
     }
     async fn upsert_history(&mut self, entries: &[AppliedMigration]) -> Result<(), EngineError> {

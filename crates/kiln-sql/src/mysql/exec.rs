@@ -59,7 +59,7 @@ impl Executor for MysqlEngine {
     /// on request, so the core sends every migration down the intent path.
     /// Runs nothing and commits nothing, as the contract of an `Err` requires.
     async fn run_atomic(&mut self, step: &Step<'_>, _record: &Record, _check: Option<&SchemaCheck>) -> Result<(), AtomicFailure> {
-        Err(AtomicFailure::Engine(EngineError::Unsupported(format!(
+        Err(AtomicFailure::Engine(EngineError::Refused(format!(
             "{}: MySQL/MariaDB cannot run a migration and its history entry in one transaction (its DDL commits implicitly); \
              nothing was run. This is a bug in kiln: this engine only takes the intent path",
             step.migration.display_path()
@@ -73,11 +73,11 @@ impl Executor for MysqlEngine {
             Body::Sql { file, statements } => (file.display().to_string(), statements.as_slice()),
             _ => {
                 let e = refuse(step).map(|e| e.message).unwrap_or_default();
-                return Err(ExecFailure::Engine(EngineError::Unsupported(format!("{}: {e}", m.display_path()))));
+                return Err(ExecFailure::Engine(EngineError::Refused(format!("{}: {e}", m.display_path()))));
             }
         };
         let Some(st) = statements.get(index) else {
-            return Err(ExecFailure::Engine(EngineError::Unsupported(format!(
+            return Err(ExecFailure::Engine(EngineError::Refused(format!(
                 "{file} has {} statements; there is no statement {}",
                 statements.len(),
                 index + 1

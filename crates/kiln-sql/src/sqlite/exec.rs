@@ -22,8 +22,8 @@ fn sql_body<'a>(step: &Step<'a>) -> Result<(&'a Path, &'a [Statement]), EngineEr
     let m = step.migration;
     match step.body {
         Body::Sql { file, statements } => Ok((file.as_path(), statements.as_slice())),
-        Body::Commands { .. } => Err(EngineError::Unsupported(format!("{}: MongoDB commands cannot run on SQLite", m.display_path()))),
-        Body::Code => Err(EngineError::Unsupported(format!(
+        Body::Commands { .. } => Err(EngineError::Refused(format!("{}: MongoDB commands cannot run on SQLite", m.display_path()))),
+        Body::Code => Err(EngineError::Refused(format!(
             "{}: code migrations are run by the library's registered code, not by the SQLite engine",
             m.display_path()
         ))),
@@ -39,7 +39,7 @@ impl Executor for SqliteEngine {
     /// A body SQLite cannot run (MongoDB commands, code) is refused here on
     /// the intent path, before its `running` entry is written; on the atomic
     /// path [`Executor::run_atomic`] reports it as
-    /// [`EngineError::Unsupported`], before anything runs.
+    /// [`EngineError::Refused`], before anything runs.
     async fn prepare(&mut self, step: &Step<'_>) -> Result<(), StatementError> {
         let atomic = path(&self.capabilities(), step.migration) == StepPath::Atomic;
         let (file, statements) = match sql_body(step) {
