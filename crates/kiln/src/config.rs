@@ -197,6 +197,30 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// `url` with a relative SQLite file path made relative to `base` (the
+/// directory of the kiln.toml it came from); any other URL unchanged.
+pub fn rebase_sqlite(url: &str, base: &Path) -> String {
+    if base.as_os_str().is_empty() {
+        return url.to_string();
+    }
+    let lower = url.to_ascii_lowercase();
+    let Some(prefix) = ["sqlite3://", "sqlite://", "sqlite3:", "sqlite:"].into_iter().find(|p| lower.starts_with(p)) else {
+        return url.to_string();
+    };
+    let rest = &url[prefix.len()..];
+    let (path, query) = rest.split_once('?').map_or((rest, None), |(p, q)| (p, Some(q)));
+    if path.is_empty() || path.starts_with('/') || path.starts_with(':') {
+        return url.to_string(); // absolute, or `:memory:`
+    }
+    let joined = base.join(path);
+    let mut out = format!("{prefix}{}", joined.display());
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
 /// Read `.env` from the current directory (or a parent) into the process
 /// environment, never overriding a variable that is already set. The `kiln`
 /// binary calls this before [`Config::load`]; a library embedding kiln decides
@@ -239,7 +263,8 @@ impl Config {
         } else if let Some(u) = env("DATABASE_URL") {
             (u, UrlSource::Env)
         } else if let Some(u) = &file.url {
-            (u.clone(), UrlSource::File)
+            // A relative SQLite path in kiln.toml is relative to kiln.toml, like `dir`.
+            (rebase_sqlite(u, &base), UrlSource::File)
         } else {
             (DEFAULT_URL.to_string(), UrlSource::Default)
         };
@@ -412,6 +437,17 @@ lock_timeout = 60
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relative_sqlite_paths_in_kiln_toml_follow_the_file() {
+        let base = Path::new("../proj");
+        assert_eq!(rebase_sqlite("sqlite://kiln.db", base), "sqlite://../proj/kiln.db");
+        assert_eq!(rebase_sqlite("sqlite:data/k.db?mode=rwc", base), "sqlite:../proj/data/k.db?mode=rwc");
+        for same in ["sqlite:///abs/k.db", "sqlite::memory:", "postgres://u@h/db", "mongodb://h/db"] {
+            assert_eq!(rebase_sqlite(same, base), same);
+        }
+        assert_eq!(rebase_sqlite("sqlite://kiln.db", Path::new("")), "sqlite://kiln.db");
+    }
 
     #[test]
     fn durations_are_range_checked_not_panicking() {

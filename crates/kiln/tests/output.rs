@@ -18,3 +18,22 @@ async fn no_colour_codes_in_a_pipe_even_without_no_color() {
         assert!(!run.stdout.contains('\x1b') && !run.stderr.contains('\x1b'), "{args:?} printed colour codes into a pipe:\n{:?}", run.text());
     }
 }
+
+#[tokio::test]
+async fn a_config_from_another_directory_uses_its_own_sqlite_file() {
+    // From sub/, `--config ../kiln.toml` used to open ./kiln.db in sub/ (empty:
+    // everything pending) while reading migrations next to kiln.toml.
+    let root = tempfile::tempdir().unwrap();
+    let proj = root.path();
+    std::fs::create_dir_all(proj.join("migrations")).unwrap();
+    std::fs::create_dir_all(proj.join("sub")).unwrap();
+    std::fs::write(proj.join("kiln.toml"), "url = \"sqlite://kiln.db\"\ndir = \"migrations\"\n").unwrap();
+    std::fs::write(proj.join("migrations/0001_a.sql"), "CREATE TABLE a (id INT);\n").unwrap();
+    let run = |cwd: &std::path::Path, args: &[&str]| output_to_run(kiln_cmd(cwd).args(args).output().unwrap());
+    run(proj, &["up"]).ok();
+    let status = run(&proj.join("sub"), &["--config", "../kiln.toml", "status", "--json"]);
+    status.ok();
+    let states: Vec<String> = status.json()["migrations"].as_array().unwrap().iter().map(|m| m["state"].as_str().unwrap().to_string()).collect();
+    assert_eq!(states, ["applied"], "{}", status.stdout);
+    assert!(!proj.join("sub/kiln.db").exists(), "no stray database in sub/");
+}
