@@ -167,7 +167,14 @@ impl Task {
 
 fn walk(root: &Path, dir: &Path, rules: &Rules, group: Option<&str>, scope: Scope, depth: usize, out: &mut Vec<Task>) -> Result<(), SourceError> {
     let rd = std::fs::read_dir(dir).map_err(|e| SourceError::Dir { dir: dir.to_path_buf(), source: e })?;
-    let mut entries: Vec<(String, PathBuf, bool)> = Vec::new();
+    if depth > MAX_DEPTH {
+        return Err(SourceError::Dir {
+            dir: dir.to_path_buf(),
+            source: std::io::Error::other(format!("nested more than {MAX_DEPTH} directories deep")),
+        });
+    }
+    // (name, path, is a directory, is a regular file)
+    let mut entries: Vec<(String, PathBuf, bool, bool)> = Vec::new();
     for e in rd {
         let e = e.map_err(|e| SourceError::Dir { dir: dir.to_path_buf(), source: e })?;
         let name = e.file_name().to_string_lossy().into_owned();
@@ -175,20 +182,43 @@ fn walk(root: &Path, dir: &Path, rules: &Rules, group: Option<&str>, scope: Scop
             continue;
         }
         let path = e.path();
-        // The directory entry's type costs no system call; only a symlink needs a stat.
-        let is_dir = match e.file_type() {
-            Ok(t) if t.is_symlink() => path.is_dir(),
-            Ok(t) => t.is_dir(),
-            Err(_) => path.is_dir(),
+        // The directory entry's type costs no system call; only a symlink needs a
+        // stat. Symlinks are followed (to a shared file or folder), except into
+        // a directory that contains them (a loop).
+        let (is_dir, is_file) = match e.file_type() {
+            Ok(t) if !t.is_symlink() => (t.is_dir(), t.is_file()),
+            _ => match std::fs::metadata(&path) {
+                Ok(m) => (m.is_dir(), m.is_file()),
+                Err(_) => (false, false),
+            },
         };
-        entries.push((name, path, is_dir));
+        if is_dir && e.file_type().is_ok_and(|t| t.is_symlink()) {
+            if let (Ok(target), Ok(here)) = (std::fs::canonicalize(&path), std::fs::canonicalize(dir)) {
+                if here.starts_with(&target) {
+                    let rel = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
+                    return Err(SourceError::Dir {
+                        dir: rel,
+                        source: std::io::Error::other(format!("symlink loop: it points at {}, which contains it; remove the link", target.display())),
+                    });
+                }
+            }
+        }
+        entries.push((name, path, is_dir, is_file));
     }
     entries.sort();
     let group_owned = group.map(str::to_string);
     // Pair .up.sql / .down.sql files by stem.
     let mut pairs: BTreeMap<String, (Option<PathBuf>, Option<PathBuf>)> = BTreeMap::new();
-    for (name, path, is_dir) in entries {
+    for (name, path, is_dir, is_file) in entries {
         let rel = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
+        let migration_like = [".sql", ".yaml", ".yml", ".json"].iter().any(|x| name.ends_with(x));
+        if !is_dir && !is_file && migration_like {
+            // A FIFO would block the run forever, /dev/zero would fill memory.
+            return Err(SourceError::Read {
+                file: rel,
+                source: std::io::Error::other("not a regular file (a FIFO, socket, device or broken link); kiln reads only regular files"),
+            });
+        }
         if is_dir {
             if path.join("up.sql").is_file() {
                 rules.check(&name, true, &rel)?;
@@ -229,6 +259,12 @@ fn walk(root: &Path, dir: &Path, rules: &Rules, group: Option<&str>, scope: Scop
     Ok(())
 }
 
+/// Deepest folder nesting kiln walks below the migrations directory.
+const MAX_DEPTH: usize = 16;
+
+/// Largest migration file kiln reads.
+pub const MAX_FILE_BYTES: usize = 16 << 20;
+
 fn read(path: &Path, rel: &Path) -> Result<String, SourceError> {
     // A plain read loop: `fs::read` and `read_to_end` stat the file first to size
     // the buffer, one more system call per file for files that fit in 8 KiB anyway.
@@ -239,7 +275,10 @@ fn read(path: &Path, rel: &Path) -> Result<String, SourceError> {
     let mut len = 0;
     loop {
         if len == bytes.len() {
-            bytes.resize(len * 2, 0);
+            if len >= MAX_FILE_BYTES {
+                return Err(err(std::io::Error::other(format!("larger than {} MiB; a migration file must be smaller", MAX_FILE_BYTES >> 20))));
+            }
+            bytes.resize((len * 2).min(MAX_FILE_BYTES + 1), 0);
         }
         let want = bytes.len() - len;
         match f.read(&mut bytes[len..]) {
