@@ -23,6 +23,10 @@ pub struct BackendConfig {
     pub schema: Option<String>,
     /// Database name to use when the URL names none (MongoDB: `[mongodb] database` in kiln.toml).
     pub database: Option<String>,
+    /// The command only reads (`status`, `check`, `diff`, dry runs): the engine
+    /// must create nothing — SQLite reads a missing file as an empty database
+    /// instead of creating it.
+    pub read_only: bool,
 }
 
 impl std::fmt::Debug for BackendConfig {
@@ -34,6 +38,7 @@ impl std::fmt::Debug for BackendConfig {
             .field("snapshot_table", &self.snapshot_table)
             .field("schema", &self.schema)
             .field("database", &self.database)
+            .field("read_only", &self.read_only)
             .finish()
     }
 }
@@ -48,6 +53,7 @@ impl BackendConfig {
             snapshot_table: "kiln_snapshot".into(),
             schema: None,
             database: None,
+            read_only: false,
         }
     }
 }

@@ -272,7 +272,11 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
     let dir = cfg.dir.clone();
     let opts = kiln::load_options(&cfg.url, cfg.name_rule.clone());
     let loader = std::thread::spawn(move || kiln::load_dir(&dir, &opts));
-    let connected = kiln::connect(&cfg.backend_config()).await;
+    let mut backend_cfg = cfg.backend_config();
+    // Commands that only read must not create the database (a SQLite file).
+    backend_cfg.read_only =
+        matches!(cli.cmd, Cmd::Status { .. } | Cmd::Check | Cmd::Diff | Cmd::Up { dry_run: true, .. } | Cmd::Down { dry_run: true, .. });
+    let connected = kiln::connect(&backend_cfg).await;
     let local = loader.join().map_err(|_| CliError::Failed("loading migrations panicked".into()))?;
     let local = local.map_err(|e| annotate_dir(e, &cfg.dir))?;
     let mut backend = connected?;

@@ -346,6 +346,7 @@ impl Config {
             snapshot_table: self.snapshot_table.clone(),
             schema: self.schema.clone(),
             database: self.mongodb_database.clone(),
+            read_only: false,
         }
     }
 }

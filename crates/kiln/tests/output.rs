@@ -37,3 +37,25 @@ async fn a_config_from_another_directory_uses_its_own_sqlite_file() {
     assert_eq!(states, ["applied"], "{}", status.stdout);
     assert!(!proj.join("sub/kiln.db").exists(), "no stray database in sub/");
 }
+
+#[tokio::test]
+async fn reading_commands_create_no_sqlite_file() {
+    // `status` and `up --dry-run` on a SQLite URL whose file does not exist
+    // created an empty file while saying nothing was changed.
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("migrations")).unwrap();
+    std::fs::write(root.path().join("migrations/0001_a.sql"), "CREATE TABLE a (id INT);\n").unwrap();
+    let db = root.path().join("fresh.db");
+    let url = format!("sqlite://{}", db.display());
+    for args in [&["status"][..], &["up", "--dry-run"][..], &["check"][..], &["down", "--dry-run"][..]] {
+        let run = output_to_run(kiln_cmd(root.path()).args(args).arg("--url").arg(&url).output().unwrap());
+        assert!(run.code == 0 || run.code == 1, "{args:?}: {}", run.text());
+        assert!(!db.exists(), "{args:?} created {}", db.display());
+        assert!(!root.path().join("fresh.db-kiln.lock").exists(), "{args:?} created a lock file");
+    }
+    let status = output_to_run(kiln_cmd(root.path()).args(["status", "--json", "--url", &url]).output().unwrap());
+    assert_eq!(status.json()["migrations"][0]["state"], "pending", "{}", status.stdout);
+    // `up` creates it.
+    output_to_run(kiln_cmd(root.path()).args(["up", "--url", &url]).output().unwrap()).ok();
+    assert!(db.exists());
+}

@@ -111,9 +111,12 @@ impl SqliteEngine {
             }
             EngineError::Connect { url: target.clone(), message }
         };
+        // A command that only reads sees a missing file as an empty database
+        // and creates nothing (`status` before the first `up`).
+        let absent = cfg.read_only && matches!(&location, Location::File(p) if !p.exists());
         let conn = match &location {
-            Location::Memory => Connection::open_in_memory(),
-            Location::File(p) => Connection::open(p),
+            Location::File(p) if !absent => Connection::open(p),
+            _ => Connection::open_in_memory(),
         }
         .map_err(connect_err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(connect_err)?;
@@ -126,6 +129,7 @@ impl SqliteEngine {
         conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0)).map_err(connect_err)?;
         let lock = match &location {
             Location::Memory => SidecarLock::memory(),
+            Location::File(_) if absent => SidecarLock::memory(),
             Location::File(p) => {
                 let mut s = p.clone().into_os_string();
                 s.push("-kiln.lock");
