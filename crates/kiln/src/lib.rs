@@ -125,7 +125,8 @@ impl Kiln {
     /// Bad files or an unreachable database.
     pub async fn status(&self) -> Result<Vec<StatusRow>, RunError> {
         let local = self.load()?;
-        let mut b = connect(&self.backend).await?;
+        // Reading creates nothing (not even a SQLite file).
+        let mut b = connect(&BackendConfig { read_only: true, ..self.backend.clone() }).await?;
         let r = self.runner(b.as_mut()).status(&local).await;
         let _ = b.close().await;
         r

@@ -59,3 +59,15 @@ async fn reading_commands_create_no_sqlite_file() {
     output_to_run(kiln_cmd(root.path()).args(["up", "--url", &url]).output().unwrap()).ok();
     assert!(db.exists());
 }
+
+#[tokio::test]
+async fn the_librarys_status_creates_no_sqlite_file() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("migrations")).unwrap();
+    std::fs::write(root.path().join("migrations/0001_a.sql"), "CREATE TABLE a (id INT);\n").unwrap();
+    let db = root.path().join("lib.db");
+    let rows = kiln::Kiln::new(format!("sqlite://{}", db.display())).dir(root.path().join("migrations")).status().await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].state, "pending");
+    assert!(!db.exists());
+}
