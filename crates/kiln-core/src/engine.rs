@@ -94,7 +94,37 @@ pub struct Step<'a> {
     pub actor: &'a str,
 }
 
-impl Step<'_> {
+impl<'a> Step<'a> {
+    /// The file and SQL statements of the body; any other body is refused
+    /// (see [`Step::wrong_body`]).
+    pub fn sql(&self, engine: &str) -> Result<(&'a std::path::Path, &'a [crate::model::Statement]), EngineError> {
+        match self.body {
+            Body::Sql { file, statements } => Ok((file.as_path(), statements.as_slice())),
+            _ => Err(self.wrong_body(engine)),
+        }
+    }
+
+    /// The file and MongoDB commands of the body; any other body is refused
+    /// (see [`Step::wrong_body`]).
+    pub fn commands(&self, engine: &str) -> Result<(&'a std::path::Path, &'a [crate::model::Command]), EngineError> {
+        match self.body {
+            Body::Commands { file, commands } => Ok((file.as_path(), commands.as_slice())),
+            _ => Err(self.wrong_body(engine)),
+        }
+    }
+
+    /// The one refusal for a body `engine` cannot run. [`crate::step::Stepper`]
+    /// checks the kind before any engine sees the step, so engines reach this
+    /// only when driven directly.
+    pub fn wrong_body(&self, engine: &str) -> EngineError {
+        let kind = match self.body {
+            Body::Sql { .. } => "SQL",
+            Body::Commands { .. } => "MongoDB command",
+            Body::Code => "code",
+        };
+        EngineError::Refused(format!("{}: a {kind} body cannot run on {engine}; nothing was run", self.migration.display_path()))
+    }
+
     /// `up` or `down`, for messages.
     pub fn word(&self) -> &'static str {
         match self.direction {

@@ -183,16 +183,7 @@ impl<'e> Stepper<'e> {
             Body::Code => Kind::Code,
         };
         if kind != self.caps.kind {
-            return Err(StepError::Engine(EngineError::Refused(format!(
-                "{}: a {} body cannot run on {}; nothing was run",
-                m.display_path(),
-                match kind {
-                    Kind::Sql => "SQL",
-                    Kind::Commands => "MongoDB command",
-                    Kind::Code => "code",
-                },
-                self.caps.engine
-            ))));
+            return Err(StepError::Engine(step.wrong_body(self.caps.engine)));
         }
         if let Err(error) = self.engine.prepare(step).await {
             self.flush(Record::default()).await?;

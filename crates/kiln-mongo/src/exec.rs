@@ -7,7 +7,7 @@ use std::path::Path;
 
 use async_trait::async_trait;
 use kiln_core::engine::{AtomicFailure, ExecFailure, Executor, HistoryChange, Left, Record, SchemaCheck, Step};
-use kiln_core::{Body, Command, EngineError, FailureInfo, State, StatementError, TxMode};
+use kiln_core::{Command, EngineError, FailureInfo, State, StatementError, TxMode};
 use mongodb::ClientSession;
 
 use crate::command::{self, Effect, Prepared};
@@ -15,23 +15,13 @@ use crate::engine::{MongoEngine, PreparedStep};
 
 /// The file and commands of `step`'s body.
 fn commands<'a>(step: &'a Step<'_>) -> Result<(&'a Path, &'a [Command]), StatementError> {
-    match step.body {
-        Body::Commands { file, commands } => Ok((file.as_path(), commands.as_slice())),
-        Body::Sql { file, .. } => Err(StatementError {
-            file: file.display().to_string(),
-            statement: 1,
-            line: 1,
-            message: "only MongoDB command migrations (.yaml/.json) run on MongoDB".into(),
-            code: None,
-        }),
-        Body::Code => Err(StatementError {
-            file: step.migration.display_path(),
-            statement: 1,
-            line: 1,
-            message: "Rust migrations do not run on MongoDB; write the migration as commands (.yaml/.json)".into(),
-            code: None,
-        }),
-    }
+    step.commands("mongodb").map_err(|e| StatementError {
+        file: step.migration.display_path(),
+        statement: 1,
+        line: 1,
+        message: e.to_string(),
+        code: None,
+    })
 }
 
 fn statement_error(file: &Path, commands: &[Command], index: usize, message: String, code: Option<i32>) -> StatementError {

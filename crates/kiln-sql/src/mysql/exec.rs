@@ -32,26 +32,13 @@ const REOPEN: &str = "\n;BEGIN";
 /// Put before a transactional statement when no transaction is open (module docs).
 const OPEN: &str = "BEGIN;";
 
-/// A body the MySQL engine cannot run, as the [`StatementError`] of its first
-/// statement/command.
-fn refuse(step: &Step<'_>) -> Option<StatementError> {
-    let (file, message) = match step.body {
-        Body::Sql { .. } => return None,
-        Body::Commands { file, .. } => (file.display().to_string(), "MongoDB commands cannot run on MySQL/MariaDB".to_string()),
-        Body::Code => {
-            (step.migration.display_path(), "code migrations are run by the library's registered code, not by the MySQL engine".to_string())
-        }
-    };
-    Some(StatementError { file, statement: 1, line: 1, message, code: None })
-}
-
 #[async_trait]
 impl Executor for MysqlEngine {
     /// Refuses bodies that are not SQL (MongoDB commands, code migrations).
     async fn prepare(&mut self, step: &Step<'_>) -> Result<(), StatementError> {
-        match refuse(step) {
-            Some(e) => Err(e),
-            None => Ok(()),
+        match step.sql("mysql") {
+            Ok(_) => Ok(()),
+            Err(e) => Err(StatementError { file: step.migration.display_path(), statement: 1, line: 1, message: e.to_string(), code: None }),
         }
     }
 
@@ -69,13 +56,8 @@ impl Executor for MysqlEngine {
     async fn run_one(&mut self, step: &Step<'_>, index: usize) -> Result<(), ExecFailure> {
         self.settle_lock().await.map_err(ExecFailure::Engine)?;
         let m = step.migration;
-        let (file, statements) = match step.body {
-            Body::Sql { file, statements } => (file.display().to_string(), statements.as_slice()),
-            _ => {
-                let e = refuse(step).map(|e| e.message).unwrap_or_default();
-                return Err(ExecFailure::Engine(EngineError::Refused(format!("{}: {e}", m.display_path()))));
-            }
-        };
+        let (file, statements) = step.sql("mysql").map_err(ExecFailure::Engine)?;
+        let file = file.display().to_string();
         let Some(st) = statements.get(index) else {
             return Err(ExecFailure::Engine(EngineError::Refused(format!(
                 "{file} has {} statements; there is no statement {}",

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use futures::future::{maybe_done, MaybeDone};
 use kiln_core::engine::{AtomicFailure, Engine, ExecFailure, Executor, Left, Record, SchemaCheck, Step};
 use kiln_core::step::{path, Path};
-use kiln_core::{Body, EngineError, Statement, StatementError};
+use kiln_core::{EngineError, Statement, StatementError};
 use tokio_postgres::error::{DbError, ErrorPosition};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
@@ -221,16 +221,9 @@ pub(super) async fn run_items(client: &Client, items: &[(Tag, Item<'_>)], pipeli
 /// The SQL statements of `step`'s body; any other body is refused before
 /// anything runs.
 fn sql_body<'b>(step: &Step<'b>) -> Result<(String, &'b [Statement]), StatementError> {
-    let refuse = |file: String, message: String| StatementError { file, statement: 1, line: 1, message, code: None };
-    match step.body {
-        Body::Sql { file, statements } => Ok((file.display().to_string(), statements)),
-        Body::Commands { file, .. } => {
-            Err(refuse(file.display().to_string(), "MongoDB commands cannot run on PostgreSQL; this migration belongs to a MongoDB database".into()))
-        }
-        Body::Code => Err(refuse(
-            step.migration.display_path(),
-            "a Rust code migration is run by the code registered for it through the library, not by the PostgreSQL engine".into(),
-        )),
+    match step.sql("postgres") {
+        Ok((file, statements)) => Ok((file.display().to_string(), statements)),
+        Err(e) => Err(StatementError { file: step.migration.display_path(), statement: 1, line: 1, message: e.to_string(), code: None }),
     }
 }
 

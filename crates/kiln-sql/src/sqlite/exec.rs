@@ -12,22 +12,14 @@ use async_trait::async_trait;
 use chrono::Utc;
 use kiln_core::engine::{AtomicFailure, Engine, ExecFailure, Executor, Left, Record, SchemaCheck, Step};
 use kiln_core::step::{path, Path as StepPath};
-use kiln_core::{Body, EngineError, Statement, StatementError};
+use kiln_core::{EngineError, Statement, StatementError};
 
 use super::history::Clock;
 use super::SqliteEngine;
 
 /// The file and statements of `step`'s body, or why SQLite cannot run it.
 fn sql_body<'a>(step: &Step<'a>) -> Result<(&'a Path, &'a [Statement]), EngineError> {
-    let m = step.migration;
-    match step.body {
-        Body::Sql { file, statements } => Ok((file.as_path(), statements.as_slice())),
-        Body::Commands { .. } => Err(EngineError::Refused(format!("{}: MongoDB commands cannot run on SQLite", m.display_path()))),
-        Body::Code => Err(EngineError::Refused(format!(
-            "{}: code migrations are run by the library's registered code, not by the SQLite engine",
-            m.display_path()
-        ))),
-    }
+    step.sql("sqlite")
 }
 
 #[async_trait]
