@@ -379,6 +379,151 @@ async fn a_lock_guard_dropped_without_release_frees_the_lock() {
     assert!(c.try_lock().await.unwrap());
 }
 
+/// A migration that keeps SQLite busy for several seconds: 20 MB of rows (more
+/// than the 512 KiB page cache, so a rollback-journal writer spills and locks
+/// readers out), then a long computation inside the same transaction.
+const SLOW_MIGRATION: &str = "INSERT INTO big (pad) SELECT randomblob(1000) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 20000) SELECT x FROM c);\n\
+     CREATE TABLE slow AS WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 25000000) SELECT count(*) AS n FROM c;\n";
+
+/// `up` on a thread of its own (rusqlite blocks the thread it runs on), as another process would.
+fn up_on_a_thread(url: String, local: Vec<Migration>) -> std::thread::JoinHandle<Result<usize, String>> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let mut b = backend(&url).await;
+            let r = up(&mut *b, &local).await.map(|r| r.steps.len()).map_err(|e| e.to_string());
+            b.close().await.unwrap();
+            r
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_migration_blocks_neither_status_nor_a_second_runners_lock_wait() {
+    let db = TestDb::new(Engine::Sqlite).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_big.sql", "CREATE TABLE big (id INTEGER PRIMARY KEY, pad BLOB);\n");
+    write(dir.path(), "0002_slow.sql", SLOW_MIGRATION);
+    let local = load(dir.path());
+    let lock_file = format!("{}-kiln.lock", db.name);
+
+    let first = up_on_a_thread(db.url.clone(), local.clone());
+    // Wait until the first runner holds the lock, then give it time to reach the slow part of 0002.
+    let t = Instant::now();
+    while std::fs::read_to_string(&lock_file).map(|s| s.is_empty()).unwrap_or(true) {
+        assert!(t.elapsed() < Duration::from_secs(10), "the first runner never took the lock");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    // `kiln status` (a read-only connection, as the CLI opens it) answers at once, from what is committed.
+    let t = Instant::now();
+    let mut cfg = BackendConfig::new(&db.url);
+    cfg.read_only = true;
+    let mut reader = kiln_testkit::compat::Protocol::boxed(kiln_sql::connect(&cfg).await.expect("connect during a migration"));
+    let status = Runner::new(&mut *reader, settings()).status(&local).await.expect("status during a migration");
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(1), "status waited {took:?} on the running migration");
+    assert_eq!(status.iter().map(|r| r.state.as_str()).collect::<Vec<_>>(), ["applied", "pending"]);
+    reader.close().await.unwrap();
+
+    // A second runner waits for kiln's lock (not SQLite's busy time-out) and names the holder.
+    let t = Instant::now();
+    let mut second = backend(&db.url).await;
+    let short = RunnerSettings { lock_timeout: Duration::from_secs(1), actor: "second@testhost".into() };
+    let err = Runner::new(&mut *second, short).up(&local, &UpTarget::Latest, &Policy::default(), false).await.unwrap_err();
+    let waited = t.elapsed();
+    let RunError::Engine(e @ EngineError::LockTimeout { .. }) = &err else { panic!("expected a lock time-out, got {err:?}") };
+    let msg = e.to_string();
+    assert!(msg.contains(&format!("pid {}", std::process::id())) && msg.contains("-kiln.lock"), "{msg}");
+    assert!(waited >= Duration::from_secs(1) && waited < Duration::from_secs(3), "waited {waited:?}");
+    assert!(!first.is_finished(), "the slow migration ended before the checks: make SLOW_MIGRATION slower");
+
+    // With time enough, it waits for the first runner and finds nothing left to do.
+    let patient = RunnerSettings { lock_timeout: Duration::from_secs(120), actor: "second@testhost".into() };
+    let r = Runner::new(&mut *second, patient).up(&local, &UpTarget::Latest, &Policy::default(), false).await.unwrap();
+    assert!(r.steps.is_empty(), "{r:?}");
+    assert_eq!(first.join().unwrap(), Ok(2));
+    assert_eq!(q(&db, "SELECT version || ':' || state FROM kiln_history ORDER BY version").await, ["1:applied", "2:applied"]);
+}
+
+#[tokio::test]
+async fn the_first_locked_run_switches_to_wal_and_keep_leaves_the_journal_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "0001_t.sql", "CREATE TABLE t (id INTEGER);\n");
+    let local = load(dir.path());
+    async fn mode(db: &TestDb) -> Vec<String> {
+        q(db, "PRAGMA journal_mode").await
+    }
+
+    let db = TestDb::new(Engine::Sqlite).await;
+    db.sql("CREATE TABLE existing (id INTEGER)").await.unwrap();
+    assert_eq!(mode(&db).await, ["delete"]);
+    // Reading changes nothing.
+    let mut cfg = BackendConfig::new(&db.url);
+    cfg.read_only = true;
+    let mut reader = kiln_testkit::compat::Protocol::boxed(kiln_sql::connect(&cfg).await.unwrap());
+    Runner::new(&mut *reader, settings()).status(&local).await.unwrap();
+    reader.close().await.unwrap();
+    assert_eq!(mode(&db).await, ["delete"]);
+    // A run switches it, and it stays.
+    let mut b = backend(&db.url).await;
+    up(&mut *b, &local).await.unwrap();
+    assert_eq!(mode(&db).await, ["wal"]);
+    b.close().await.unwrap();
+    assert_eq!(mode(&db).await, ["wal"]);
+    assert!(!Path::new(&format!("{}-wal", db.name)).exists(), "closing checkpoints and removes the -wal file");
+
+    // `?journal_mode=keep` leaves it alone.
+    let db = TestDb::new(Engine::Sqlite).await;
+    db.sql("CREATE TABLE existing (id INTEGER)").await.unwrap();
+    let mut b = backend(&format!("{}?journal_mode=keep", db.url)).await;
+    up(&mut *b, &local).await.unwrap();
+    b.close().await.unwrap();
+    assert_eq!(mode(&db).await, ["delete"]);
+    assert_eq!(q(&db, "SELECT count(*) FROM kiln_history").await, ["1"]);
+    match kiln_sql::connect(&BackendConfig::new(format!("{}?journal_mode=truncate", db.url))).await {
+        Err(EngineError::BadUrl { message, .. }) => assert!(message.contains("journal_mode"), "{message}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("an unknown journal_mode was accepted"),
+    }
+}
+
+#[tokio::test]
+async fn status_shows_the_durations_up_measured() {
+    let db = TestDb::new(Engine::Sqlite).await;
+    let dir = tempfile::tempdir().unwrap();
+    for i in 1..=20 {
+        write(dir.path(), &format!("{i:04}_t{i}.sql"), &format!("CREATE TABLE t{i} (id INTEGER);\n"));
+    }
+    write(
+        dir.path(),
+        "0021_slow.sql",
+        "CREATE TABLE slow AS WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 300000) SELECT count(*) AS n FROM c;\n",
+    );
+    // Steps commit without a disk flush (`synchronous = NORMAL`); the run's last commit flushes them all.
+    write(dir.path(), "0022_sync.sql", "CREATE TABLE sync_seen AS SELECT synchronous AS level FROM pragma_synchronous;\n");
+    let local = load(dir.path());
+    let mut b = backend(&db.url).await;
+    let report = up(&mut *b, &local).await.unwrap();
+    let status = Runner::new(&mut *b, settings()).status(&local).await.unwrap();
+    assert_eq!(report.steps.len(), status.len());
+
+    // What `up` printed for each step, minus what `status` shows: the recorded
+    // duration is measured inside the printed one, and leaves out only kiln's
+    // own bookkeeping — not a disk flush per commit (which made it 0 ms where
+    // `up` printed 20 ms).
+    let diffs: Vec<i64> = report.steps.iter().zip(&status).map(|(s, r)| s.duration_ms as i64 - r.duration_ms.expect("recorded")).collect();
+    assert!(diffs.iter().all(|d| *d >= 0), "printed minus recorded: {diffs:?}");
+    let mut sorted = diffs.clone();
+    sorted.sort();
+    assert!(sorted[sorted.len() / 2] <= 1, "printed minus recorded, per step: {diffs:?}");
+    let slow = status.iter().find(|r| r.version == "0021").unwrap();
+    assert!(slow.duration_ms.unwrap() >= 10, "{slow:?}");
+    assert_eq!(q(&db, "SELECT level FROM sync_seen").await, ["1"], "steps commit with synchronous = NORMAL");
+    b.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn non_sql_bodies_are_unsupported() {
     let db = TestDb::new(Engine::Sqlite).await;

@@ -61,15 +61,52 @@ impl Executor for SqliteEngine {
     /// `BEGIN IMMEDIATE`, the statements, `check` on the schema the
     /// transaction would commit (same connection, uncommitted DDL included),
     /// then `record` and `COMMIT`. The rows of the step's own version get the
-    /// finish time and the body's duration from here. Any failure rolls
-    /// everything back.
+    /// finish time and the duration from here (everything but the `COMMIT`,
+    /// which costs no disk flush in WAL mode unless `record` is durable, see
+    /// [`super::journal`]). Any failure rolls everything back.
     async fn run_atomic(&mut self, step: &Step<'_>, record: &Record, check: Option<&SchemaCheck>) -> Result<(), AtomicFailure> {
-        let m = step.migration;
         let (file, statements) = sql_body(step).map_err(AtomicFailure::Engine)?;
         let started = Instant::now();
-        self.conn
-            .execute_batch("BEGIN IMMEDIATE")
-            .map_err(|e| AtomicFailure::Engine(self.query_err(format!("starting the transaction of {}", m.name()), e)))?;
+        let r = match self.begin(record.durable) {
+            Ok(()) => self.atomic(step, file, statements, record, check, started),
+            Err(e) => Err(AtomicFailure::Engine(self.query_err(format!("starting the transaction of {}", step.migration.name()), e))),
+        };
+        self.end();
+        r
+    }
+
+    /// Statement `index` in autocommit. On failure, whatever the statement
+    /// left open is rolled back, and the statements before it remain.
+    async fn run_one(&mut self, step: &Step<'_>, index: usize) -> Result<(), ExecFailure> {
+        let (file, statements) = sql_body(step).map_err(ExecFailure::Engine)?;
+        let st = statements.get(index).ok_or_else(|| {
+            ExecFailure::Engine(EngineError::Query {
+                context: format!("running {}", step.migration.name()),
+                message: format!("statement {} asked for, but the body has {}", index + 1, statements.len()),
+            })
+        })?;
+        if let Err(e) = self.conn.execute_batch(&st.sql) {
+            self.rollback();
+            return Err(ExecFailure::Statement { error: statement_error(file, index, st, &e), left: Left::autocommit(index) });
+        }
+        Ok(())
+    }
+}
+
+impl SqliteEngine {
+    /// The rest of [`Executor::run_atomic`], inside the transaction it began.
+    /// The rows of the step's own version get the finish time and the
+    /// duration from `started` to just before `COMMIT`.
+    fn atomic(
+        &mut self,
+        step: &Step<'_>,
+        file: &Path,
+        statements: &[Statement],
+        record: &Record,
+        check: Option<&SchemaCheck>,
+        started: Instant,
+    ) -> Result<(), AtomicFailure> {
+        let m = step.migration;
         for (i, st) in statements.iter().enumerate() {
             if let Err(e) = self.conn.execute_batch(&st.sql) {
                 self.rollback();
@@ -100,23 +137,6 @@ impl Executor for SqliteEngine {
         if let Err(e) = written {
             self.rollback();
             return Err(AtomicFailure::Engine(e));
-        }
-        Ok(())
-    }
-
-    /// Statement `index` in autocommit. On failure, whatever the statement
-    /// left open is rolled back, and the statements before it remain.
-    async fn run_one(&mut self, step: &Step<'_>, index: usize) -> Result<(), ExecFailure> {
-        let (file, statements) = sql_body(step).map_err(ExecFailure::Engine)?;
-        let st = statements.get(index).ok_or_else(|| {
-            ExecFailure::Engine(EngineError::Query {
-                context: format!("running {}", step.migration.name()),
-                message: format!("statement {} asked for, but the body has {}", index + 1, statements.len()),
-            })
-        })?;
-        if let Err(e) = self.conn.execute_batch(&st.sql) {
-            self.rollback();
-            return Err(ExecFailure::Statement { error: statement_error(file, index, st, &e), left: Left::autocommit(index) });
         }
         Ok(())
     }

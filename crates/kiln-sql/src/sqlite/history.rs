@@ -233,22 +233,23 @@ impl HistoryStore for SqliteEngine {
     }
 
     /// One `BEGIN IMMEDIATE … COMMIT`; on any error the transaction is rolled
-    /// back and nothing of the record remains. SQLite commits are as durable
-    /// as the database's `synchronous` setting makes them, so
-    /// [`Record::durable`] needs nothing more.
+    /// back and nothing of the record remains. In WAL mode a commit reaches
+    /// the disk only when [`Record::durable`] is set, and then with every
+    /// commit before it (see [`super::journal`]); otherwise each commit is
+    /// as durable as `synchronous = FULL` makes it.
     async fn commit(&mut self, record: &Record) -> Result<(), EngineError> {
         if record.is_empty() {
             return Ok(());
         }
-        self.conn
-            .execute_batch("BEGIN IMMEDIATE")
-            .map_err(|e| self.query_err(format!("starting a transaction to write {}", self.history_name), e))?;
         let written = self
-            .write_record(record, None)
+            .begin(record.durable)
+            .map_err(|e| self.query_err(format!("starting a transaction to write {}", self.history_name), e))
+            .and_then(|()| self.write_record(record, None))
             .and_then(|()| self.conn.execute_batch("COMMIT").map_err(|e| self.query_err(format!("committing to {}", self.history_name), e)));
         if written.is_err() {
             self.rollback();
         }
+        self.end();
         written
     }
 }

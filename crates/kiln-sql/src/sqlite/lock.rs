@@ -101,8 +101,15 @@ fn release(held: &Mutex<Option<Held>>) {
 
 #[async_trait]
 impl Locker for SqliteEngine {
+    /// Taking the lock also settles the journal mode (WAL, see
+    /// [`super::journal`]), once per connection: under the lock, no other
+    /// runner is writing.
     async fn try_lock(&mut self) -> Result<bool, EngineError> {
-        self.lock.try_lock()
+        let taken = self.lock.try_lock()?;
+        if taken {
+            self.settle_journal();
+        }
+        Ok(taken)
     }
 
     async fn holder(&mut self) -> Option<String> {

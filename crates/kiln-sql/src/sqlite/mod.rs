@@ -15,6 +15,11 @@
 //! opened a second time for locking: closing another descriptor on it would
 //! drop SQLite's own POSIX locks on it.
 //!
+//! The first time kiln takes that lock on a database it switches the database
+//! to WAL ([`journal`]), so that `kiln status`, and a second runner reading
+//! the history before it waits for the lock, never wait on a running
+//! migration.
+//!
 //! rusqlite is synchronous; with a single connection, running it inline in the
 //! async methods is simpler and faster than shipping every call to a blocking
 //! thread, and a migration run is sequential anyway.
@@ -28,8 +33,8 @@
 //! violations.
 //!
 //! Modules: [`history`] (kiln's tables, their SQL, [`HistoryStore`]),
-//! [`lock`] ([`Locker`]), [`exec`] ([`Executor`]), [`inspect`]
-//! ([`SchemaStore`]), [`scratch`] ([`ScratchAdmin`]).
+//! [`lock`] ([`Locker`]), [`journal`] (WAL), [`exec`] ([`Executor`]),
+//! [`inspect`] ([`SchemaStore`]), [`scratch`] ([`ScratchAdmin`]).
 //!
 //! [`Executor::run_atomic`]: kiln_core::engine::Executor::run_atomic
 //! [`Executor::run_one`]: kiln_core::engine::Executor::run_one
@@ -43,6 +48,7 @@
 mod exec;
 mod history;
 mod inspect;
+mod journal;
 mod lock;
 mod scratch;
 
@@ -56,6 +62,7 @@ use kiln_core::{BackendConfig, EngineError, Kind};
 use rusqlite::Connection;
 
 use history::Sql;
+use journal::Journal;
 use lock::SidecarLock;
 
 /// How long a statement waits for another connection's write lock on the
@@ -80,6 +87,14 @@ pub struct SqliteEngine {
     lock: SidecarLock,
     /// Where the database lives: scratch databases for `kiln verify` go next to it.
     location: Location,
+    /// What to do with the journal mode ([`journal`]), done once, when the lock is first taken.
+    journal: Journal,
+    journal_settled: bool,
+    /// The database is in WAL mode and this connection commits with
+    /// `synchronous = NORMAL` unless a commit is durable ([`journal`]).
+    wal: bool,
+    /// The open transaction was begun for a durable commit (`synchronous = FULL`).
+    synced_commit: bool,
     history_name: String,
     snapshot_name: String,
     /// kiln's own tables (history, log, snapshots), which [`SchemaStore::inspect`] leaves out.
@@ -91,8 +106,10 @@ impl SqliteEngine {
     /// Open (creating it if missing) the database named by `cfg.url`:
     /// `sqlite://relative/or/absolute.db` (`sqlite:///abs/path.db`),
     /// `sqlite:file.db`, or `sqlite::memory:` (tests only). Query parameters
-    /// are ignored. The journal mode and every other setting of the database
-    /// are left as they are; the connection gets a 5 s busy timeout.
+    /// other than `journal_mode` are ignored. The connection gets a 5 s busy
+    /// timeout. The database is switched to WAL the first time this engine
+    /// takes the migration lock, unless the URL says `?journal_mode=keep` or
+    /// the file is on a network filesystem ([`journal`]).
     /// `cfg.schema` does not apply to SQLite and is ignored.
     ///
     /// # Errors
@@ -100,7 +117,7 @@ impl SqliteEngine {
     /// when the file cannot be opened or is not a database.
     pub async fn connect(cfg: &BackendConfig) -> Result<Self, EngineError> {
         let target = redact(&cfg.url);
-        let location = parse_url(&cfg.url, &target)?;
+        let (location, journal) = parse_url(&cfg.url, &target)?;
         let connect_err = |e: rusqlite::Error| {
             let mut message = e.to_string();
             if let Location::File(p) = &location {
@@ -140,6 +157,11 @@ impl SqliteEngine {
             conn,
             target,
             lock,
+            journal,
+            // A missing file read as an empty database is an in-memory one.
+            journal_settled: absent,
+            wal: false,
+            synced_commit: false,
             location,
             history_name: cfg.history_table.clone(),
             snapshot_name: cfg.snapshot_table.clone(),
@@ -189,22 +211,24 @@ impl Engine for SqliteEngine {
     }
 }
 
-fn parse_url(url: &str, shown: &str) -> Result<Location, EngineError> {
+fn parse_url(url: &str, shown: &str) -> Result<(Location, Journal), EngineError> {
     let lower = url.to_ascii_lowercase();
     let rest = ["sqlite3://", "sqlite://", "sqlite3:", "sqlite:"]
         .iter()
         .find(|p| lower.starts_with(*p))
         .map(|p| &url[p.len()..])
         .ok_or_else(|| EngineError::BadUrl { url: shown.into(), message: "expected sqlite://PATH, sqlite:PATH or sqlite::memory:".into() })?;
-    let path = rest.split('?').next().unwrap_or("");
-    match path {
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let journal = Journal::from_query(query, shown)?;
+    let location = match path {
         "" => Err(EngineError::BadUrl {
             url: shown.into(),
             message: "no database file; use e.g. sqlite://kiln.db or sqlite:///var/lib/app/app.db".into(),
         }),
         ":memory:" => Ok(Location::Memory),
         p => Ok(Location::File(PathBuf::from(p))),
-    }
+    }?;
+    Ok((location, journal))
 }
 
 #[cfg(test)]
@@ -213,12 +237,14 @@ mod tests {
 
     #[test]
     fn urls() {
-        let p = |u: &str| parse_url(u, u);
+        let p = |u: &str| parse_url(u, u).map(|(l, _)| l);
         assert_eq!(p("sqlite://kiln.db").unwrap(), Location::File("kiln.db".into()));
         assert_eq!(p("sqlite:///tmp/x.db").unwrap(), Location::File("/tmp/x.db".into()));
         assert_eq!(p("sqlite:rel/x.db?mode=rwc").unwrap(), Location::File("rel/x.db".into()));
         assert_eq!(p("sqlite::memory:").unwrap(), Location::Memory);
         assert!(matches!(p("sqlite://"), Err(EngineError::BadUrl { .. })));
         assert!(matches!(p("postgres://x"), Err(EngineError::BadUrl { .. })));
+        assert_eq!(parse_url("sqlite://x.db?journal_mode=keep", "").unwrap(), (Location::File("x.db".into()), Journal::Keep));
+        assert!(matches!(p("sqlite://x.db?journal_mode=off"), Err(EngineError::BadUrl { .. })));
     }
 }
