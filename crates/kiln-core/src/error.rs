@@ -71,7 +71,7 @@ pub enum SourceError {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PlanError {
     /// An applied migration's file changed.
-    #[error("checksum mismatch for {file} (version {version}): recorded {recorded}, file now {found}. Applied migrations must not change; restore the file, or run `kiln repair {version} --reason …` to accept the change")]
+    #[error("checksum mismatch for {file} (version {version}): recorded {recorded}, file now {found}. Applied migrations must not change; restore the file, or run `{}` to accept the change", crate::suggest::accept_checksum(.version))]
     ChecksumMismatch {
         /// Version.
         version: Version,
@@ -83,7 +83,7 @@ pub enum PlanError {
         found: String,
     },
     /// An applied migration's file is gone.
-    #[error("migration {version} ({name}) is applied in the database but its file is missing from the migrations directory; restore it, or run `kiln retire {version} --reason …`")]
+    #[error("migration {version} ({name}) is applied in the database but its file is missing from the migrations directory; restore it, or run `{}`", crate::suggest::retire(.version))]
     MissingFile {
         /// Version.
         version: Version,
@@ -127,7 +127,7 @@ pub enum PlanError {
         why: String,
     },
     /// A migration failed earlier and was not repaired.
-    #[error("migration {version} ({file}) is recorded as {state}{}: {}. Fix the database by hand, then run `kiln repair {version} --reason …` (add --mark-applied if you completed it by hand)", .failure.as_ref().and_then(|f| f.statement).map(|s| format!(" at statement {s}")).unwrap_or_default(), .failure.as_ref().map(|f| f.message.as_str()).unwrap_or("the runner stopped before it finished"))]
+    #[error("migration {version} ({file}) is recorded as {state}{}: {}. Fix the database by hand, then run `{}` (or `{}` if you completed it by hand)", .failure.as_ref().and_then(|f| f.statement).map(|s| format!(" at statement {s}")).unwrap_or_default(), .failure.as_ref().map(|f| f.message.as_str()).unwrap_or("the runner stopped before it finished"), crate::suggest::repair(.version), crate::suggest::repair_mark_applied(.version))]
     Blocked {
         /// Version.
         version: Version,
@@ -328,6 +328,30 @@ impl PlanError {
     }
 }
 
+impl PlanError {
+    /// 2 when the user's input is wrong (a file's `depends`, a `.yaml`
+    /// migration on a SQL database, a version on the command line that names
+    /// nothing or does not fit), 1 when the database's state refuses the plan
+    /// (checksums, failed migrations, order, irreversible downs).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            PlanError::UnknownDependency { .. }
+            | PlanError::LaterDependency { .. }
+            | PlanError::UnknownVersion { .. }
+            | PlanError::WrongKind { .. }
+            | PlanError::VersionTooLarge { .. } => 2,
+            PlanError::ChecksumMismatch { .. }
+            | PlanError::MissingFile { .. }
+            | PlanError::OutOfOrder { .. }
+            | PlanError::UnmetDependency { .. }
+            | PlanError::Blocked { .. }
+            | PlanError::Irreversible { .. }
+            | PlanError::NotRevertible { .. }
+            | PlanError::Refused(_) => 1,
+        }
+    }
+}
+
 impl EngineError {
     /// A stable machine code (JSON output, HTTP API).
     pub fn code(&self) -> &'static str {
@@ -367,7 +391,8 @@ impl RunError {
     pub fn exit_code(&self) -> i32 {
         match self {
             RunError::Source(_) => 2,
-            RunError::Plan(p) if p.iter().all(|e| matches!(e, PlanError::UnknownVersion { .. } | PlanError::VersionTooLarge { .. })) => 2,
+            // The input must be fixed first when any problem is in it.
+            RunError::Plan(p) => p.iter().map(PlanError::exit_code).max().unwrap_or(1),
             RunError::Engine(EngineError::BadUrl { .. }) => 2,
             _ => 1,
         }

@@ -19,12 +19,14 @@ pub mod event;
 pub mod lock;
 pub mod model;
 pub mod plan;
+pub mod report;
 pub mod runner;
 pub mod schema;
 pub mod session;
 pub mod source;
 pub mod split;
 pub mod step;
+pub mod suggest;
 pub mod url;
 
 pub use backend::{ApplyError, BackendConfig, RecordContext, StepError};

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use serde::Serialize;
 
 use crate::backend::{RecordContext, StepError};
 use crate::engine::Engine;
@@ -18,8 +17,12 @@ use crate::event::{Direction, Event, Observer, Silent};
 use crate::lock::LockGuard;
 use crate::model::*;
 use crate::plan::{self, DownTarget, Policy, StatusRow, UpTarget};
-use crate::schema::{self, Change, Contract, Snapshot, Violation};
+use crate::schema::{self, Change, Contract, Snapshot};
 use crate::session::Session;
+
+pub use crate::report::{
+    AdminAction, AdminChange, AdminReport, CheckChanged, CheckFailed, CheckPending, CheckReport, Problem, RunReport, StepReport,
+};
 
 /// Settings of a runner.
 #[derive(Clone, Debug)]
@@ -36,64 +39,6 @@ impl Default for RunnerSettings {
     }
 }
 
-/// One planned or executed step, for reports.
-#[derive(Clone, Debug, Serialize)]
-pub struct StepReport {
-    /// Version.
-    pub version: String,
-    /// Description.
-    pub name: String,
-    /// File.
-    pub file: String,
-    /// Statements/commands in the body run.
-    pub statements: usize,
-    /// Transaction mode asked for.
-    pub transaction: TxMode,
-    /// Duration in ms (0 for dry runs).
-    pub duration_ms: u64,
-    /// The SQL statements or commands (dry runs only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub body: Option<Body>,
-}
-
-impl StepReport {
-    fn of(m: &Migration, body: &Body, ms: u64, with_body: bool) -> Self {
-        StepReport {
-            version: m.version.text.clone(),
-            name: m.description.clone(),
-            file: m.display_path(),
-            statements: body.len(),
-            transaction: m.directives.transaction,
-            duration_ms: ms,
-            body: with_body.then(|| body.clone()),
-        }
-    }
-}
-
-/// What `up` or `down` did (or would do, for a dry run).
-#[derive(Clone, Debug, Serialize)]
-pub struct RunReport {
-    /// Direction.
-    pub direction: Direction,
-    /// The batch recorded (up, when something ran).
-    pub batch: Option<i64>,
-    /// Steps done (or planned, for a dry run), in order.
-    pub steps: Vec<StepReport>,
-    /// Nothing was changed.
-    pub dry_run: bool,
-    /// Total time in ms.
-    pub duration_ms: u64,
-}
-
-/// What an operator command (baseline, retire, repair) changed.
-#[derive(Clone, Debug, Serialize)]
-pub struct AdminReport {
-    /// The command.
-    pub action: String,
-    /// One line per change.
-    pub changes: Vec<String>,
-}
-
 /// Drives one backend.
 pub struct Runner<'b> {
     backend: Session<'b>,
@@ -101,30 +46,6 @@ pub struct Runner<'b> {
     observer: Arc<dyn Observer>,
     contract: Option<Arc<Contract>>,
     target: Option<String>,
-}
-
-/// What `kiln check` found. `ok` is false when anything below is non-empty
-/// (warnings aside).
-#[derive(Clone, Debug, Serialize)]
-pub struct CheckReport {
-    /// Nothing wrong.
-    pub ok: bool,
-    /// Pending migrations (`version_name`).
-    pub pending: Vec<String>,
-    /// Failed or interrupted migrations, with their errors.
-    pub failed: Vec<String>,
-    /// Applied migrations whose file changed, and applied migrations whose file is gone.
-    pub changed: Vec<String>,
-    /// Other plan problems (bad dependencies).
-    pub problems: Vec<String>,
-    /// Contract errors and warnings.
-    pub violations: Vec<Violation>,
-    /// Differences between the live schema and the snapshot stored by the last run.
-    pub drift: Vec<Change>,
-    /// Whether a snapshot was stored to compare with.
-    pub snapshot_found: bool,
-    /// Whether a contract (schema.yaml) was checked.
-    pub contract_checked: bool,
 }
 
 impl<'b> Runner<'b> {
@@ -429,6 +350,29 @@ impl<'b> Runner<'b> {
         }
     }
 
+    /// Run `work` — a change made outside the migration files, such as
+    /// `kiln sync`'s index changes — as a kiln run: under the migration lock
+    /// (so it never races `up`), then store the schema snapshot, so `kiln check`
+    /// and `kiln diff` compare against the result instead of calling it drift.
+    /// `changed` tells from `work`'s result whether anything changed (no
+    /// snapshot is stored otherwise).
+    ///
+    /// # Errors
+    /// A lock time-out, or `work`'s error (the lock is released either way).
+    pub async fn locked<T, F>(&mut self, work: F, changed: impl FnOnce(&T) -> bool) -> Result<T, RunError>
+    where
+        F: std::future::Future<Output = Result<T, RunError>>,
+    {
+        let guard = self.acquire().await?;
+        let r = work.await;
+        if let Ok(v) = &r {
+            if changed(v) && self.backend.read_history().await.map(|h| h.is_some()).unwrap_or(false) {
+                self.save_snapshot().await;
+            }
+        }
+        self.release(guard, r).await
+    }
+
     /// The live schema (kiln's own objects excluded).
     pub async fn inspect(&mut self) -> Result<Snapshot, RunError> {
         self.live().await
@@ -471,24 +415,24 @@ impl<'b> Runner<'b> {
             contract_checked: contract.is_some(),
         };
         for row in plan::status(local, &applied) {
+            let (version, name) = (row.version.clone(), row.name.clone());
             match row.state.as_str() {
-                "pending" => r.pending.push(format!("{}_{}{}", row.version, row.name, if row.out_of_order { " (out of order)" } else { "" })),
-                "failed" | "running" => r.failed.push(format!(
-                    "{}_{} ({}): {}",
-                    row.version,
-                    row.name,
-                    row.state,
-                    row.error.as_ref().map(|e| e.message.as_str()).unwrap_or("interrupted")
-                )),
-                "missing" => r.changed.push(format!("{}_{}: applied but its file is missing", row.version, row.name)),
+                "pending" => r.pending.push(CheckPending { version: version.clone(), name: name.clone(), out_of_order: row.out_of_order }),
+                "failed" | "running" => r.failed.push(CheckFailed {
+                    version: version.clone(),
+                    name: name.clone(),
+                    state: row.state.clone(),
+                    error: row.error.as_ref().map(|e| e.message.clone()),
+                }),
+                "missing" => r.changed.push(CheckChanged { version: version.clone(), name: name.clone(), missing: true }),
                 _ => {}
             }
             if row.checksum_ok == Some(false) {
-                r.changed.push(format!("{}_{}: file changed since it was applied", row.version, row.name));
+                r.changed.push(CheckChanged { version, name, missing: false });
             }
         }
         for p in plan::dependency_problems(local, &applied) {
-            r.problems.push(p.to_string());
+            r.problems.push(Problem { code: p.code(), message: p.to_string() });
         }
         let needs_schema = contract.is_some() || history.is_some();
         let live = if needs_schema {
@@ -643,7 +587,8 @@ impl<'b> Runner<'b> {
                 }
                 this.backend.put_history(&entries, None).await?;
                 this.save_snapshot().await;
-                let changes: Vec<String> = entries.iter().map(|e| format!("{} {}: baseline", e.version, e.description)).collect();
+                let changes: Vec<AdminChange> =
+                    entries.iter().map(|e| AdminChange::Baseline { version: e.version.to_string(), name: e.description.clone() }).collect();
                 let entry = this.log_entry(
                     LogEvent::Baseline,
                     Some((&version, "")),
@@ -652,7 +597,7 @@ impl<'b> Runner<'b> {
                     Some(format!("{} migrations up to {} recorded as baseline", entries.len(), version)),
                 );
                 this.backend.log(&entry).await?;
-                Ok(AdminReport { action: "baseline".into(), changes })
+                Ok(AdminReport { action: AdminAction::Baseline, changes })
             }
             .await;
             self.release(guard, r).await
@@ -698,7 +643,8 @@ impl<'b> Runner<'b> {
                 };
                 let old = rec.map(|a| a.state.to_string()).unwrap_or_else(|| "pending".into());
                 this.backend.put_history(std::slice::from_ref(&entry), None).await?;
-                let mut changes = vec![format!("{} {}: {} -> retired", entry.version, entry.description, old)];
+                let mut changes =
+                    vec![AdminChange::Retired { version: entry.version.to_string(), name: entry.description.clone(), was: old.clone() }];
                 if let Some(m) = file {
                     for p in files_of(m) {
                         let from = dir.join(&p);
@@ -708,13 +654,13 @@ impl<'b> Runner<'b> {
                             context: format!("recorded {version} as retired but could not rename {}", p.display()),
                             message: format!("{e}; rename it to {}.retired by hand", p.display()),
                         })?;
-                        changes.push(format!("renamed {} to {}.retired", p.display(), p.display()));
+                        changes.push(AdminChange::Renamed { from: p.display().to_string(), to: format!("{}.retired", p.display()) });
                     }
                 }
                 let log =
                     this.log_entry(LogEvent::Retire, Some((&entry.version, &entry.description)), None, Some(&reason), Some(format!("was {old}")));
                 this.backend.log(&log).await?;
-                Ok(AdminReport { action: "retire".into(), changes })
+                Ok(AdminReport { action: AdminAction::Retire, changes })
             }
             .await;
             self.release(guard, r).await
@@ -765,10 +711,18 @@ impl<'b> Runner<'b> {
                                     e.checksum = m.checksum.clone();
                                 }
                                 this.backend.put_history(std::slice::from_ref(&e), None).await?;
-                                changes.push(format!("{} {}: {} -> applied (completed by hand)", plan::recorded_version(a), name, a.state));
+                                changes.push(AdminChange::MarkedApplied {
+                                    version: plan::recorded_version(a).to_string(),
+                                    name: name.clone(),
+                                    was: a.state,
+                                });
                             } else {
                                 this.backend.delete_history(a.version.number, None).await?;
-                                changes.push(format!("{} {}: {} entry removed; it is pending again", plan::recorded_version(a), name, a.state));
+                                changes.push(AdminChange::Removed {
+                                    version: plan::recorded_version(a).to_string(),
+                                    name: name.clone(),
+                                    was: a.state,
+                                });
                             }
                             let detail = format!(
                                 "{} -> {}; recorded error: {}",
@@ -784,13 +738,12 @@ impl<'b> Runner<'b> {
                             Some(m) if m.checksum != a.checksum => {
                                 let e = AppliedMigration { checksum: m.checksum.clone(), ..a.clone() };
                                 this.backend.put_history(std::slice::from_ref(&e), None).await?;
-                                changes.push(format!(
-                                    "{} {}: checksum {} -> {}",
-                                    plan::recorded_version(a),
-                                    name,
-                                    a.checksum.short(),
-                                    m.checksum.short()
-                                ));
+                                changes.push(AdminChange::Checksum {
+                                    version: plan::recorded_version(a).to_string(),
+                                    name: name.clone(),
+                                    from: a.checksum.0.clone(),
+                                    to: m.checksum.0.clone(),
+                                });
                                 let log = this.log_entry(
                                     LogEvent::Repair,
                                     Some((&a.version, &name)),
@@ -802,10 +755,10 @@ impl<'b> Runner<'b> {
                             }
                             None if version.is_some() && !a.script.is_empty() => {
                                 return Err(PlanError::Refused(format!(
-                                    "the file of {} {} is missing; restore it, or run `kiln retire {}` to drop it from every plan",
+                                    "the file of {} {} is missing; restore it, or run `{}` to drop it from every plan",
                                     plan::recorded_version(a),
                                     name,
-                                    plan::recorded_version(a)
+                                    crate::suggest::retire(&plan::recorded_version(a))
                                 ))
                                 .into())
                             }
@@ -814,13 +767,7 @@ impl<'b> Runner<'b> {
                         State::Retired => {}
                     }
                 }
-                if changes.is_empty() {
-                    changes.push(match &version {
-                        Some(v) => format!("{v}: nothing to repair"),
-                        None => "nothing to repair".into(),
-                    });
-                }
-                Ok(AdminReport { action: "repair".into(), changes })
+                Ok(AdminReport { action: AdminAction::Repair, changes })
             }
             .await;
             self.release(guard, r).await

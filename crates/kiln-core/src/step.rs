@@ -262,9 +262,9 @@ impl<'e> Stepper<'e> {
                 annotate(
                     e,
                     &format!(
-                        "recording the end of {} (it stays recorded as running and blocks the next run until `kiln repair {}`)",
+                        "recording the end of {} (it stays recorded as running and blocks the next run until `{}`)",
                         m.name(),
-                        m.version
+                        crate::suggest::repair(&m.version)
                     ),
                 )
             })?;
@@ -298,9 +298,9 @@ impl<'e> Stepper<'e> {
                 let mut row = entry(step, recorded, State::Failed, ms);
                 row.error = Some(FailureInfo {
                     message: format!(
-                        "schema validation failed after this migration: {}; {why}: fix the database by hand, then run `kiln repair {}`",
+                        "schema validation failed after this migration: {}; {why}: fix the database by hand, then run `{}`",
                         violations.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("; "),
-                        m.version
+                        crate::suggest::repair(&m.version)
                     ),
                     statement: None,
                     line: None,
@@ -337,7 +337,12 @@ impl<'e> Stepper<'e> {
                     statement: Some(error.statement as u32),
                     line: Some(error.line as u32),
                 });
-                error.message = format!("{}; {why}: fix the database by hand, then run `kiln repair {}`", error.message, m.version);
+                error.message = format!(
+                    "{}; {why}: fix the database by hand, then run `{}` (or `{}` if you completed it)",
+                    error.message,
+                    crate::suggest::repair(&m.version),
+                    crate::suggest::repair_mark_applied(&m.version)
+                );
                 (HistoryChange::Put(row), FailureOutcome::RecordedFailed, "recorded as failed")
             }
         };

@@ -39,7 +39,7 @@ pub use history::MIGRATE_MONGO_ACTOR;
 pub use lock::{DEFAULT_TTL as DEFAULT_LEASE_TTL, LOCK_COLLECTION};
 pub use snapshot::schema_snapshot;
 pub use status::{collection_status, CollectionStatus, EXACT_COUNT_LIMIT};
-pub use sync::{sync_indexes, SyncAction, SyncError, SyncOptions, SyncReport};
+pub use sync::{sync_indexes, MigratedIndex, SyncAction, SyncError, SyncOptions, SyncReport};
 
 /// Connect to the MongoDB database named by `cfg`, boxed as a [`kiln_core::Engine`].
 ///

@@ -40,6 +40,22 @@ pub struct SyncOptions {
     pub prune: bool,
     /// Report what would change and change nothing.
     pub dry_run: bool,
+    /// Indexes created by applied migrations: `prune` keeps these (and says
+    /// which migration created each) unless `drop_migrated` is set too.
+    pub migrated: Vec<MigratedIndex>,
+    /// With `prune`, also drop undeclared indexes that a migration created.
+    pub drop_migrated: bool,
+}
+
+/// An index that an applied migration created (`createIndexes` in its up).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MigratedIndex {
+    /// Collection.
+    pub collection: String,
+    /// Index name.
+    pub name: String,
+    /// The migration (`0003_add_email_index`).
+    pub migration: String,
 }
 
 /// One index of the comparison between the files and the server.
@@ -70,6 +86,20 @@ pub enum SyncAction {
         collection: String,
         /// Index name.
         name: String,
+        /// The applied migration that created it, when one did (dropped only
+        /// with `drop_migrated`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        created_by: Option<String>,
+    },
+    /// Present, not declared, `prune` was asked, but an applied migration
+    /// created it: kept unless `drop_migrated` is set.
+    Protected {
+        /// Collection.
+        collection: String,
+        /// Index name.
+        name: String,
+        /// The migration that created it.
+        created_by: String,
     },
     /// Present and not declared; kept because `prune` was not asked.
     Extra {
@@ -94,6 +124,7 @@ impl SyncAction {
             SyncAction::Create { collection, .. }
             | SyncAction::Differs { collection, .. }
             | SyncAction::Drop { collection, .. }
+            | SyncAction::Protected { collection, .. }
             | SyncAction::Extra { collection, .. }
             | SyncAction::Unchanged { collection, .. } => collection,
         }
@@ -105,6 +136,7 @@ impl SyncAction {
             SyncAction::Create { name, .. }
             | SyncAction::Differs { name, .. }
             | SyncAction::Drop { name, .. }
+            | SyncAction::Protected { name, .. }
             | SyncAction::Extra { name, .. }
             | SyncAction::Unchanged { name, .. } => name,
         }
@@ -128,7 +160,11 @@ impl fmt::Display for SyncAction {
                 }
                 Ok(())
             }
-            SyncAction::Drop { .. } => write!(f, "- {at}: drop (not declared)"),
+            SyncAction::Drop { created_by: None, .. } => write!(f, "- {at}: drop (not declared)"),
+            SyncAction::Drop { created_by: Some(m), .. } => write!(f, "- {at}: drop (not declared; created by migration {m})"),
+            SyncAction::Protected { created_by, .. } => {
+                write!(f, "! {at}: not declared, but migration {created_by} created it; kept (add --drop-migrated to drop it)")
+            }
             SyncAction::Extra { .. } => write!(f, "? {at}: not declared; kept (use --prune to drop it)"),
             SyncAction::Unchanged { .. } => write!(f, "= {at}: unchanged"),
         }
@@ -148,11 +184,18 @@ pub struct SyncReport {
 }
 
 impl SyncReport {
+    /// True when sync could not do what was asked: a declared index differs
+    /// on the server, or `prune` kept an index a migration created. The CLI
+    /// exits 1 then.
+    pub fn refused(&self) -> bool {
+        self.actions.iter().any(|a| matches!(a, SyncAction::Differs { .. } | SyncAction::Protected { .. }))
+    }
+
     /// True when declarations and server disagree in a way sync did not fix:
     /// differing indexes, undeclared ones kept, or (dry run) pending changes.
     pub fn has_drift(&self) -> bool {
         self.actions.iter().any(|a| match a {
-            SyncAction::Differs { .. } | SyncAction::Extra { .. } => true,
+            SyncAction::Differs { .. } | SyncAction::Extra { .. } | SyncAction::Protected { .. } => true,
             SyncAction::Create { .. } | SyncAction::Drop { .. } => self.dry_run,
             SyncAction::Unchanged { .. } => false,
         })
@@ -509,7 +552,7 @@ pub(crate) fn differences(want: &IndexSpec, have: &Document) -> Vec<String> {
 }
 
 /// Compare the declarations of one collection with its indexes on the server.
-pub(crate) fn plan_collection(decl: &Declared, existing: &[Document], prune: bool) -> Vec<SyncAction> {
+pub(crate) fn plan_collection(decl: &Declared, existing: &[Document], opts: &SyncOptions) -> Vec<SyncAction> {
     let collection = decl.collection.clone();
     let name_of = |d: &Document| d.get_str("name").unwrap_or("").to_string();
     let mut claimed: Vec<String> = vec!["_id_".into()];
@@ -552,10 +595,11 @@ pub(crate) fn plan_collection(decl: &Declared, existing: &[Document], prune: boo
         if claimed.contains(&n) {
             continue;
         }
-        actions.push(if prune {
-            SyncAction::Drop { collection: collection.clone(), name: n }
-        } else {
-            SyncAction::Extra { collection: collection.clone(), name: n }
+        let created_by = opts.migrated.iter().find(|m| m.collection == collection && m.name == n).map(|m| m.migration.clone());
+        actions.push(match (opts.prune, created_by) {
+            (false, _) => SyncAction::Extra { collection: collection.clone(), name: n },
+            (true, Some(m)) if !opts.drop_migrated => SyncAction::Protected { collection: collection.clone(), name: n, created_by: m },
+            (true, created_by) => SyncAction::Drop { collection: collection.clone(), name: n, created_by },
         });
     }
     actions
@@ -589,7 +633,7 @@ pub async fn sync_indexes(cfg: &BackendConfig, indexes_dir: &Path, opts: &SyncOp
     let mut actions = Vec::new();
     for decl in &declared {
         let existing = list_indexes(&conn, &decl.collection).await?;
-        actions.extend(plan_collection(decl, &existing, opts.prune));
+        actions.extend(plan_collection(decl, &existing, opts));
     }
     let mut applied = 0;
     if !opts.dry_run {
@@ -601,7 +645,7 @@ pub async fn sync_indexes(cfg: &BackendConfig, indexes_dir: &Path, opts: &SyncOp
                         .map_err(|e| EngineError::Query { context: "converting an index spec".into(), message: e.to_string() })?;
                     (doc! { "createIndexes": collection, "indexes": [spec] }, "create")
                 }
-                SyncAction::Drop { collection, name } => (doc! { "dropIndexes": collection, "index": name }, "drop"),
+                SyncAction::Drop { collection, name, .. } => (doc! { "dropIndexes": collection, "index": name }, "drop"),
                 _ => continue,
             };
             let failed = |code: Option<i32>, message: String, done: &Vec<SyncAction>| SyncError::Index {
@@ -713,6 +757,7 @@ mod tests {
                             SyncAction::Create { .. } => "create",
                             SyncAction::Differs { .. } => "differs",
                             SyncAction::Drop { .. } => "drop",
+                            SyncAction::Protected { .. } => "protected",
                             SyncAction::Extra { .. } => "extra",
                             SyncAction::Unchanged { .. } => "unchanged",
                         }
@@ -720,9 +765,20 @@ mod tests {
                 })
                 .collect::<Vec<_>>()
         };
-        let acts = plan_collection(&decl, &existing, false);
+        let acts = plan_collection(&decl, &existing, &SyncOptions::default());
         assert_eq!(kinds(&acts), vec!["a_1:unchanged", "b_1:differs", "c_new:differs", "d_1:create", "z_1:extra"]);
-        let acts = plan_collection(&decl, &existing, true);
+        let prune = SyncOptions { prune: true, ..SyncOptions::default() };
+        let acts = plan_collection(&decl, &existing, &prune);
         assert_eq!(kinds(&acts), vec!["a_1:unchanged", "b_1:differs", "c_new:differs", "d_1:create", "z_1:drop"]);
+        // An index an applied migration created is kept by --prune, naming the migration.
+        let migrated = vec![MigratedIndex { collection: decl.collection.clone(), name: "z_1".into(), migration: "0003_add_z".into() }];
+        let guarded = SyncOptions { prune: true, migrated: migrated.clone(), ..SyncOptions::default() };
+        let acts = plan_collection(&decl, &existing, &guarded);
+        assert_eq!(kinds(&acts).last().unwrap(), "z_1:protected");
+        assert!(acts.last().unwrap().to_string().contains("0003_add_z"), "{}", acts.last().unwrap());
+        let forced = SyncOptions { prune: true, migrated, drop_migrated: true, ..SyncOptions::default() };
+        let acts = plan_collection(&decl, &existing, &forced);
+        assert_eq!(kinds(&acts).last().unwrap(), "z_1:drop");
+        assert!(acts.last().unwrap().to_string().contains("created by migration 0003_add_z"));
     }
 }

@@ -151,7 +151,7 @@ async fn failing_command_mid_batch_is_recorded_and_blocks_until_repair() {
         &bad.replace("      - { email: dup@example.com }\n      - { email: dup@example.com }\n", "      - { email: one@example.com }\n"),
     );
     let rep = env.repair(Some("0002")).await;
-    assert!(rep.changes[0].contains("pending again"), "{:?}", rep.changes);
+    assert!(rep.changes[0].to_string().contains("pending again"), "{:?}", rep.changes);
     let r = env.up().await.unwrap();
     assert_eq!(r.steps.len(), 2);
     assert_eq!(env.states().await, vec!["0001:applied", "0002:applied", "0003:applied"]);
@@ -469,7 +469,7 @@ async fn tampered_file_baseline_and_retire() {
     let e = env.up().await.unwrap_err();
     assert!(e.to_string().contains("checksum mismatch"), "{e}");
     let rep = env.repair(Some("0002")).await;
-    assert!(rep.changes[0].contains("checksum"), "{:?}", rep.changes);
+    assert!(rep.changes[0].to_string().contains("checksum"), "{:?}", rep.changes);
     env.up().await.unwrap();
 
     // Retire: recorded and renamed.

@@ -50,7 +50,8 @@ async fn creator_discovery_example_applies_and_reverts() {
     assert_eq!(u.iter().map(|d| d.get_bool("isMfaRequired").unwrap()).collect::<Vec<_>>(), vec![false, true, false]);
 
     // The declared indexes agree with what the migration built (userId_1 is still to create).
-    let report = sync_indexes(&cfg, &example().join("indexes"), &SyncOptions { prune: false, dry_run: true }).await.unwrap();
+    let report =
+        sync_indexes(&cfg, &example().join("indexes"), &SyncOptions { prune: false, dry_run: true, ..SyncOptions::default() }).await.unwrap();
     let summary: Vec<String> = report.actions.iter().map(|a| format!("{}:{}", a.name(), matches!(a, SyncAction::Unchanged { .. }))).collect();
     assert_eq!(summary, vec!["idx_creator_discovery_20251101:true", "userId_1:false"]);
 

@@ -22,6 +22,7 @@ fn kinds(actions: &[SyncAction]) -> Vec<String> {
                 SyncAction::Create { .. } => "create",
                 SyncAction::Differs { .. } => "differs",
                 SyncAction::Drop { .. } => "drop",
+                SyncAction::Protected { .. } => "protected",
                 SyncAction::Extra { .. } => "extra",
                 SyncAction::Unchanged { .. } => "unchanged",
             };
@@ -91,7 +92,7 @@ async fn differing_indexes_are_reported_not_rebuilt() {
         .await
         .unwrap();
     let dir = write_indexes(&env, "users.yaml", "- key: { email: 1 }\n  unique: true\n- key: { at: 1 }\n  name: at_ttl\n  expireAfterSeconds: 120\n");
-    let r = sync_indexes(&env.cfg, &dir, &SyncOptions { prune: true, dry_run: false }).await.unwrap();
+    let r = sync_indexes(&env.cfg, &dir, &SyncOptions { prune: true, dry_run: false, ..SyncOptions::default() }).await.unwrap();
     assert_eq!(kinds(&r.actions), vec!["users.email_1:differs", "users.at_ttl:differs"]);
     let SyncAction::Differs { differences, .. } = &r.actions[0] else { unreachable!() };
     assert_eq!(differences, &vec!["unique: declared true, server false".to_string()]);
@@ -118,14 +119,14 @@ async fn undeclared_indexes_are_dropped_only_with_prune() {
     assert_eq!(env.index_names("users").await, vec!["_id_", "email_1", "legacy_1"]);
     assert!(r.has_drift());
 
-    let r = sync_indexes(&env.cfg, &dir, &SyncOptions { prune: true, dry_run: false }).await.unwrap();
+    let r = sync_indexes(&env.cfg, &dir, &SyncOptions { prune: true, dry_run: false, ..SyncOptions::default() }).await.unwrap();
     assert_eq!(kinds(&r.actions), vec!["users.email_1:unchanged", "users.legacy_1:drop"]);
     assert_eq!(env.index_names("users").await, vec!["_id_", "email_1"], "_id_ is never touched");
     assert_eq!(env.index_names("other").await, vec!["_id_", "x_1"]);
 
     // An empty declaration with --prune leaves only _id_.
     let dir = write_indexes(&env, "users.yaml", "[]\n");
-    sync_indexes(&env.cfg, &dir, &SyncOptions { prune: true, dry_run: false }).await.unwrap();
+    sync_indexes(&env.cfg, &dir, &SyncOptions { prune: true, dry_run: false, ..SyncOptions::default() }).await.unwrap();
     assert_eq!(env.index_names("users").await, vec!["_id_"]);
 }
 
@@ -136,7 +137,7 @@ async fn dry_run_changes_nothing() {
     users.create_index(mongodb::IndexModel::builder().keys(doc! { "legacy": 1 }).build()).await.unwrap();
     let dir = write_indexes(&env, "users.yaml", "- key: { email: 1 }\n");
     write_indexes(&env, "orders.json", r#"[{"key": {"customerId": 1, "createdAt": -1}}]"#);
-    let r = sync_indexes(&env.cfg, &dir, &SyncOptions { prune: true, dry_run: true }).await.unwrap();
+    let r = sync_indexes(&env.cfg, &dir, &SyncOptions { prune: true, dry_run: true, ..SyncOptions::default() }).await.unwrap();
     assert_eq!(kinds(&r.actions), vec!["orders.customerId_1_createdAt_-1:create", "users.email_1:create", "users.legacy_1:drop"]);
     assert!(r.dry_run && r.applied == 0 && r.has_drift());
     let text = r.to_string();

@@ -209,7 +209,7 @@ async fn failure_after_ddl_is_recorded_blocks_and_is_repaired() {
     write(dir.path(), "0002_half.sql", "CREATE TABLE b (id INT);\nINSERT INTO b VALUES (1);\n");
     let local = load(dir.path());
     let report = Runner::new(&mut *b, settings()).repair(&local, Some(&v("0002")), false, "dropped b by hand").await.unwrap();
-    assert!(report.changes[0].contains("pending again"), "{:?}", report.changes);
+    assert!(report.changes[0].to_string().contains("pending again"), "{:?}", report.changes);
     assert_eq!(q(&db, "SELECT COUNT(*) FROM kiln_log WHERE event = 'repair' AND reason = 'dropped b by hand'").await, ["1"]);
     let r = up(&mut *b, &local).await.unwrap();
     assert_eq!(r.steps.len(), 2);

@@ -261,7 +261,7 @@ async fn transaction_off_failure_is_recorded_and_blocks_until_repair() {
     );
     let local = load(dir.path());
     let repair = Runner::new(b.as_mut(), settings()).repair(&local, Some(&Version::from_number(2)), false, "fixed by hand").await.unwrap();
-    assert!(repair.changes[0].contains("pending again"), "{:?}", repair.changes);
+    assert!(repair.changes[0].to_string().contains("pending again"), "{:?}", repair.changes);
     assert_eq!(history(&db).await, ["1:applied"]);
 
     let report = up(b.as_mut(), &local).await.unwrap();
@@ -318,7 +318,7 @@ async fn retire_removes_a_migration_from_every_plan() {
 
     let report =
         Runner::new(b.as_mut(), settings()).retire(&load(dir.path()), dir.path(), &Version::from_number(2), "superseded by 0003").await.unwrap();
-    assert!(report.changes.iter().any(|c| c.contains("retired")), "{:?}", report.changes);
+    assert!(report.changes.iter().any(|c| c.to_string().contains("retired")), "{:?}", report.changes);
     assert!(dir.path().join("0002_two.sql.retired").exists());
     assert!(!dir.path().join("0002_two.sql").exists());
     assert_eq!(history(&db).await, ["1:applied", "2:retired"]);

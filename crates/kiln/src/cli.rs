@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kiln::config::{self, Config, Overrides, Versioning};
-use kiln::{DownTarget, Engine, Migration, Policy, RunError, Runner, RunnerSettings, UpTarget, Version};
+use kiln::{DownTarget, Engine, Migration, RunError, RunnerSettings, UpTarget, Version};
 
 use crate::render;
 
@@ -166,9 +166,12 @@ pub enum Cmd {
     },
     /// Create, compare and (with --prune) drop indexes declared in indexes/<collection>.yaml (MongoDB)
     Sync {
-        /// Drop indexes that are not declared (never _id_)
+        /// Drop indexes that are not declared (never _id_; not those an applied migration created)
         #[arg(long)]
         prune: bool,
+        /// With --prune, also drop undeclared indexes that an applied migration created
+        #[arg(long, requires = "prune")]
+        drop_migrated: bool,
         /// Print the differences and change nothing
         #[arg(long)]
         dry_run: bool,
@@ -264,14 +267,10 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
     let cfg = Config::load(&overrides)?;
     kiln::url::EngineKind::parse(&cfg.url).map_err(|e| CliError::Run(e.into()))?;
 
-    if let Cmd::Sync { prune, dry_run, indexes } = &cli.cmd {
-        return sync(&cfg, *prune, *dry_run, indexes.clone(), json).await;
-    }
-
     // Read the files while the connection is being set up: both wait on I/O.
     let dir = cfg.dir.clone();
     let opts = kiln::load_options(&cfg.url, cfg.name_rule.clone());
-    let loader = std::thread::spawn(move || kiln::load_dir(&dir, &opts));
+    let loader = std::thread::spawn(move || kiln::load_migrations(&dir, &opts));
     let mut backend_cfg = cfg.backend_config();
     // Commands that only read must not create the database (a SQLite file).
     backend_cfg.read_only =
@@ -282,9 +281,20 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
     let mut backend = connected?;
 
     let observer: Arc<dyn kiln::Observer> = if json { Arc::new(kiln::event::Silent) } else { Arc::new(render::Progress::new()) };
-    let settings = RunnerSettings { lock_timeout: cfg.lock_timeout, ..RunnerSettings::default() };
-    let contract = cfg.contract()?;
-    let result = command(&cli.cmd, &cfg, &local, contract, backend.as_mut(), settings, observer, json).await;
+    // The library's builder: the CLI and an application run the same plan
+    // with the same validation.
+    let mut lib = kiln::Kiln::from_config(&cfg).observer(observer);
+    if let Cmd::Up { group: Some(g), .. } = &cli.cmd {
+        lib = lib.group(g.clone());
+    }
+    if let Cmd::Sync { prune, drop_migrated, dry_run, indexes } = &cli.cmd {
+        let opts = SyncArgs { prune: *prune, drop_migrated: *drop_migrated, dry_run: *dry_run, indexes: indexes.clone() };
+        let result = sync(&cfg, &lib, &local, backend.as_mut(), opts, json).await;
+        let _ = backend.close().await;
+        return result;
+    }
+    let contract = lib.contract()?;
+    let result = command(&cli.cmd, &cfg, &lib, &local, contract, backend.as_mut(), json).await;
     let _ = backend.close().await;
     result
 }
@@ -301,30 +311,29 @@ fn annotate_dir(e: kiln::SourceError, dir: &Path) -> CliError {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn command(
     cmd: &Cmd,
     cfg: &Config,
+    lib: &kiln::Kiln,
     local: &[Migration],
-    contract: Option<kiln::schema::Contract>,
+    contract: Option<Arc<kiln::schema::Contract>>,
     backend: &mut dyn Engine,
-    settings: RunnerSettings,
-    observer: Arc<dyn kiln::Observer>,
     json: bool,
 ) -> Result<i32, CliError> {
-    let target = format!("{} ({} migrations in {})", cfg.redacted_url(), local.len(), cfg.dir.display());
-    let mut runner = Runner::new(backend, settings).with_observer(observer);
+    let target = render::Target {
+        url: cfg.redacted_url(),
+        migrations: local.len(),
+        dir: cfg.dir.display().to_string(),
+        config: cfg.config_file.as_ref().map(|p| p.display().to_string()),
+    };
+    let mut runner = lib.runner(backend, contract.clone());
     match cmd {
-        Cmd::Up { to, dry_run, group, .. } => {
+        Cmd::Up { to, dry_run, .. } => {
             let t = match to {
                 Some(v) => UpTarget::To(parse_version(v)?),
                 None => UpTarget::Latest,
             };
-            let policy = Policy { allow_out_of_order: cfg.allow_out_of_order, group: group.clone() };
-            if cfg.validate == config::ValidateMode::AfterEach {
-                runner = runner.with_contract(contract.map(Arc::new));
-            }
-            let r = runner.up(local, &t, &policy, *dry_run).await?;
+            let r = runner.up(local, &t, lib.policy(), *dry_run).await?;
             render::run_report(&r, &target, json);
             Ok(0)
         }
@@ -367,7 +376,7 @@ async fn command(
             Ok(0)
         }
         Cmd::Check => {
-            let r = runner.check(local, contract.as_ref()).await?;
+            let r = runner.check(local, contract.as_deref()).await?;
             render::check(&r, &target, json);
             Ok(if r.ok { 0 } else { 1 })
         }
@@ -408,11 +417,11 @@ async fn command(
                 None => kiln::verify::Scratch::Create,
             };
             let settings = RunnerSettings { lock_timeout: cfg.lock_timeout, ..RunnerSettings::default() };
-            let r = kiln::verify::verify(&cfg.backend_config(), local, contract.as_ref(), scratch, *keep, settings).await?;
+            let r = kiln::verify::verify(&cfg.backend_config(), local, contract.as_deref(), scratch, *keep, settings).await?;
             render::verify(&r, json);
             Ok(if r.ok { 0 } else { 1 })
         }
-        Cmd::Init { .. } | Cmd::Create { .. } | Cmd::Sync { .. } => unreachable!("handled before connecting"),
+        Cmd::Init { .. } | Cmd::Create { .. } | Cmd::Sync { .. } => unreachable!("handled before"),
     }
 }
 
@@ -446,25 +455,64 @@ async fn collection_status(_cfg: &Config, _local: &[Migration], _exact: bool) ->
     Err(CliError::Usage("this kiln was built without MongoDB support".into()))
 }
 
+/// `kiln sync`'s flags.
+pub struct SyncArgs {
+    prune: bool,
+    drop_migrated: bool,
+    dry_run: bool,
+    indexes: Option<PathBuf>,
+}
+
+/// `kiln sync` is a kiln run: under the migration lock, and the schema
+/// snapshot is stored afterwards so `kiln check` sees no drift. `--prune` keeps
+/// an index an applied migration created unless `--drop-migrated` is given.
+/// Exit 1 when a declared index differs on the server or `--prune` kept one.
 #[cfg(feature = "mongodb")]
-async fn sync(cfg: &Config, prune: bool, dry_run: bool, indexes: Option<PathBuf>, json: bool) -> Result<i32, CliError> {
+async fn sync(cfg: &Config, lib: &kiln::Kiln, local: &[Migration], backend: &mut dyn Engine, a: SyncArgs, json: bool) -> Result<i32, CliError> {
     use kiln::url::EngineKind;
     if EngineKind::of(&cfg.url) != Some(EngineKind::Mongodb) {
         return Err(CliError::Usage("`kiln sync` manages declared MongoDB indexes; the database is not MongoDB".into()));
     }
-    let dir = indexes.unwrap_or_else(|| cfg.dir.parent().map(|p| p.join("indexes")).unwrap_or_else(|| PathBuf::from("indexes")));
+    let dir = a.indexes.unwrap_or_else(|| cfg.dir.parent().map(|p| p.join("indexes")).unwrap_or_else(|| PathBuf::from("indexes")));
     if !dir.is_dir() {
         return Err(CliError::Usage(format!("index declarations directory {} does not exist (use --indexes DIR)", dir.display())));
     }
-    let report = kiln_mongo::sync_indexes(&cfg.backend_config(), &dir, &kiln_mongo::SyncOptions { prune, dry_run })
-        .await
-        .map_err(|e| CliError::Failed(e.to_string()))?;
+    let mut runner = lib.runner(backend, None);
+    let applied: Vec<String> = runner.status(local).await?.into_iter().filter(|r| r.state == "applied").map(|r| r.version).collect();
+    let migrated = migrated_indexes(local.iter().filter(|m| applied.contains(&m.version.text)));
+    let opts = kiln_mongo::SyncOptions { prune: a.prune, dry_run: a.dry_run, migrated, drop_migrated: a.drop_migrated };
+    let backend_cfg = cfg.backend_config();
+    let work = async { Ok(kiln_mongo::sync_indexes(&backend_cfg, &dir, &opts).await) };
+    let report = if a.dry_run { work.await? } else { runner.locked(work, |r| r.as_ref().map(|r| r.applied > 0).unwrap_or(true)).await? };
+    let report = report.map_err(|e| match e {
+        kiln_mongo::SyncError::Engine(e) => CliError::Run(e.into()),
+        e @ kiln_mongo::SyncError::BadFile { .. } => CliError::Usage(e.to_string()),
+        e => CliError::Failed(e.to_string()),
+    })?;
     render::sync_report(&report, json);
-    Ok(0)
+    Ok(if report.refused() { 1 } else { 0 })
+}
+
+/// The indexes the up bodies of `applied` create (`createIndexes`).
+#[cfg(feature = "mongodb")]
+fn migrated_indexes<'a>(applied: impl Iterator<Item = &'a Migration>) -> Vec<kiln_mongo::MigratedIndex> {
+    let mut out = Vec::new();
+    for m in applied {
+        let kiln::Body::Commands { commands, .. } = &m.up else { continue };
+        for c in commands {
+            let Some(coll) = c.doc.get("createIndexes").and_then(|v| v.as_str()) else { continue };
+            for ix in c.doc.get("indexes").and_then(|v| v.as_array()).into_iter().flatten() {
+                if let Some(name) = ix.get("name").and_then(|v| v.as_str()) {
+                    out.push(kiln_mongo::MigratedIndex { collection: coll.to_string(), name: name.to_string(), migration: m.name() });
+                }
+            }
+        }
+    }
+    out
 }
 
 #[cfg(not(feature = "mongodb"))]
-async fn sync(_cfg: &Config, _prune: bool, _dry_run: bool, _indexes: Option<PathBuf>, _json: bool) -> Result<i32, CliError> {
+async fn sync(_cfg: &Config, _lib: &kiln::Kiln, _local: &[Migration], _backend: &mut dyn Engine, _a: SyncArgs, _json: bool) -> Result<i32, CliError> {
     Err(CliError::Usage("this kiln was built without MongoDB support".into()))
 }
 

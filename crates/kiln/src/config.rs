@@ -16,6 +16,8 @@ pub const DEFAULT_URL: &str = "sqlite://kiln.db";
 pub const DEFAULT_DIR: &str = "migrations";
 /// The default config file.
 pub const DEFAULT_CONFIG: &str = "kiln.toml";
+/// The schema contract file, beside kiln.toml.
+pub const DEFAULT_SCHEMA_FILE: &str = "schema.yaml";
 
 /// How new migration versions are numbered by `kiln create`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -244,7 +246,8 @@ impl Config {
     /// An unreadable or invalid `kiln.toml`, or invalid values.
     pub fn load(o: &Overrides) -> Result<Config, ConfigError> {
         let explicit = o.config.clone().or_else(|| std::env::var_os("KILN_CONFIG").map(PathBuf::from));
-        let path = explicit.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+        // Like cargo and git: the nearest kiln.toml in this directory or a parent.
+        let path = explicit.clone().or_else(find_config).unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
         let file: FileConfig = match std::fs::read_to_string(&path) {
             Ok(text) => {
                 toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.clone(), message: e.to_string().trim_end().to_string() })?
@@ -312,7 +315,7 @@ impl Config {
             schema_file: match file.schema_file {
                 Some(p) if p.is_relative() => base.join(p),
                 Some(p) => p,
-                None => base.join("schema.yaml"),
+                None => base.join(DEFAULT_SCHEMA_FILE),
             },
             validate: file.validate.unwrap_or_default(),
         })
@@ -323,13 +326,7 @@ impl Config {
     /// # Errors
     /// An unreadable or invalid file, or an explicitly configured file that is missing.
     pub fn contract(&self) -> Result<Option<kiln_core::schema::Contract>, ConfigError> {
-        match std::fs::read_to_string(&self.schema_file) {
-            Ok(text) => kiln_core::schema::Contract::parse(&text, &self.schema_file.display().to_string())
-                .map(Some)
-                .map_err(|e| ConfigError::Invalid(e.to_string())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !self.schema_file_explicit => Ok(None),
-            Err(e) => Err(ConfigError::Read { path: self.schema_file.clone(), source: e }),
-        }
+        read_contract(&self.schema_file, self.schema_file_explicit)
     }
 
     /// The URL with any password replaced by `***`.
@@ -355,6 +352,34 @@ fn parse_duration(v: &DurationValue) -> Result<Duration, String> {
     match v {
         DurationValue::Secs(s) => checked_duration(*s as f64, &s.to_string()),
         DurationValue::Text(t) => parse_duration_text(t),
+    }
+}
+
+/// The nearest `kiln.toml` in the current directory or one of its parents,
+/// as a path relative to the current directory (`kiln.toml`, `../kiln.toml`).
+pub fn find_config() -> Option<PathBuf> {
+    let cwd = std::env::current_dir().ok()?;
+    let mut rel = PathBuf::new();
+    for dir in cwd.ancestors() {
+        if dir.join(DEFAULT_CONFIG).is_file() {
+            return Some(rel.join(DEFAULT_CONFIG));
+        }
+        rel.push("..");
+    }
+    None
+}
+
+/// Read the schema contract at `path`: `None` when the file does not exist
+/// and was not named explicitly (`explicit`), an error when a named file is
+/// missing.
+///
+/// # Errors
+/// An unreadable or invalid file, or an explicitly named file that is missing.
+pub fn read_contract(path: &Path, explicit: bool) -> Result<Option<kiln_core::schema::Contract>, ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => kiln_core::schema::Contract::parse(&text, &path.display().to_string()).map(Some).map_err(|e| ConfigError::Invalid(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(None),
+        Err(e) => Err(ConfigError::Read { path: path.to_path_buf(), source: e }),
     }
 }
 

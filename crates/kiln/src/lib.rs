@@ -47,13 +47,94 @@ pub async fn connect(cfg: &BackendConfig) -> Result<Box<dyn Engine>, EngineError
     }
 }
 
+/// Load the migrations in `dir` as every kiln command does: [`load_dir`], then
+/// refuse what this kiln cannot honour. A tenant-scoped migration
+/// (`-- kiln:scope tenant`, `scope: tenant`, or a file under `tenant/`) is
+/// refused until multi-tenant fleets exist: applying it to the one configured
+/// database would silently do the wrong thing.
+///
+/// # Errors
+/// [`SourceError`] naming the file (and line) of the first problem.
+pub fn load_migrations(dir: &std::path::Path, opts: &LoadOptions) -> Result<Vec<Migration>, SourceError> {
+    let local = load_dir(dir, opts)?;
+    let tenant: Vec<&Migration> = local.iter().filter(|m| m.directives.scope == Scope::Tenant).collect();
+    if let Some(first) = tenant.first() {
+        let path = dir.join(&first.path);
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let line = text.lines().position(|l| {
+            let l = l.trim_start();
+            l.starts_with("-- kiln:scope") || l.starts_with("scope:") || l.starts_with("\"scope\"")
+        });
+        let how = match line {
+            Some(_) => "it declares `scope tenant`",
+            None => "it is in a `tenant/` folder",
+        };
+        let more = match tenant.len() {
+            1 => String::new(),
+            n => format!(" ({} more: {})", n - 1, tenant[1..].iter().map(|m| m.display_path()).collect::<Vec<_>>().join(", ")),
+        };
+        return Err(SourceError::Parse {
+            file: path,
+            line: line.map(|l| l + 1).unwrap_or(1),
+            message: format!(
+                "{how}, but this kiln has no tenant fleets yet (no `[tenants]` in kiln.toml), and applying a tenant migration to the one configured database would be wrong; move it out of `tenant/` or remove the scope until fleets are supported{more}"
+            ),
+        });
+    }
+    Ok(local)
+}
+
 /// Load options (dialect and naming rule) for a URL and naming rule.
 pub fn load_options(url: &str, name_rule: Option<String>) -> LoadOptions {
     LoadOptions { dialect: EngineKind::of(url).map(EngineKind::dialect).unwrap_or(kiln_core::split::Dialect::GENERIC), name_rule }
 }
 
+/// An error of the library: configuration, or a run. Both carry the stable
+/// machine code the CLI's `--json` output and the HTTP API use.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Configuration: kiln.toml, the schema file, a value (the CLI exits 2).
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// Loading, planning or running migrations.
+    #[error(transparent)]
+    Run(#[from] RunError),
+}
+
+impl Error {
+    /// A stable machine code (`config`, `checksum_mismatch`, `lock_timeout`, …).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Config(_) => "config",
+            Error::Run(e) => e.code(),
+        }
+    }
+
+    /// The CLI's exit code for this error: 1 when the database, a migration or a
+    /// check says no, 2 when the input (flags, files, configuration) is wrong.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Config(_) => 2,
+            Error::Run(e) => e.exit_code(),
+        }
+    }
+}
+
+impl From<EngineError> for Error {
+    fn from(e: EngineError) -> Self {
+        Error::Run(e.into())
+    }
+}
+
+impl From<SourceError> for Error {
+    fn from(e: SourceError) -> Self {
+        Error::Run(e.into())
+    }
+}
+
 /// Everything needed to run migrations from a program: a builder over the same
-/// engine the CLI uses.
+/// engine the CLI uses — the same plan, the same schema validation, the same
+/// refusals. `kiln up` is `Kiln::from_config(&cfg).up()`.
 pub struct Kiln {
     backend: BackendConfig,
     dir: PathBuf,
@@ -61,10 +142,15 @@ pub struct Kiln {
     settings: RunnerSettings,
     policy: Policy,
     observer: Option<Arc<dyn Observer>>,
+    schema_file: PathBuf,
+    schema_file_explicit: bool,
+    validate: config::ValidateMode,
 }
 
 impl Kiln {
-    /// Migrations from `./migrations` for the database at `url`.
+    /// Migrations from `./migrations` for the database at `url`; the schema
+    /// contract from `./schema.yaml` when that file exists (as the CLI does
+    /// without a kiln.toml).
     pub fn new(url: impl Into<String>) -> Self {
         Kiln {
             backend: BackendConfig::new(url),
@@ -73,6 +159,9 @@ impl Kiln {
             settings: RunnerSettings::default(),
             policy: Policy::default(),
             observer: None,
+            schema_file: PathBuf::from(config::DEFAULT_SCHEMA_FILE),
+            schema_file_explicit: false,
+            validate: config::ValidateMode::default(),
         }
     }
 
@@ -85,6 +174,9 @@ impl Kiln {
             settings: RunnerSettings { lock_timeout: c.lock_timeout, ..RunnerSettings::default() },
             policy: Policy { allow_out_of_order: c.allow_out_of_order, group: None },
             observer: None,
+            schema_file: c.schema_file.clone(),
+            schema_file_explicit: c.schema_file_explicit,
+            validate: c.validate,
         }
     }
 
@@ -94,9 +186,36 @@ impl Kiln {
         self
     }
 
+    /// The schema contract file; unlike the default `schema.yaml`, a file named
+    /// here must exist.
+    pub fn schema_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.schema_file = path.into();
+        self.schema_file_explicit = true;
+        self
+    }
+
+    /// Whether `up` validates the contract before each migration commits
+    /// (default) or not at all (`check` still validates).
+    pub fn validate(mut self, mode: config::ValidateMode) -> Self {
+        self.validate = mode;
+        self
+    }
+
     /// How long to wait for another runner's lock.
     pub fn lock_timeout(mut self, d: std::time::Duration) -> Self {
         self.settings.lock_timeout = d;
+        self
+    }
+
+    /// Only migrations of this group (`up --group`).
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.policy.group = Some(group.into());
+        self
+    }
+
+    /// Allow pending migrations older than the newest applied one.
+    pub fn allow_out_of_order(mut self, allow: bool) -> Self {
+        self.policy.allow_out_of_order = allow;
         self
     }
 
@@ -106,30 +225,64 @@ impl Kiln {
         self
     }
 
-    /// Apply every pending migration (one batch).
+    /// The engine settings this value connects with.
+    pub fn backend_config(&self) -> &BackendConfig {
+        &self.backend
+    }
+
+    /// Apply every pending migration (one batch), validating the schema
+    /// contract before each migration commits, exactly as `kiln up`.
     ///
     /// # Errors
     /// See [`RunError`]: bad files, a refused plan (checksum mismatch, failed
-    /// migration, …), a lock time-out, or a failed migration with what it left.
-    pub async fn up(&self) -> Result<RunReport, RunError> {
+    /// migration, …), a lock time-out, a failed migration or one that breaks
+    /// the contract, with what it left; [`Error::Config`] for an unreadable
+    /// schema file.
+    pub async fn up(&self) -> Result<RunReport, Error> {
+        self.up_to(&UpTarget::Latest, false).await
+    }
+
+    /// `up` to a target version, or a dry run that changes nothing.
+    ///
+    /// # Errors
+    /// As [`Kiln::up`].
+    pub async fn up_to(&self, target: &UpTarget, dry_run: bool) -> Result<RunReport, Error> {
+        let contract = self.contract()?;
         let local = self.load()?;
-        let mut b = connect(&self.backend).await?;
-        let r = self.runner(b.as_mut()).up(&local, &UpTarget::Latest, &self.policy, false).await;
+        let mut b = connect(&BackendConfig { read_only: dry_run, ..self.backend.clone() }).await?;
+        let r = self.runner(b.as_mut(), contract).up(&local, target, &self.policy, dry_run).await;
         let _ = b.close().await;
-        r
+        Ok(r?)
+    }
+
+    /// The start-up gate, as `kiln check`: pending, failed or changed
+    /// migrations, plan problems, contract violations and drift since the last
+    /// run, read without taking the lock or changing anything.
+    /// [`CheckReport::ok`](runner::CheckReport::ok) says whether it passed.
+    ///
+    /// # Errors
+    /// Bad files, an unreadable schema file or an unreachable database (a
+    /// failed check is a report, not an error).
+    pub async fn check(&self) -> Result<runner::CheckReport, Error> {
+        let contract = self.contract()?;
+        let local = self.load()?;
+        let mut b = connect(&BackendConfig { read_only: true, ..self.backend.clone() }).await?;
+        let r = self.runner(b.as_mut(), None).check(&local, contract.as_deref()).await;
+        let _ = b.close().await;
+        Ok(r?)
     }
 
     /// Every migration with its state.
     ///
     /// # Errors
     /// Bad files or an unreachable database.
-    pub async fn status(&self) -> Result<Vec<StatusRow>, RunError> {
+    pub async fn status(&self) -> Result<Vec<StatusRow>, Error> {
         let local = self.load()?;
         // Reading creates nothing (not even a SQLite file).
         let mut b = connect(&BackendConfig { read_only: true, ..self.backend.clone() }).await?;
-        let r = self.runner(b.as_mut()).status(&local).await;
+        let r = self.runner(b.as_mut(), None).status(&local).await;
         let _ = b.close().await;
-        r
+        Ok(r?)
     }
 
     /// Load the migration files.
@@ -137,14 +290,33 @@ impl Kiln {
     /// # Errors
     /// [`SourceError`] naming the file.
     pub fn load(&self) -> Result<Vec<Migration>, SourceError> {
-        load_dir(&self.dir, &load_options(&self.backend.url, self.name_rule.clone()))
+        load_migrations(&self.dir, &load_options(&self.backend.url, self.name_rule.clone()))
     }
 
-    fn runner<'a>(&self, b: &'a mut dyn Engine) -> Runner<'a> {
-        let r = Runner::new(b, self.settings.clone());
-        match &self.observer {
-            Some(o) => r.with_observer(o.clone()),
-            None => r,
+    /// The schema contract, when the schema file exists (or was named).
+    ///
+    /// # Errors
+    /// An unreadable or invalid schema file, or a named one that is missing.
+    pub fn contract(&self) -> Result<Option<Arc<schema::Contract>>, config::ConfigError> {
+        config::read_contract(&self.schema_file, self.schema_file_explicit).map(|c| c.map(Arc::new))
+    }
+
+    /// A runner over `engine` with this value's settings and observer, and —
+    /// when validation is on — the contract that `up` validates against. The
+    /// CLI's commands run through here too.
+    pub fn runner<'a>(&self, engine: &'a mut dyn Engine, contract: Option<Arc<schema::Contract>>) -> Runner<'a> {
+        let mut r = Runner::new(engine, self.settings.clone());
+        if let Some(o) = &self.observer {
+            r = r.with_observer(o.clone());
         }
+        if self.validate == config::ValidateMode::AfterEach {
+            r = r.with_contract(contract);
+        }
+        r
+    }
+
+    /// The policy of `up` (out-of-order, group).
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 }

@@ -15,8 +15,12 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let json = cli.global.json;
+    let down = matches!(cli.cmd, cli::Cmd::Down { .. });
     init_logging(cli.global.log_level.as_deref());
     // One thread is enough for a migration run and starts fastest; tasks that
     // must run beside it (lock heartbeats) are cooperative.
@@ -29,11 +33,26 @@ fn main() -> ExitCode {
     };
     let code = match rt.block_on(cli::run(cli)) {
         Ok(code) => code,
-        Err(e) => render::error(&e, json),
+        Err(e) => render::error(&e, json, down),
     };
     // Don't wait for background tasks (a driver's idle connection pool) at exit.
     rt.shutdown_background();
     ExitCode::from(code as u8)
+}
+
+/// A command line clap rejects: clap's own text for people (and for `--help`
+/// and `--version`, which are not errors), one JSON error document with code
+/// `usage` on stdout when `--json` is among the arguments. Exit 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let wants_json = std::env::args_os().any(|a| a == "--json");
+    if !wants_json || matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+        e.exit();
+    }
+    let message = e.render().to_string();
+    let message = message.trim().trim_start_matches("error: ").lines().next().unwrap_or("").to_string();
+    render::json(&serde_json::json!({ "error": { "code": "usage", "message": message, "exit_code": 2 } }));
+    ExitCode::from(2)
 }
 
 fn init_logging(level: Option<&str>) {

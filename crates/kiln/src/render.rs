@@ -43,8 +43,32 @@ impl kiln::Observer for Progress {
     }
 }
 
+/// What a command ran against, for the headers of human output.
+pub struct Target {
+    /// The database URL, password redacted.
+    pub url: String,
+    /// Migrations found.
+    pub migrations: usize,
+    /// The migrations directory.
+    pub dir: String,
+    /// The kiln.toml used, if any.
+    pub config: Option<String>,
+}
+
+impl Target {
+    /// `sqlite://kiln.db · 3 migrations in migrations · config kiln.toml`
+    pub fn header(&self) -> String {
+        let config = match &self.config {
+            Some(c) => format!(" · config {c}"),
+            None => " · no kiln.toml".to_string(),
+        };
+        let n = if self.migrations == 1 { "1 migration".to_string() } else { format!("{} migrations", self.migrations) };
+        format!("{} · {n} in {}{config}", self.url, self.dir)
+    }
+}
+
 /// Print the result of `up` / `down`.
-pub fn run_report(r: &RunReport, target: &str, as_json: bool) {
+pub fn run_report(r: &RunReport, target: &Target, as_json: bool) {
     if as_json {
         json(r);
         return;
@@ -52,11 +76,16 @@ pub fn run_report(r: &RunReport, target: &str, as_json: bool) {
     let up = r.direction == Direction::Up;
     if r.dry_run {
         if r.steps.is_empty() {
-            println!("Dry run: nothing to {} on {target}.", if up { "apply" } else { "revert" });
+            println!("Dry run: nothing to {} on {}.", if up { "apply" } else { "revert" }, target.url);
             return;
         }
         let batch = r.batch.map(|b| format!(" as batch {b}")).unwrap_or_default();
-        println!("Dry run: would {} {} migration(s){batch} on {target}; nothing was changed.", if up { "apply" } else { "revert" }, r.steps.len());
+        println!(
+            "Dry run: would {} {} migration(s){batch} on {}; nothing was changed.",
+            if up { "apply" } else { "revert" },
+            r.steps.len(),
+            target.url
+        );
         for s in &r.steps {
             let tx = match s.transaction {
                 kiln::TxMode::Off => ", no transaction",
@@ -86,7 +115,11 @@ pub fn run_report(r: &RunReport, target: &str, as_json: bool) {
         return;
     }
     if r.steps.is_empty() {
-        println!("Nothing to {}: {target} is up to date.", if up { "apply" } else { "revert" });
+        if up {
+            println!("Nothing to apply: {} is up to date ({} migrations in {}).", target.url, target.migrations, target.dir);
+        } else {
+            println!("Nothing to revert: no migration is applied on {}.", target.url);
+        }
         return;
     }
     let batch = r.batch.map(|b| format!(" (batch {b})")).unwrap_or_default();
@@ -127,7 +160,7 @@ fn timestamp(t: chrono::DateTime<chrono::Utc>) -> String {
 }
 
 /// Print `kiln status`.
-pub fn status(rows: &[StatusRow], collections: Option<&serde_json::Value>, target: &str, as_json: bool) {
+pub fn status(rows: &[StatusRow], collections: Option<&serde_json::Value>, target: &Target, as_json: bool) {
     if as_json {
         let mut v = serde_json::json!({ "migrations": rows });
         if let Some(c) = collections {
@@ -138,7 +171,7 @@ pub fn status(rows: &[StatusRow], collections: Option<&serde_json::Value>, targe
     }
     let mut out = String::with_capacity(rows.len() * 100);
     use std::fmt::Write as _;
-    let _ = writeln!(out, "{target}");
+    let _ = writeln!(out, "{}", target.header());
     if rows.is_empty() {
         let _ = writeln!(out, "No migrations yet: `kiln create <name>` writes one.");
     } else {
@@ -233,12 +266,15 @@ pub fn status(rows: &[StatusRow], collections: Option<&serde_json::Value>, targe
 }
 
 /// Print `kiln check`.
-pub fn check(r: &kiln::runner::CheckReport, target: &str, as_json: bool) {
+pub fn check(r: &kiln::runner::CheckReport, target: &Target, as_json: bool) {
     if as_json {
         json(r);
         return;
     }
-    println!("{target}");
+    println!("{}", target.header());
+    fn strings<T: ToString>(v: &[T]) -> Vec<String> {
+        v.iter().map(ToString::to_string).collect()
+    }
     let section = |title: &str, items: &[String]| {
         if !items.is_empty() {
             println!("{} {title}:", "✗".red().bold());
@@ -247,10 +283,10 @@ pub fn check(r: &kiln::runner::CheckReport, target: &str, as_json: bool) {
             }
         }
     };
-    section("pending migrations", &r.pending);
-    section("failed migrations (run `kiln repair` after fixing the database)", &r.failed);
-    section("applied migrations changed or missing", &r.changed);
-    section("plan problems", &r.problems);
+    section("pending migrations", &strings(&r.pending));
+    section("failed migrations (fix the database, then `kiln repair --reason \"fixed by hand\"`)", &strings(&r.failed));
+    section("applied migrations changed or missing", &strings(&r.changed));
+    section("plan problems", &r.problems.iter().map(|p| p.message.clone()).collect::<Vec<_>>());
     let errors: Vec<String> =
         r.violations.iter().filter(|v| v.severity == kiln::schema::Severity::Error).map(|v| format!("{}: {}", v.object, v.message)).collect();
     section("schema contract violations", &errors);
@@ -335,8 +371,11 @@ pub fn admin(r: &AdminReport, as_json: bool) {
         json(r);
         return;
     }
+    if r.changes.is_empty() {
+        println!("kiln {0}: nothing to {0}", r.action);
+    }
     for c in &r.changes {
-        println!("  {} {c}", r.action.green());
+        println!("  {} {c}", r.action.to_string().green());
     }
 }
 
@@ -363,8 +402,10 @@ fn code_of(e: &CliError) -> &'static str {
     }
 }
 
-/// Print an error (stderr for humans, stdout JSON for machines) and return the exit code.
-pub fn error(e: &CliError, as_json: bool) -> i32 {
+/// Print an error (stderr for humans, stdout JSON for machines) and return the
+/// exit code. `down`: the failed command was `kiln down`, so the migrations
+/// done before the failure were reverted, not applied.
+pub fn error(e: &CliError, as_json: bool, down: bool) -> i32 {
     let code = e.exit_code();
     if as_json {
         let mut v = serde_json::json!({ "error": { "code": code_of(e), "message": e.to_string(), "exit_code": code } });
@@ -386,6 +427,7 @@ pub fn error(e: &CliError, as_json: bool) -> i32 {
             v["error"]["database_code"] = serde_json::json!(error.code);
             v["error"]["rolled_back"] = serde_json::json!(*outcome == kiln::FailureOutcome::RolledBack);
             v["error"]["done_before_failure"] = serde_json::json!(done.iter().map(|d| d.text.clone()).collect::<Vec<_>>());
+            v["error"]["direction"] = serde_json::json!(if down { "down" } else { "up" });
         }
         json(&v);
         return code;
@@ -404,11 +446,12 @@ pub fn error(e: &CliError, as_json: bool) -> i32 {
     eprintln!("{} {msg}", "error:".red().bold());
     if let CliError::Run(r @ (RunError::Migration { .. } | RunError::Invalid { .. })) = e {
         let done = r.done();
-        if done.is_empty() {
-            eprintln!("nothing was applied in this run before the failure");
-        } else {
-            let list: Vec<&str> = done.iter().map(|v| v.text.as_str()).collect();
-            eprintln!("applied in this run before the failure (still applied): {}", list.join(", "));
+        let list: Vec<&str> = done.iter().map(|v| v.text.as_str()).collect();
+        match (down, done.is_empty()) {
+            (false, true) => eprintln!("nothing was applied in this run before the failure"),
+            (false, false) => eprintln!("applied in this run before the failure (still applied): {}", list.join(", ")),
+            (true, true) => eprintln!("nothing was reverted in this run before the failure"),
+            (true, false) => eprintln!("reverted in this run before the failure (now pending): {}", list.join(", ")),
         }
     }
     code

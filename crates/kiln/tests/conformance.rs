@@ -211,7 +211,8 @@ async fn unmet_dependency_is_refused(e: Engine) {
         p.write("0002_needs_missing.sql", "-- kiln:depends 0009_not_there\nCREATE TABLE t_2 (id int);\n");
     }
     let r = p.kiln(&["up", "--json"]);
-    r.fails_with(1);
+    // A `depends` naming nothing is a bad file: exit 2, like a bad name (issue 8.9).
+    r.fails_with(2);
     let err = &r.json()["error"];
     assert_eq!(err["problems"][0]["code"], "unknown_dependency", "{err}");
     assert!(err["message"].as_str().unwrap().contains("0002_needs_missing"), "{err}");
@@ -309,7 +310,7 @@ async fn repair_accepts_a_deliberate_change(e: Engine) {
     p.kiln(&["repair"]).fails_with(2);
     let r = p.kiln(&["repair", "--reason", "comment only", "--json"]);
     r.ok();
-    assert!(r.json()["changes"][0].as_str().unwrap().contains("checksum"), "{}", r.stdout);
+    assert_eq!(r.json()["changes"][0]["change"], "checksum", "{}", r.stdout);
     p.kiln(&["up"]).ok();
     assert_eq!(p.objects().await, names(&["t_1", "t_2"]));
     // nothing left to repair

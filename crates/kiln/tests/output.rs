@@ -71,3 +71,69 @@ async fn the_librarys_status_creates_no_sqlite_file() {
     assert_eq!(rows[0].state, "pending");
     assert!(!db.exists());
 }
+
+#[tokio::test]
+async fn a_failed_down_lists_what_it_reverted_not_applied() {
+    // Before: "applied in this run before the failure (still applied): 0002"
+    // after 0002 had been reverted.
+    let p = Project::new(Engine::Sqlite).await;
+    p.write("0001_a.sql", "-- kiln:up\nCREATE TABLE a (id INT);\n-- kiln:down\nDROP TABLE no_such_table;\n");
+    p.write("0002_b.sql", "-- kiln:up\nCREATE TABLE b (id INT);\n-- kiln:down\nDROP TABLE b;\n");
+    p.kiln(&["up"]).ok();
+    let run = p.kiln(&["down", "--to", "0"]);
+    run.fails_with(1);
+    assert!(run.stderr.contains("reverted in this run before the failure (now pending): 0002"), "{}", run.stderr);
+    assert!(!run.stderr.contains("still applied"), "{}", run.stderr);
+    let json = p.kiln(&["down", "--to", "0", "--json"]);
+    json.fails_with(1);
+    assert_eq!(json.json()["error"]["direction"], "down", "{}", json.stdout);
+    assert_eq!(p.states(), [("0001".to_string(), "applied".to_string()), ("0002".to_string(), "pending".to_string())]);
+}
+
+#[tokio::test]
+async fn argument_errors_are_json_with_json() {
+    let root = tempfile::tempdir().unwrap();
+    let run = output_to_run(kiln_cmd(root.path()).args(["up", "--no-such-flag", "--json"]).output().unwrap());
+    run.fails_with(2);
+    let v = run.json();
+    assert_eq!(v["error"]["code"], "usage", "{}", run.stdout);
+    assert!(v["error"]["message"].as_str().unwrap().contains("--no-such-flag"), "{}", run.stdout);
+    // Without --json, clap's text on stderr.
+    let plain = output_to_run(kiln_cmd(root.path()).args(["up", "--no-such-flag"]).output().unwrap());
+    plain.fails_with(2);
+    assert!(plain.stderr.contains("--no-such-flag") && plain.stdout.is_empty());
+}
+
+#[tokio::test]
+async fn down_json_has_no_null_batch_and_admin_changes_are_data() {
+    let p = Project::new(Engine::Sqlite).await;
+    p.add_create(1);
+    p.kiln(&["up"]).ok();
+    let down = p.kiln(&["down", "--json"]);
+    down.ok();
+    assert!(down.json().get("batch").is_none(), "{}", down.stdout);
+    let b = p.kiln(&["baseline", "0001", "--json"]);
+    b.ok();
+    assert_eq!(b.json()["action"], "baseline");
+    assert_eq!(b.json()["changes"][0]["change"], "baseline", "{}", b.stdout);
+    assert_eq!(b.json()["changes"][0]["version"], "0001", "{}", b.stdout);
+}
+
+#[tokio::test]
+async fn kiln_toml_is_found_in_a_parent_directory_and_named_in_the_header() {
+    let root = tempfile::tempdir().unwrap();
+    let proj = root.path();
+    std::fs::create_dir_all(proj.join("migrations")).unwrap();
+    std::fs::create_dir_all(proj.join("src/deep")).unwrap();
+    std::fs::write(proj.join("kiln.toml"), "url = \"sqlite://kiln.db\"\n").unwrap();
+    std::fs::write(proj.join("migrations/0001_a.sql"), "CREATE TABLE a (id INT);\n").unwrap();
+    let run = |cwd: &std::path::Path, args: &[&str]| output_to_run(kiln_cmd(cwd).args(args).output().unwrap());
+    run(&proj.join("src/deep"), &["up"]).ok();
+    assert!(proj.join("kiln.db").exists(), "up from src/deep used ../../kiln.toml and its database");
+    assert!(!proj.join("src/deep/kiln.db").exists());
+    let status = run(&proj.join("src/deep"), &["status"]);
+    status.ok();
+    let header = status.stdout.lines().next().unwrap();
+    assert!(header.contains("config ../../kiln.toml"), "{header}");
+    assert!(header.contains("1 migration in ../../migrations"), "{header}");
+}

@@ -1,0 +1,252 @@
+//! What commands report, as data: serialisable for `--json` and the HTTP API,
+//! rendered for people by the CLI. Nothing here is pre-formatted text except
+//! the `Display` impls, which are the human rendering of one item.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::event::Direction;
+use crate::model::{Body, Migration, State, TxMode};
+use crate::schema::{Change, Violation};
+
+/// One planned or executed step, for reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepReport {
+    /// Version.
+    pub version: String,
+    /// Description.
+    pub name: String,
+    /// File.
+    pub file: String,
+    /// Statements/commands in the body run.
+    pub statements: usize,
+    /// Transaction mode asked for.
+    pub transaction: TxMode,
+    /// Duration in ms (0 for dry runs).
+    pub duration_ms: u64,
+    /// The SQL statements or commands (dry runs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<Body>,
+}
+
+impl StepReport {
+    pub(crate) fn of(m: &Migration, body: &Body, ms: u64, with_body: bool) -> Self {
+        StepReport {
+            version: m.version.text.clone(),
+            name: m.description.clone(),
+            file: m.display_path(),
+            statements: body.len(),
+            transaction: m.directives.transaction,
+            duration_ms: ms,
+            body: with_body.then(|| body.clone()),
+        }
+    }
+}
+
+/// What `up` or `down` did (or would do, for a dry run).
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    /// Direction.
+    pub direction: Direction,
+    /// The batch recorded (`up`, when something ran); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<i64>,
+    /// Steps done (or planned, for a dry run), in order.
+    pub steps: Vec<StepReport>,
+    /// Nothing was changed.
+    pub dry_run: bool,
+    /// Total time in ms.
+    pub duration_ms: u64,
+}
+
+/// Which operator command produced an [`AdminReport`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminAction {
+    /// `kiln baseline`.
+    Baseline,
+    /// `kiln retire`.
+    Retire,
+    /// `kiln repair`.
+    Repair,
+}
+
+impl fmt::Display for AdminAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AdminAction::Baseline => "baseline",
+            AdminAction::Retire => "retire",
+            AdminAction::Repair => "repair",
+        })
+    }
+}
+
+/// One change an operator command made to the history (or the files).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum AdminChange {
+    /// Recorded as applied without running (`baseline`).
+    Baseline {
+        /// Version.
+        version: String,
+        /// Description.
+        name: String,
+    },
+    /// Removed from every plan (`retire`).
+    Retired {
+        /// Version.
+        version: String,
+        /// Description.
+        name: String,
+        /// State before (`applied`, `failed`, …, or `pending` when it had no entry).
+        was: String,
+    },
+    /// A file renamed to `<file>.retired` by `retire`.
+    Renamed {
+        /// The file.
+        from: String,
+        /// Its new name.
+        to: String,
+    },
+    /// A failed or interrupted entry removed: the migration is pending again.
+    Removed {
+        /// Version.
+        version: String,
+        /// Description.
+        name: String,
+        /// `failed` or `running`.
+        was: State,
+    },
+    /// A failed or interrupted entry recorded as applied (completed by hand).
+    MarkedApplied {
+        /// Version.
+        version: String,
+        /// Description.
+        name: String,
+        /// `failed` or `running`.
+        was: State,
+    },
+    /// An applied migration's recorded checksum realigned with its file.
+    Checksum {
+        /// Version.
+        version: String,
+        /// Description.
+        name: String,
+        /// Checksum recorded before.
+        from: String,
+        /// The file's checksum, recorded now.
+        to: String,
+    },
+}
+
+impl fmt::Display for AdminChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let short = |c: &str| c.chars().take(12).collect::<String>();
+        match self {
+            AdminChange::Baseline { version, name } => write!(f, "{version} {name}: baseline"),
+            AdminChange::Retired { version, name, was } => write!(f, "{version} {name}: {was} -> retired"),
+            AdminChange::Renamed { from, to } => write!(f, "renamed {from} to {to}"),
+            AdminChange::Removed { version, name, was } => write!(f, "{version} {name}: {was} entry removed; it is pending again"),
+            AdminChange::MarkedApplied { version, name, was } => write!(f, "{version} {name}: {was} -> applied (completed by hand)"),
+            AdminChange::Checksum { version, name, from, to } => write!(f, "{version} {name}: checksum {} -> {}", short(from), short(to)),
+        }
+    }
+}
+
+/// What an operator command (baseline, retire, repair) changed; `changes` is
+/// empty when there was nothing to do.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdminReport {
+    /// The command.
+    pub action: AdminAction,
+    /// Every change, in order.
+    pub changes: Vec<AdminChange>,
+}
+
+/// A failed or interrupted migration found by `kiln check`.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckFailed {
+    /// Version.
+    pub version: String,
+    /// Description.
+    pub name: String,
+    /// `failed` or `running`.
+    pub state: String,
+    /// The recorded error (`None`: interrupted).
+    pub error: Option<String>,
+}
+
+impl fmt::Display for CheckFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}_{} ({}): {}", self.version, self.name, self.state, self.error.as_deref().unwrap_or("interrupted"))
+    }
+}
+
+/// A plan problem found by `kiln check`, with its stable code.
+#[derive(Clone, Debug, Serialize)]
+pub struct Problem {
+    /// Stable machine code (`unknown_dependency`, …).
+    pub code: &'static str,
+    /// The message.
+    pub message: String,
+}
+
+/// An applied migration whose file changed or is gone, found by `kiln check`.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckChanged {
+    /// Version.
+    pub version: String,
+    /// Description.
+    pub name: String,
+    /// True when the file is gone; false when it changed (checksum).
+    pub missing: bool,
+}
+
+impl fmt::Display for CheckChanged {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = if self.missing { "applied but its file is missing" } else { "file changed since it was applied" };
+        write!(f, "{}_{}: {what}", self.version, self.name)
+    }
+}
+
+/// A pending migration found by `kiln check`.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckPending {
+    /// Version.
+    pub version: String,
+    /// Description.
+    pub name: String,
+    /// Older than the newest applied migration.
+    pub out_of_order: bool,
+}
+
+impl fmt::Display for CheckPending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}_{}{}", self.version, self.name, if self.out_of_order { " (out of order)" } else { "" })
+    }
+}
+
+/// What `kiln check` found. `ok` is false when anything below is non-empty
+/// (warnings aside).
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckReport {
+    /// Nothing wrong.
+    pub ok: bool,
+    /// Pending migrations.
+    pub pending: Vec<CheckPending>,
+    /// Failed or interrupted migrations, with their errors.
+    pub failed: Vec<CheckFailed>,
+    /// Applied migrations whose file changed, and applied migrations whose file is gone.
+    pub changed: Vec<CheckChanged>,
+    /// Other plan problems (bad dependencies).
+    pub problems: Vec<Problem>,
+    /// Contract errors and warnings.
+    pub violations: Vec<Violation>,
+    /// Differences between the live schema and the snapshot stored by the last run.
+    pub drift: Vec<Change>,
+    /// Whether a snapshot was stored to compare with.
+    pub snapshot_found: bool,
+    /// Whether a contract (schema.yaml) was checked.
+    pub contract_checked: bool,
+}
