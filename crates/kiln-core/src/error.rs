@@ -215,6 +215,18 @@ pub enum EngineError {
         /// How long we waited.
         waited: Duration,
     },
+    /// The run lost the migration lock it held (MongoDB: its lease expired
+    /// and another runner took it over, see docs/safety.md). kiln stopped
+    /// before its next write or command; `context` says where, and what that left.
+    #[error("lost the migration lock on {target} while {context}; the lock is now {holder}. kiln stopped and wrote nothing more. Once the other run has finished, run `kiln status`: a migration left `running` needs a look at the database, then `kiln repair <version>`")]
+    LockLost {
+        /// What is locked (database / history collection).
+        target: String,
+        /// Who holds the lock now, as far as the database can tell.
+        holder: String,
+        /// What kiln was about to do, and what it left.
+        context: String,
+    },
     /// A query of kiln's own (history, log, lock) failed.
     #[error("{context}: {message}")]
     Query {
@@ -359,6 +371,7 @@ impl EngineError {
             EngineError::BadUrl { .. } => "bad_url",
             EngineError::Connect { .. } => "connect_failed",
             EngineError::LockTimeout { .. } => "lock_timeout",
+            EngineError::LockLost { .. } => "lock_lost",
             EngineError::ConnectionLost { .. } => "connection_lost",
             EngineError::Query { .. } => "engine_error",
             EngineError::Refused(_) => "refused",

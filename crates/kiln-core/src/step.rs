@@ -385,6 +385,7 @@ fn annotate(e: EngineError, what: &str) -> EngineError {
     match e {
         EngineError::Query { context, message } => EngineError::Query { context: format!("{what}: {context}"), message },
         EngineError::ConnectionLost { context, message } => EngineError::ConnectionLost { context: format!("{what}: {context}"), message },
+        EngineError::LockLost { target, holder, context } => EngineError::LockLost { target, holder, context: format!("{what}: {context}") },
         other => other,
     }
 }

@@ -60,7 +60,13 @@ pub(crate) struct Conn {
     /// Server clock minus local clock, from `hello.localTime`: lease times are
     /// written in the server's time so runners on machines with skewed clocks agree.
     pub skew: chrono::Duration,
+    /// The server runs `bulkWrite` (MongoDB 8.0+, wire version 25): kiln's
+    /// writes to the lease, the history and the log go in one command.
+    pub bulk_write: bool,
 }
+
+/// The first wire version with the `bulkWrite` command (MongoDB 8.0).
+const BULK_WRITE_WIRE_VERSION: i64 = 25;
 
 impl Conn {
     /// Connect to the database named by `cfg` and check the server answers.
@@ -123,7 +129,9 @@ impl Conn {
             Err(_) => chrono::Duration::zero(),
         };
         let db = client.database(&db_name);
-        Ok(Conn { url: url.to_string(), client, db, db_name, target, secrets, topology: Topology::from_hello(&hello), skew })
+        let wire = hello.get_i32("maxWireVersion").map(i64::from).or_else(|_| hello.get_i64("maxWireVersion")).unwrap_or(0);
+        let bulk_write = wire >= BULK_WRITE_WIRE_VERSION;
+        Ok(Conn { url: url.to_string(), client, db, db_name, target, secrets, topology: Topology::from_hello(&hello), skew, bulk_write })
     }
 
     /// Now, in the server's clock.

@@ -34,10 +34,12 @@ pub(crate) struct PreparedStep {
 ///
 /// One value holds one [`mongodb::Client`] (a connection pool) for its life.
 /// The lease lock is not tied to a connection: drop the engine without
-/// [`Locker::unlock`] and the lease simply expires after its TTL.
+/// [`Locker::unlock`] and the lease simply expires after its TTL. While it
+/// holds the lease, every write it makes is fenced (see the `lock` module
+/// docs and docs/safety.md).
 ///
-/// The runner still takes a [`kiln_core::Backend`]: wrap the engine in
-/// [`kiln_core::backend::Protocol`] (what [`crate::connect`] does).
+/// The runner takes it as a [`kiln_core::engine::Engine`] ([`crate::connect`]
+/// returns it boxed).
 pub struct MongoEngine {
     pub(crate) conn: Conn,
     pub(crate) history_name: String,
@@ -48,6 +50,7 @@ pub struct MongoEngine {
     pub(crate) lease: Lease,
     pub(crate) actor: String,
     pub(crate) prepared: Option<PreparedStep>,
+    bulk_write_available: bool,
 }
 
 impl MongoEngine {
@@ -64,9 +67,8 @@ impl MongoEngine {
     /// ```no_run
     /// # async fn f() -> Result<(), kiln_core::EngineError> {
     /// let cfg = kiln_core::BackendConfig::new("mongodb://127.0.0.1:27017/app");
-    /// let engine = kiln_mongo::MongoEngine::connect(&cfg).await?;
-    /// let mut backend = kiln_core::backend::Protocol::new(engine);
-    /// let mut runner = kiln_core::Runner::new(&mut backend, Default::default());
+    /// let mut engine = kiln_mongo::MongoEngine::connect(&cfg).await?;
+    /// let mut runner = kiln_core::Runner::new(&mut engine, Default::default());
     /// # Ok(()) }
     /// ```
     pub async fn connect(cfg: &BackendConfig) -> Result<Self, EngineError> {
@@ -80,7 +82,9 @@ impl MongoEngine {
             conn.db.collection_with_options(&cfg.history_table, CollectionOptions::builder().write_concern(WriteConcern::majority()).build());
         let snapshot_coll = conn.db.collection(&cfg.snapshot_table);
         let lease = Lease::new(&conn, &cfg.history_table);
+        let bulk_write_available = conn.bulk_write;
         Ok(MongoEngine {
+            bulk_write_available,
             history_name: cfg.history_table.clone(),
             history,
             log_name: cfg.log_table.clone(),
@@ -124,15 +128,12 @@ impl MongoEngine {
         crate::snapshot::take(&self.conn, &own).await
     }
 
-    /// The error every write returns once the heartbeat lost the lease:
-    /// another runner may hold the lock now, so kiln writes nothing more.
-    pub(crate) fn lease_lost(&self, what: &str) -> Option<EngineError> {
-        self.lease.is_lost().then(|| {
-            EngineError::Refused(format!(
-                "the migration lock lease on {} was lost (it could not be renewed in time, and another runner may hold it now); stopped before {what}",
-                self.conn.target
-            ))
-        })
+    /// Whether kiln's own writes go in one `bulkWrite` command (the server
+    /// announces MongoDB 8.0's wire version), or one command per collection.
+    /// Turning it off on a server that has it is for tests: the fence is then
+    /// checked by a renewal just before the writes instead of inside them.
+    pub fn set_bulk_write(&mut self, on: bool) {
+        self.conn.bulk_write = on && self.bulk_write_available;
     }
 
     async fn create_if_missing(&self, name: &str) -> Result<(), EngineError> {
@@ -160,7 +161,7 @@ impl Locker for MongoEngine {
             Attempt::Held => Ok(false),
             Attempt::Taken { previous: None } => Ok(true),
             Attempt::Taken { previous: Some(owner) } => {
-                tracing::warn!(previous = %owner, "took over an expired migration lock lease");
+                tracing::warn!(previous = %owner, "took over the migration lock lease");
                 let entry = LogEntry {
                     at: chrono::Utc::now(),
                     event: kiln_core::LogEvent::LockTakeover,
@@ -169,9 +170,10 @@ impl Locker for MongoEngine {
                     batch: None,
                     actor: self.actor.clone(),
                     reason: None,
-                    detail: Some(format!("took over the expired lease of {owner} on {}", self.history_name)),
+                    detail: Some(format!("took over the lease of {owner} on {}", self.history_name)),
                 };
-                self.write_events(None, &[entry], true).await?;
+                let record = kiln_core::engine::Record { changes: vec![], events: vec![entry], durable: true };
+                kiln_core::engine::HistoryStore::commit(self, &record).await?;
                 Ok(true)
             }
         }

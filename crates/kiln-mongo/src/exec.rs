@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use async_trait::async_trait;
+use bson::{doc, Bson};
 use kiln_core::engine::{AtomicFailure, ExecFailure, Executor, HistoryChange, Left, Record, SchemaCheck, Step};
 use kiln_core::{Command, EngineError, FailureInfo, State, StatementError, TxMode};
 use mongodb::ClientSession;
@@ -55,6 +56,32 @@ impl MongoEngine {
             self.prepared = Some(PreparedStep { version: step.migration.version.number, direction: step.direction, commands });
         }
         Ok(&self.prepared.as_ref().expect("set above").commands)
+    }
+
+    /// The lease fence inside the transaction of `session` (nothing when this
+    /// runner holds no lease).
+    async fn fence_in(&self, session: &mut ClientSession, what: &str) -> Result<(), EngineError> {
+        if !self.lease.is_fenced() {
+            return Ok(());
+        }
+        let sent = std::time::Instant::now();
+        let (filter, update) = self.lease.fence(&self.conn);
+        let cmd = doc! { "update": crate::lock::LOCK_COLLECTION, "updates": [ { "q": filter, "u": update, "upsert": true } ], "ordered": true };
+        let reply = self.conn.db.run_command(cmd).session(session).await.map_err(|e| self.conn.engine_error(what, &e))?;
+        let code = reply.get_array("writeErrors").ok().and_then(|w| w.first()).and_then(Bson::as_document).map(|w| w.get_i32("code").unwrap_or(0));
+        match code {
+            None => {
+                self.lease.fence_passed(sent);
+                Ok(())
+            }
+            Some(c) if crate::lock::is_fence_code(c) => {
+                self.lease.fence_failed();
+                Err(self.lease.lost_error(&self.conn, what).await)
+            }
+            Some(c) => {
+                Err(EngineError::Query { context: what.to_string(), message: format!("renewing the migration lock lease failed with code {c}") })
+            }
+        }
     }
 
     /// The record's history changes, then its events, inside the transaction.
@@ -117,15 +144,19 @@ impl Executor for MongoEngine {
 
     async fn run_one(&mut self, step: &Step<'_>, index: usize) -> Result<(), ExecFailure> {
         let m = step.migration;
-        if let Some(e) = self.lease_lost(&format!(
-            "running command {} of the {} body of {}; its history entry stays `running` and blocks later runs until `kiln repair {}`",
+        let what = format!(
+            "about to run command {} of the {} body of {} ({}); its history entry stays `running` and blocks later runs until `kiln repair {}`",
             index + 1,
             step.word(),
             m.name(),
+            match index {
+                0 => "none of its commands ran".to_string(),
+                1 => "command 1 ran".to_string(),
+                n => format!("commands 1–{n} ran"),
+            },
             m.version
-        )) {
-            return Err(ExecFailure::Engine(e));
-        }
+        );
+        self.lease.check(&self.conn, &what).await.map_err(ExecFailure::Engine)?;
         let (file, cmds) = commands(step).map_err(|error| ExecFailure::Statement { error, left: Left::Nothing })?;
         let cmd = match self.prepared_for(step) {
             Ok(p) => p
@@ -145,15 +176,21 @@ impl Executor for MongoEngine {
 
     async fn run_atomic(&mut self, step: &Step<'_>, record: &Record, check: Option<&SchemaCheck>) -> Result<(), AtomicFailure> {
         let m = step.migration;
-        if let Some(e) = self.lease_lost(&format!("running {} in a transaction; nothing was run", m.name())) {
-            return Err(AtomicFailure::Engine(e));
-        }
+        let what = format!("about to run {} in a transaction; nothing of it was run", m.name());
+        self.lease.check(&self.conn, &what).await.map_err(AtomicFailure::Engine)?;
         let (file, cmds) = commands(step).map_err(AtomicFailure::Body)?;
         let prepared = self.prepared_for(step).map_err(AtomicFailure::Body)?.to_vec();
         let conn = &self.conn;
         let mut session =
             conn.client.start_session().await.map_err(|e| AtomicFailure::Engine(conn.engine_error("starting a session for a transaction", &e)))?;
         session.start_transaction().await.map_err(|e| AtomicFailure::Engine(conn.engine_error("starting a transaction", &e)))?;
+        // The fence is the transaction's first write: the commit then happens
+        // only if the lease is still ours, and the heartbeat's renewals wait
+        // for the commit instead of conflicting with it.
+        if let Err(e) = self.fence_in(&mut session, &what).await {
+            let _ = session.abort_transaction().await;
+            return Err(AtomicFailure::Engine(e));
+        }
         for (i, cmd) in prepared.iter().enumerate() {
             if let Err(f) = command::run(conn, cmd, Some(&mut session)).await {
                 let _ = session.abort_transaction().await;

@@ -17,19 +17,36 @@ use std::collections::BTreeMap;
 
 use bson::{doc, Bson, Document};
 use chrono::{DateTime, Utc};
-use kiln_core::{AppliedMigration, Checksum, FailureInfo, LogEntry, State, Version};
+use kiln_core::{AppliedMigration, Checksum, EngineError, FailureInfo, LogEntry, State, Version};
 
 /// Who recorded a migrate-mongo entry, as shown by `kiln status`.
 pub const MIGRATE_MONGO_ACTOR: &str = "migrate-mongo";
 
+/// The `_id` of version `v`: MongoDB integers are signed 64-bit, so a version
+/// above `i64::MAX` is refused rather than stored as a negative number that
+/// no later run could read back (`script` names the file, when known).
+pub(crate) fn stored_id(v: u64, script: Option<&str>) -> Result<i64, EngineError> {
+    i64::try_from(v).map_err(|_| {
+        EngineError::Refused(format!(
+            "{}version {v} is larger than {}, the largest version kiln can record in MongoDB (`_id` is a signed 64-bit integer); nothing was written. Give the migration a smaller version (rename the file)",
+            script.map(|s| format!("{s}: ")).unwrap_or_default(),
+            i64::MAX
+        ))
+    })
+}
+
 /// The history document of `a`.
-pub(crate) fn to_doc(a: &AppliedMigration) -> Document {
+///
+/// # Errors
+/// [`EngineError::Refused`] for a version above `i64::MAX` (see [`stored_id`]).
+pub(crate) fn to_doc(a: &AppliedMigration) -> Result<Document, EngineError> {
+    let id = stored_id(a.version.number, Some(&a.script))?;
     let (error, statement, line) = match &a.error {
         Some(f) => (Bson::String(f.message.clone()), opt_i64(f.statement.map(i64::from)), opt_i64(f.line.map(i64::from))),
         None => (Bson::Null, Bson::Null, Bson::Null),
     };
-    doc! {
-        "_id": a.version.number as i64,
+    Ok(doc! {
+        "_id": id,
         "description": &a.description,
         "script": &a.script,
         "migration_group": a.group.clone().map(Bson::String).unwrap_or(Bson::Null),
@@ -43,7 +60,7 @@ pub(crate) fn to_doc(a: &AppliedMigration) -> Document {
         "error": error,
         "error_statement": statement,
         "error_line": line,
-    }
+    })
 }
 
 fn opt_i64(v: Option<i64>) -> Bson {
@@ -75,7 +92,12 @@ pub(crate) struct BadEntry(pub String);
 pub(crate) fn from_doc(d: &Document) -> Result<AppliedMigration, BadEntry> {
     if let Some(version) = num(d, "_id") {
         if version < 0 {
-            return Err(BadEntry(format!("negative version {version}")));
+            let meant = version as u64;
+            return Err(BadEntry(format!(
+                "the entry with _id {version} has a negative version: an older kiln wrote versions above {} this way (this one was probably {meant}, {}); such a version cannot be recorded in MongoDB. Delete the entry (mongosh: db.getCollection(\"<history>\").deleteOne({{_id: NumberLong(\"{version}\")}})), check by hand what that migration did, and rename its file to a smaller version",
+                i64::MAX,
+                text(d, "script").unwrap_or_else(|| "file unknown".into())
+            )));
         }
         let state_text = text(d, "state").unwrap_or_default();
         // An unknown state blocks runs rather than being silently ignored.
@@ -165,22 +187,58 @@ pub(crate) fn from_docs(docs: &[Document]) -> Result<Vec<AppliedMigration>, BadE
 }
 
 /// The event-log document of `e`.
-pub(crate) fn log_doc(e: &LogEntry) -> Document {
-    doc! {
+///
+/// # Errors
+/// [`EngineError::Refused`] for a version above `i64::MAX` (see [`stored_id`]).
+pub(crate) fn log_doc(e: &LogEntry) -> Result<Document, EngineError> {
+    let version = match e.version {
+        Some(v) => Bson::Int64(stored_id(v, None)?),
+        None => Bson::Null,
+    };
+    Ok(doc! {
         "at": bson::DateTime::from_chrono(e.at),
         "event": e.event.as_str(),
-        "version": e.version.map(|v| Bson::Int64(v as i64)).unwrap_or(Bson::Null),
+        "version": version,
         "name": e.name.clone().map(Bson::String).unwrap_or(Bson::Null),
         "batch": e.batch.map(Bson::Int64).unwrap_or(Bson::Null),
         "actor": &e.actor,
         "reason": e.reason.clone().map(Bson::String).unwrap_or(Bson::Null),
         "detail": e.detail.clone().map(Bson::String).unwrap_or(Bson::Null),
-    }
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_above_i64_max_are_refused_not_wrapped() {
+        let big = AppliedMigration { version: Version::from_number(1 << 63), script: "9223372036854775808_x.yaml".into(), ..entry() };
+        let e = to_doc(&big).unwrap_err();
+        assert!(matches!(e, EngineError::Refused(_)), "{e:?}");
+        assert!(e.to_string().contains("9223372036854775808_x.yaml") && e.to_string().contains("nothing was written"), "{e}");
+        let max = AppliedMigration { version: Version::from_number(i64::MAX as u64), ..entry() };
+        assert_eq!(from_doc(&to_doc(&max).unwrap()).unwrap().version.number, i64::MAX as u64);
+        let ev = LogEntry {
+            at: Utc::now(),
+            event: kiln_core::LogEvent::Applied,
+            version: Some(u64::MAX),
+            name: None,
+            batch: None,
+            actor: "a".into(),
+            reason: None,
+            detail: None,
+        };
+        assert!(log_doc(&ev).is_err());
+    }
+
+    #[test]
+    fn an_entry_an_older_kiln_wrapped_says_how_to_fix_it() {
+        let mut d = to_doc(&entry()).unwrap();
+        d.insert("_id", i64::MIN);
+        let BadEntry(m) = from_doc(&d).unwrap_err();
+        assert!(m.contains("9223372036854775808") && m.contains("deleteOne") && m.contains(&entry().script), "{m}");
+    }
 
     fn entry() -> AppliedMigration {
         AppliedMigration {
@@ -202,7 +260,7 @@ mod tests {
     #[test]
     fn round_trip() {
         let a = entry();
-        let d = to_doc(&a);
+        let d = to_doc(&a).unwrap();
         assert_eq!(d.keys().next().map(String::as_str), Some("_id"));
         assert_eq!(from_doc(&d).unwrap(), a);
     }
@@ -212,7 +270,7 @@ mod tests {
         let docs = vec![
             doc! {"_id": bson::oid::ObjectId::new(), "fileName": "20240101120000-add-index.js", "appliedAt": bson::DateTime::now(), "migrationBlock": 4},
             doc! {"_id": bson::oid::ObjectId::new(), "fileName": "20240201120000-more.js", "appliedAt": bson::DateTime::now()},
-            to_doc(&AppliedMigration { version: Version::from_number(20240201120000), state: State::Retired, error: None, ..entry() }),
+            to_doc(&AppliedMigration { version: Version::from_number(20240201120000), state: State::Retired, error: None, ..entry() }).unwrap(),
         ];
         let h = from_docs(&docs).unwrap();
         assert_eq!(h.len(), 2);
@@ -227,7 +285,7 @@ mod tests {
 
     #[test]
     fn unknown_state_blocks() {
-        let mut d = to_doc(&AppliedMigration { error: None, state: State::Applied, ..entry() });
+        let mut d = to_doc(&AppliedMigration { error: None, state: State::Applied, ..entry() }).unwrap();
         d.insert("state", "weird");
         let a = from_doc(&d).unwrap();
         assert_eq!(a.state, State::Failed);

@@ -28,6 +28,7 @@ mod engine;
 mod exec;
 mod history;
 mod lock;
+mod proc;
 mod snapshot;
 mod status;
 mod store;
