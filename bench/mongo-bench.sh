@@ -16,7 +16,8 @@
 # also applies the same N createIndex migrations with migrate-mongo and kiln,
 # paired: every timed run starts on dropped databases and the two tools
 # alternate, PAIRS times (default 5); prints both medians and the median of
-# the per-pair ratios kiln / migrate-mongo.
+# the per-pair ratios kiln / migrate-mongo. With KILN_BEFORE=/path/to/kiln (an
+# older build), the same paired apply compares kiln with that binary.
 #
 # Usage: bench/mongo-bench.sh [N]       (hyperfine is used when installed)
 set -euo pipefail
@@ -111,6 +112,39 @@ else
     done
 fi
 
+# paired PAIRS LABEL_A CMD_A LABEL_B CMD_B DB...: alternate A and B, every run on
+# dropped databases DB..., and print both medians and the median of the per-pair
+# ratios A / B.
+paired() {
+    "$ROOT/.venv-test/bin/python" - "$BASE" "$@" <<'PY'
+import statistics, subprocess, sys, time
+import pymongo
+base, pairs, la, a, lb, b, dbs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7:]
+client = pymongo.MongoClient(base)
+def timed(cmd):
+    for d in dbs:
+        client.drop_database(d)
+    t = time.monotonic()
+    r = subprocess.run(cmd, shell=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if r.returncode:
+        sys.exit(f"FAILED: {cmd}: {r.stderr.decode()[-300:]}")
+    return time.monotonic() - t
+xs, ys, ratios = [], [], []
+for i in range(pairs):
+    if i % 2 == 0:
+        x = timed(a); y = timed(b)
+    else:
+        y = timed(b); x = timed(a)
+    xs.append(x); ys.append(y); ratios.append(x / y)
+for d in dbs:
+    client.drop_database(d)
+w = max(len(la), len(lb))
+print(f"{la:<{w}} median {statistics.median(xs):.3f} s (min {min(xs):.3f}, max {max(xs):.3f})")
+print(f"{lb:<{w}} median {statistics.median(ys):.3f} s (min {min(ys):.3f}, max {max(ys):.3f})")
+print(f"{la} / {lb}, median of {pairs} paired ratios: {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
+PY
+}
+
 MM="${MIGRATE_MONGO:-/opt/migpeers/npm/migrate-mongo/node_modules/.bin/migrate-mongo}"
 if [[ -x "$MM" && -x "$ROOT/.venv-test/bin/python" ]]; then
     PAIRS="${PAIRS:-5}"
@@ -134,34 +168,19 @@ module.exports = {
 };
 CONFIG
     echo "migrate-mongo vs kiln: apply $N on a fresh database, $PAIRS alternating pairs" >&2
-    "$ROOT/.venv-test/bin/python" - "$PAIRS" "$BASE" "$MMDB" "$KDB" "cd $MMDIR && $MM up" "$KILN up --url $KURL --dir $DIR" <<'PY'
-import statistics, subprocess, sys, time
-import pymongo
-pairs, base, mmdb, kdb, mm, kiln = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
-client = pymongo.MongoClient(base)
-def timed(cmd):
-    for d in (mmdb, kdb):
-        client.drop_database(d)
-    t = time.monotonic()
-    r = subprocess.run(cmd, shell=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if r.returncode:
-        sys.exit(f"FAILED: {cmd}: {r.stderr.decode()[-300:]}")
-    return time.monotonic() - t
-ks, ms, ratios = [], [], []
-for i in range(pairs):
-    if i % 2 == 0:
-        k = timed(kiln); m = timed(mm)
-    else:
-        m = timed(mm); k = timed(kiln)
-    ks.append(k); ms.append(m); ratios.append(k / m)
-for d in (mmdb, kdb):
-    client.drop_database(d)
-print(f"kiln up       median {statistics.median(ks):.3f} s (min {min(ks):.3f}, max {max(ks):.3f})")
-print(f"migrate-mongo median {statistics.median(ms):.3f} s (min {min(ms):.3f}, max {max(ms):.3f})")
-print(f"kiln / migrate-mongo, median of {pairs} paired ratios: {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
-PY
+    paired "$PAIRS" "kiln up" "$KILN up --url $KURL --dir $DIR" "migrate-mongo" "cd $MMDIR && $MM up" "$KDB" "$MMDB"
 else
     echo "migrate-mongo comparison skipped: set MIGRATE_MONGO (npm install migrate-mongo; see ../shared/bench/peers/install-peers.sh npm)" >&2
+fi
+
+if [[ -n "${KILN_BEFORE:-}" && -x "${KILN_BEFORE:-}" && -x "$ROOT/.venv-test/bin/python" ]]; then
+    PAIRS="${PAIRS:-5}"
+    KDB="${DB}_kiln"
+    BDB="${DB}_before"
+    BURL="${SCHEME}${REST%%/*}/${BDB}${QUERY}"
+    KURL="${SCHEME}${REST%%/*}/${KDB}${QUERY}"
+    echo "kiln vs KILN_BEFORE ($KILN_BEFORE): apply $N on a fresh database, $PAIRS alternating pairs" >&2
+    paired "$PAIRS" "kiln up" "$KILN up --url $KURL --dir $DIR" "before up" "$KILN_BEFORE up --url $BURL --dir $DIR" "$KDB" "$BDB"
 fi
 
 if [[ -z "$SERVER_PID" ]]; then

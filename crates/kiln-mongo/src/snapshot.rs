@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use bson::{doc, Bson, Document};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kiln_core::schema::{key_column, IndexInfo, ObjectInfo, Snapshot, ValidatorInfo};
 use kiln_core::{BackendConfig, EngineError};
 
@@ -50,6 +50,20 @@ fn validator_info(validator: &Document) -> Option<ValidatorInfo> {
     Some(ValidatorInfo { required, json: Bson::Document(validator.clone()).into_canonical_extjson().to_string() })
 }
 
+/// How many `listIndexes` commands a snapshot keeps in flight.
+const LIST_INDEXES_IN_FLIGHT: usize = 8;
+
+/// The indexes of the collection `spec` describes (none when it was dropped meanwhile).
+async fn list_indexes<'a>(conn: &Conn, spec: &'a Document) -> Result<(&'a Document, Vec<Document>), EngineError> {
+    let name = spec.get_str("name").unwrap_or_default();
+    let indexes = match conn.db.run_cursor_command(doc! { "listIndexes": name }).await {
+        Ok(c) => c.try_collect().await.map_err(|e| conn.engine_error(format!("listing the indexes of {name}"), &e))?,
+        Err(e) if error_code(&e) == Some(26) => vec![], // dropped meanwhile
+        Err(e) => return Err(conn.engine_error(format!("listing the indexes of {name}"), &e)),
+    };
+    Ok((spec, indexes))
+}
+
 pub(crate) async fn take(conn: &Conn, own: &[&str]) -> Result<Snapshot, EngineError> {
     let ctx = || format!("reading the collections of {}", conn.db_name);
     let specs: Vec<Document> = conn
@@ -60,17 +74,15 @@ pub(crate) async fn take(conn: &Conn, own: &[&str]) -> Result<Snapshot, EngineEr
         .try_collect()
         .await
         .map_err(|e| conn.engine_error(ctx(), &e))?;
+    let wanted: Vec<&Document> =
+        specs.iter().filter(|spec| spec.get_str("name").is_ok_and(|name| !own.contains(&name) && !name.starts_with("system."))).collect();
+    // One `listIndexes` per collection, several in flight: a database with
+    // hundreds of collections is read in a few round trips' time, not hundreds.
+    let listing: Vec<_> = wanted.into_iter().map(|spec| list_indexes(conn, spec)).collect();
+    let listed: Vec<(&Document, Vec<Document>)> = futures::stream::iter(listing).buffered(LIST_INDEXES_IN_FLIGHT).try_collect().await?;
     let mut objects = BTreeMap::new();
-    for spec in specs {
-        let Ok(name) = spec.get_str("name") else { continue };
-        if own.contains(&name) || name.starts_with("system.") {
-            continue;
-        }
-        let indexes: Vec<Document> = match conn.db.run_cursor_command(doc! { "listIndexes": name }).await {
-            Ok(c) => c.try_collect().await.map_err(|e| conn.engine_error(format!("listing the indexes of {name}"), &e))?,
-            Err(e) if error_code(&e) == Some(26) => vec![], // dropped meanwhile
-            Err(e) => return Err(conn.engine_error(format!("listing the indexes of {name}"), &e)),
-        };
+    for (spec, indexes) in listed {
+        let name = spec.get_str("name").unwrap_or_default();
         let validator = spec.get_document("options").ok().and_then(|o| o.get_document("validator").ok()).and_then(validator_info);
         let info = ObjectInfo {
             indexes: indexes.iter().filter_map(|i| Some((i.get_str("name").ok()?.to_string(), index_info(i)))).collect(),
