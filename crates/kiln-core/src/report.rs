@@ -184,7 +184,7 @@ impl fmt::Display for CheckFailed {
 }
 
 /// A plan problem found by `kiln check`, with its stable code.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Problem {
     /// Stable machine code (`unknown_dependency`, …).
     pub code: &'static str,
@@ -249,4 +249,159 @@ pub struct CheckReport {
     pub snapshot_found: bool,
     /// Whether a contract (schema.yaml) was checked.
     pub contract_checked: bool,
+}
+
+/// An error as data: what `--json` prints under `"error"`, what the HTTP API
+/// returns, and what a fleet report records for a tenant that failed. The
+/// same stable `code` as [`RunError::code`](crate::RunError::code).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ErrorReport {
+    /// Stable machine code (`checksum_mismatch`, `lock_timeout`, `migration_failed`, …).
+    pub code: String,
+    /// The human message.
+    pub message: String,
+    /// What the CLI exits with: 1 the database/migration/check said no, 2 bad input.
+    pub exit_code: i32,
+    /// Every reason a plan was refused, with its own code.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<Problem>,
+    /// The failed migration, when one failed (its fields sit beside `code`).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<MigrationFailure>,
+}
+
+/// Details of a failed migration inside an [`ErrorReport`].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MigrationFailure {
+    /// Version.
+    pub version: String,
+    /// File.
+    pub file: String,
+    /// 1-based statement or command, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub statement: Option<usize>,
+    /// Line in the file, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
+    /// The database's own error code (SQLSTATE, MySQL number, MongoDB code).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_code: Option<String>,
+    /// True when nothing of it remains; false when it is recorded as failed.
+    pub rolled_back: bool,
+    /// Contract violations, when the schema check failed it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub violations: Vec<Violation>,
+    /// Versions done in this run before it (applied for `up`, reverted for `down`).
+    pub done_before_failure: Vec<String>,
+}
+
+impl From<&crate::error::RunError> for ErrorReport {
+    fn from(e: &crate::error::RunError) -> Self {
+        use crate::error::{FailureOutcome, RunError};
+        let mut r = ErrorReport { code: e.code().to_string(), message: e.to_string(), exit_code: e.exit_code(), problems: vec![], failure: None };
+        match e {
+            RunError::Plan(ps) => r.problems = ps.iter().map(|p| Problem { code: p.code(), message: p.to_string() }).collect(),
+            RunError::Migration { version, outcome, error, done } => {
+                r.failure = Some(MigrationFailure {
+                    version: version.text.clone(),
+                    file: error.file.clone(),
+                    statement: Some(error.statement),
+                    line: Some(error.line),
+                    database_code: error.code.clone(),
+                    rolled_back: *outcome == FailureOutcome::RolledBack,
+                    violations: vec![],
+                    done_before_failure: done.iter().map(|d| d.text.clone()).collect(),
+                })
+            }
+            RunError::Invalid { version, file, outcome, violations, done } => {
+                r.failure = Some(MigrationFailure {
+                    version: version.text.clone(),
+                    file: file.clone(),
+                    statement: None,
+                    line: None,
+                    database_code: None,
+                    rolled_back: *outcome == FailureOutcome::RolledBack,
+                    violations: violations.clone(),
+                    done_before_failure: done.iter().map(|d| d.text.clone()).collect(),
+                })
+            }
+            RunError::Source(_) | RunError::Engine(_) => {}
+        }
+        r
+    }
+}
+
+/// One database of a fleet (DESIGN §5): the public database or a tenant.
+/// Every event and report of a fleet run names its target.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(tag = "kind", content = "name", rename_all = "lowercase")]
+pub enum TargetName {
+    /// The public (shared) database.
+    Public,
+    /// A tenant's database or schema.
+    Tenant(String),
+}
+
+impl fmt::Display for TargetName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TargetName::Public => f.write_str("public"),
+            TargetName::Tenant(t) => write!(f, "tenant {t}"),
+        }
+    }
+}
+
+/// How one target of a fleet run ended.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum TargetResult {
+    /// The run finished (possibly with nothing to do).
+    Done {
+        /// What it did.
+        report: RunReport,
+    },
+    /// The run failed; other targets were not affected.
+    Failed {
+        /// Why.
+        error: ErrorReport,
+    },
+    /// Not run (`--fail-fast` after another target failed, or cancelled).
+    Skipped {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One target's line of a [`FleetReport`].
+#[derive(Clone, Debug, Serialize)]
+pub struct TargetOutcome {
+    /// Which database.
+    pub target: TargetName,
+    /// How it ended.
+    #[serde(flatten)]
+    pub result: TargetResult,
+    /// Wall time on this target, lock wait included.
+    pub duration_ms: u64,
+}
+
+/// A run over many databases (a tenant fleet, or the HTTP API's run of a
+/// group): one outcome per target, in the order they finished.
+#[derive(Clone, Debug, Serialize)]
+pub struct FleetReport {
+    /// Every target.
+    pub targets: Vec<TargetOutcome>,
+    /// Wall time of the whole run.
+    pub duration_ms: u64,
+}
+
+impl FleetReport {
+    /// True when no target failed.
+    pub fn ok(&self) -> bool {
+        !self.targets.iter().any(|t| matches!(t.result, TargetResult::Failed { .. }))
+    }
+
+    /// The targets that failed.
+    pub fn failed(&self) -> impl Iterator<Item = &TargetOutcome> {
+        self.targets.iter().filter(|t| matches!(t.result, TargetResult::Failed { .. }))
+    }
 }

@@ -77,6 +77,8 @@ impl<'b> Runner<'b> {
     }
 
     fn emit(&self, e: Event) {
+        // `--log-level debug` shows kiln's own decisions: lock, plan, each step's timing.
+        tracing::debug!(target: "kiln", database = self.target.as_deref().unwrap_or(""), event = ?e);
         self.observer.on_targeted(self.target.as_deref(), &e);
     }
 
@@ -114,10 +116,16 @@ impl<'b> Runner<'b> {
         let observer = self.observer.clone();
         let timeout = self.settings.lock_timeout;
         let target = self.target.clone();
+        tracing::debug!(target: "kiln", ?timeout, "taking the migration lock");
+        let started = Instant::now();
         let guard = self
             .backend
-            .lock(timeout, |holder| observer.on_targeted(target.as_deref(), &Event::LockWaiting { holder: holder.to_string(), timeout }))
+            .lock(timeout, |holder| {
+                tracing::debug!(target: "kiln", holder, "lock held by another runner; waiting");
+                observer.on_targeted(target.as_deref(), &Event::LockWaiting { holder: holder.to_string(), timeout })
+            })
             .await?;
+        tracing::debug!(target: "kiln", waited = ?started.elapsed(), "lock taken");
         self.emit(Event::LockAcquired);
         Ok(guard)
     }

@@ -46,6 +46,9 @@ pub struct Global {
     /// Log filter for diagnostics on stderr (error, warn, info, debug, trace) [env: KILN_LOG]
     #[arg(long, global = true, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Colour: auto (a terminal without NO_COLOR), always, never
+    #[arg(long, global = true, value_enum, default_value = "auto", value_name = "WHEN")]
+    pub color: render::ColorMode,
 }
 
 /// Layout of a new SQL migration.
@@ -66,10 +69,11 @@ pub enum Cmd {
         force: bool,
     },
     /// Write the next migration file from a template
+    #[command(visible_alias = "new")]
     Create {
         /// Description in lower-case snake case, e.g. add_user_index
         name: String,
-        /// Number it with a UTC timestamp (default: kiln.toml's `versioning`)
+        /// Number it with a UTC timestamp (default: kiln.toml's `versioning`, else timestamps on MongoDB, sequential on SQL)
         #[arg(long, conflicts_with = "sequential")]
         timestamp: bool,
         /// Number it with the next sequential number
@@ -106,9 +110,26 @@ pub enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Revert the last batch and apply it again (to rehearse a down while developing)
+    Redo,
     /// Show every migration: version, name, state, batch, applied at, duration, checksum
     #[command(visible_alias = "list")]
     Status {
+        /// Only pending migrations
+        #[arg(long)]
+        pending: bool,
+        /// Only failed, interrupted or missing migrations
+        #[arg(long)]
+        failed: bool,
+        /// Only the last N migrations (after the other filters)
+        #[arg(long, visible_alias = "limit", value_name = "N")]
+        last: Option<usize>,
+        /// Every migration, also on a terminal (default there: the last 20 applied and everything not applied)
+        #[arg(long, conflicts_with = "last")]
+        all: bool,
+        /// Only migrations of this group (schema/collection)
+        #[arg(long, visible_alias = "collection", value_name = "NAME")]
+        group: Option<String>,
         /// Also show every collection: exists, documents, indexes, validator (MongoDB)
         #[arg(long)]
         collections: bool,
@@ -150,6 +171,12 @@ pub enum Cmd {
     Check,
     /// Show what changed in the database schema since the last kiln run (exit 1 if anything)
     Diff,
+    /// Print a shell completion script: kiln completions bash > /etc/bash_completion.d/kiln
+    Completions {
+        /// The shell
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Schema contract tools
     Schema {
         #[command(subcommand)]
@@ -249,6 +276,11 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
     let json = g.json;
 
     match &cli.cmd {
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(*shell, &mut Cli::command(), "kiln", &mut std::io::stdout());
+            return Ok(0);
+        }
         Cmd::Init { force } => return init(g, *force, json),
         Cmd::Create { name, timestamp, sequential, layout } => {
             let cfg = Config::load(&overrides)?;
@@ -259,7 +291,8 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
             } else {
                 cfg.versioning
             };
-            return create(&cfg, name, versioning, *layout, json);
+            let explicit = *timestamp || *sequential || cfg.versioning_explicit;
+            return create(&cfg, name, versioning, explicit, *layout, json);
         }
         _ => {}
     }
@@ -275,6 +308,14 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
     // Commands that only read must not create the database (a SQLite file).
     backend_cfg.read_only =
         matches!(cli.cmd, Cmd::Status { .. } | Cmd::Check | Cmd::Diff | Cmd::Up { dry_run: true, .. } | Cmd::Down { dry_run: true, .. });
+    tracing::debug!(
+        config = %cfg.config_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()),
+        url = %cfg.redacted_url(),
+        url_source = ?cfg.url_source,
+        dir = %cfg.dir.display(),
+        read_only = backend_cfg.read_only,
+        "configuration resolved"
+    );
     let connected = kiln::connect(&backend_cfg).await;
     let local = loader.join().map_err(|_| CliError::Failed("loading migrations panicked".into()))?;
     let local = local.map_err(|e| annotate_dir(e, &cfg.dir))?;
@@ -347,11 +388,29 @@ async fn command(
             render::run_report(&r, &target, json);
             Ok(0)
         }
-        Cmd::Status { collections, exact } => {
+        Cmd::Redo => {
+            let down = runner.down(local, &DownTarget::LastBatch, false).await?;
+            if !json {
+                render::run_report(&down, &target, false);
+            }
+            let top = down.steps.iter().map(|s| parse_version(&s.version)).collect::<Result<Vec<_>, _>>()?.into_iter().max();
+            let up = match top {
+                Some(v) => Some(runner.up(local, &UpTarget::To(v), lib.policy(), false).await?),
+                None => None,
+            };
+            match (&up, json) {
+                (_, true) => render::json(&serde_json::json!({ "down": down, "up": up })),
+                (Some(up), false) => render::run_report(up, &target, false),
+                (None, false) => {}
+            }
+            Ok(0)
+        }
+        Cmd::Status { collections, exact, pending, failed, last, all, group } => {
             let rows = runner.status(local).await?;
             drop(runner);
             let cols = if *collections { Some(collection_status(cfg, local, *exact).await?) } else { None };
-            render::status(&rows, cols.as_ref(), &target, json);
+            let view = render::StatusView { pending: *pending, failed: *failed, last: *last, all: *all, group: group.clone() };
+            render::status(&rows, &view, cols.as_ref(), &target, json);
             Ok(0)
         }
         Cmd::Baseline { migration, reason } => {
@@ -421,7 +480,7 @@ async fn command(
             render::verify(&r, json);
             Ok(if r.ok { 0 } else { 1 })
         }
-        Cmd::Init { .. } | Cmd::Create { .. } | Cmd::Sync { .. } => unreachable!("handled before"),
+        Cmd::Init { .. } | Cmd::Create { .. } | Cmd::Sync { .. } | Cmd::Completions { .. } => unreachable!("handled before"),
     }
 }
 
@@ -540,7 +599,7 @@ fn init(g: &Global, force: bool, json: bool) -> Result<i32, CliError> {
     Ok(0)
 }
 
-fn create(cfg: &Config, name: &str, versioning: Versioning, layout: Layout, json: bool) -> Result<i32, CliError> {
+fn create(cfg: &Config, name: &str, versioning: Versioning, explicit_versioning: bool, layout: Layout, json: bool) -> Result<i32, CliError> {
     let snake = regex::Regex::new(r"^[a-z0-9]+(_[a-z0-9]+)*$").expect("valid");
     if cfg.name_rule.is_none() && !snake.is_match(name) {
         return Err(CliError::Usage(format!(
@@ -564,6 +623,13 @@ fn create(cfg: &Config, name: &str, versioning: Versioning, layout: Layout, json
             }
         }
     }
+    // A MongoDB project numbered 0001, 0002… before timestamps became the
+    // default keeps its style unless kiln.toml or a flag says otherwise.
+    let versioning = if versioning == Versioning::Timestamp && !explicit_versioning && max > 0 && max < 1_000_000_000 {
+        Versioning::Sequential
+    } else {
+        versioning
+    };
     let version = match versioning {
         Versioning::Sequential => format!("{:0width$}", max + 1, width = width),
         Versioning::Timestamp => {

@@ -166,8 +166,11 @@ pub struct Config {
     pub snapshot_table: String,
     /// Lock wait.
     pub lock_timeout: Duration,
-    /// Numbering for `kiln create`.
+    /// Numbering for `kiln create`: kiln.toml's `versioning`, else timestamps
+    /// on MongoDB (migrate-mongo's convention) and sequential numbers on SQL.
     pub versioning: Versioning,
+    /// Whether kiln.toml set `versioning`.
+    pub versioning_explicit: bool,
     /// Naming rule override.
     pub name_rule: Option<String>,
     /// Allow out-of-order pending migrations.
@@ -297,6 +300,7 @@ impl Config {
                 }
             }
         }
+        let default_versioning = if url.starts_with("mongodb") { Versioning::Timestamp } else { Versioning::Sequential };
         Ok(Config {
             url,
             url_source,
@@ -306,7 +310,8 @@ impl Config {
             log_table: file.log_table.unwrap_or_else(|| "kiln_log".into()),
             snapshot_table: file.snapshot_table.unwrap_or_else(|| "kiln_snapshot".into()),
             lock_timeout,
-            versioning: file.versioning.unwrap_or_default(),
+            versioning_explicit: file.versioning.is_some(),
+            versioning: file.versioning.unwrap_or(default_versioning),
             name_rule: file.name_rule,
             allow_out_of_order: o.allow_out_of_order || file.allow_out_of_order.unwrap_or(false),
             schema: file.schema,
@@ -413,6 +418,7 @@ fn checked_duration(secs: f64, shown: &str) -> Result<Duration, String> {
 
 /// The `kiln.toml` that `kiln init` writes.
 pub fn init_template(url: &str, dir: &str) -> String {
+    let versioning = if url.starts_with("mongodb") { "timestamp" } else { "sequential" };
     format!(
         r#"# kiln configuration. Every key is optional; the values shown are the defaults
 # unless set. The database URL can also come from --url, KILN_DATABASE_URL or
@@ -427,7 +433,7 @@ dir = "{dir}"
 
 # How `kiln create` numbers new migrations: "sequential" (0001, 0002, …) or
 # "timestamp" (20251101120000, UTC).
-versioning = "sequential"
+versioning = "{versioning}"
 
 # Seconds to wait for another kiln run's lock before giving up.
 lock_timeout = 60

@@ -21,6 +21,7 @@ fn main() -> ExitCode {
     };
     let json = cli.global.json;
     let down = matches!(cli.cmd, cli::Cmd::Down { .. });
+    render::init_color(cli.global.color);
     init_logging(cli.global.log_level.as_deref());
     // One thread is enough for a migration run and starts fastest; tasks that
     // must run beside it (lock heartbeats) are cooperative.
@@ -55,11 +56,24 @@ fn usage_error(e: clap::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// `--log-level debug` (or `KILN_LOG=debug`) turns on kiln's own diagnostics
+/// (configuration, lock, plan, each migration's timing) and leaves the drivers'
+/// logs at `warn`; a full filter (`sqlx=debug,kiln=trace`) is used as given.
+/// Colour only on a terminal.
 fn init_logging(level: Option<&str>) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = match level {
-        Some(l) => EnvFilter::new(l),
-        None => EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
+    let given = level.map(str::to_string).or_else(|| std::env::var("KILN_LOG").ok()).unwrap_or_else(|| "warn".into());
+    let spec = if given.contains('=') || given.contains(',') {
+        given
+    } else {
+        format!("warn,kiln={given},kiln_core={given},kiln_sql={given},kiln_mongo={given}")
     };
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
 }

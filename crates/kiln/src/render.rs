@@ -17,31 +17,97 @@ pub fn json<T: Serialize + ?Sized>(v: &T) {
     let _ = writeln!(out);
 }
 
-/// Renders runner events as progress lines.
-pub struct Progress;
+/// Renders runner events as progress lines. On a terminal, a running
+/// migration shows a spinner with its name, its place in the plan (n/N) and
+/// the time it has taken so far, replaced by the result line when it ends; in
+/// a pipe only the result lines are printed.
+pub struct Progress {
+    spinner: std::sync::Mutex<Option<indicatif::ProgressBar>>,
+    live: bool,
+    total: std::sync::atomic::AtomicUsize,
+}
 
 impl Progress {
     pub fn new() -> Self {
-        Progress
+        use std::io::IsTerminal;
+        Progress { spinner: std::sync::Mutex::new(None), live: std::io::stdout().is_terminal(), total: Default::default() }
+    }
+
+    fn clear(&self) {
+        if let Some(bar) = self.spinner.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            bar.finish_and_clear();
+        }
     }
 }
 
 impl kiln::Observer for Progress {
     fn on_event(&self, e: &Event) {
+        use std::sync::atomic::Ordering;
         match e {
             Event::LockWaiting { holder, timeout } => {
                 eprintln!("{} another kiln run holds the migration lock ({holder}); waiting up to {}s…", "wait".yellow(), timeout.as_secs())
             }
+            Event::StepStarted { direction, version, name, index, total } => {
+                self.total.store(*total, Ordering::Relaxed);
+                if self.live {
+                    let verb = if *direction == Direction::Up { "applying" } else { "reverting" };
+                    let bar = indicatif::ProgressBar::new_spinner();
+                    let style = indicatif::ProgressStyle::with_template("  {spinner} {msg} {elapsed}")
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+                    bar.set_style(style);
+                    bar.set_message(format!("[{index}/{total}] {verb} {version} {name}"));
+                    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+                    *self.spinner.lock().unwrap_or_else(|p| p.into_inner()) = Some(bar);
+                }
+            }
             Event::StepFinished { direction, version, name, duration } => {
+                self.clear();
                 let verb = if *direction == Direction::Up { "applied " } else { "reverted" };
                 println!("  {} {version} {name} {}", verb.green(), format!("({} ms)", duration.as_millis()).dimmed());
             }
-            Event::Warning { message } => eprintln!("{} {message}", "warning:".yellow().bold()),
-            Event::StepFailed { version, name, .. } => println!("  {} {version} {name}", "failed  ".red().bold()),
+            Event::Warning { message } => {
+                self.clear();
+                eprintln!("{} {message}", "warning:".yellow().bold())
+            }
+            Event::StepFailed { version, name, .. } => {
+                self.clear();
+                println!("  {} {version} {name}", "failed  ".red().bold())
+            }
             _ => {}
         }
     }
 }
+
+/// `--color`: auto (a terminal without NO_COLOR), always, never.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ColorMode {
+    /// Colour on a terminal unless NO_COLOR is set.
+    Auto,
+    /// Always (also in a pipe).
+    Always,
+    /// Never.
+    Never,
+}
+
+/// Apply `--color` before anything is printed.
+pub fn init_color(mode: ColorMode) {
+    let on = match mode {
+        ColorMode::Always => true,
+        ColorMode::Never => false,
+        ColorMode::Auto => {
+            use std::io::IsTerminal;
+            std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+        }
+    };
+    let _ = COLOUR.set(on);
+    anstream::ColorChoice::write_global(match mode {
+        ColorMode::Always => anstream::ColorChoice::Always,
+        ColorMode::Never => anstream::ColorChoice::Never,
+        ColorMode::Auto => anstream::ColorChoice::Auto,
+    });
+}
+
+static COLOUR: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
 /// What a command ran against, for the headers of human output.
 pub struct Target {
@@ -130,7 +196,6 @@ pub fn run_report(r: &RunReport, target: &Target, as_json: bool) {
 /// stripping escape codes for a 1,000-row table piped elsewhere costs more than
 /// the table itself.
 fn colour() -> bool {
-    static COLOUR: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *COLOUR.get_or_init(|| {
         use std::io::IsTerminal;
         std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
@@ -159,8 +224,57 @@ fn timestamp(t: chrono::DateTime<chrono::Utc>) -> String {
     format!("{:04}-{:02}-{:02} {:02}:{:02}:{:02}", t.year(), t.month(), t.day(), t.hour(), t.minute(), t.second())
 }
 
+/// Which rows `kiln status` shows.
+pub struct StatusView {
+    /// Only pending.
+    pub pending: bool,
+    /// Only failed, running or missing.
+    pub failed: bool,
+    /// Only the last N.
+    pub last: Option<usize>,
+    /// Everything, also on a terminal.
+    pub all: bool,
+    /// Only this group.
+    pub group: Option<String>,
+}
+
+/// Rows to show: the filters, then (on a terminal, without `--all` or
+/// `--last`) the last 20 applied rows and every row not applied. Returns the
+/// rows and how many applied rows the terminal view hid.
+fn select<'a>(rows: &'a [StatusRow], view: &StatusView, terminal: bool) -> (Vec<&'a StatusRow>, usize) {
+    let problem = |r: &StatusRow| matches!(r.state.as_str(), "failed" | "running" | "missing");
+    let mut out: Vec<&StatusRow> = rows
+        .iter()
+        .filter(|r| view.group.as_ref().is_none_or(|g| r.group.as_ref() == Some(g)))
+        .filter(|r| !(view.pending || view.failed) || (view.pending && r.state == "pending") || (view.failed && problem(r)))
+        .collect();
+    if let Some(n) = view.last {
+        let skip = out.len().saturating_sub(n);
+        out.drain(..skip);
+        return (out, 0);
+    }
+    if !terminal || view.all || view.pending || view.failed {
+        return (out, 0);
+    }
+    const KEEP: usize = 20;
+    let settled = |r: &StatusRow| matches!(r.state.as_str(), "applied" | "baseline" | "retired");
+    let total_settled = out.iter().filter(|r| settled(r)).count();
+    let hide = total_settled.saturating_sub(KEEP);
+    let mut seen = 0;
+    out.retain(|r| {
+        if !settled(r) {
+            return true;
+        }
+        seen += 1;
+        seen > hide
+    });
+    (out, hide)
+}
+
 /// Print `kiln status`.
-pub fn status(rows: &[StatusRow], collections: Option<&serde_json::Value>, target: &Target, as_json: bool) {
+pub fn status(all_rows: &[StatusRow], view: &StatusView, collections: Option<&serde_json::Value>, target: &Target, as_json: bool) {
+    use std::io::IsTerminal;
+    let (rows, hidden) = select(all_rows, view, !as_json && std::io::stdout().is_terminal());
     if as_json {
         let mut v = serde_json::json!({ "migrations": rows });
         if let Some(c) = collections {
@@ -172,18 +286,36 @@ pub fn status(rows: &[StatusRow], collections: Option<&serde_json::Value>, targe
     let mut out = String::with_capacity(rows.len() * 100);
     use std::fmt::Write as _;
     let _ = writeln!(out, "{}", target.header());
-    if rows.is_empty() {
+    if all_rows.is_empty() {
         let _ = writeln!(out, "No migrations yet: `kiln create <name>` writes one.");
+    } else if rows.is_empty() {
+        let _ = writeln!(out, "No migration matches (of {}).", all_rows.len());
     } else {
         let wv = rows.iter().map(|r| r.version.len()).max().unwrap_or(7).max(7);
         let wn = rows.iter().map(|r| r.name.chars().count()).max().unwrap_or(4).clamp(4, 48);
         let ws = 8;
+        // A GROUP column only when groups exist.
+        let wg = rows.iter().filter_map(|r| r.group.as_ref()).map(|g| g.chars().count()).max().map(|w| w.clamp(5, 24));
+        let group_cell = |g: Option<&str>| match wg {
+            Some(w) => format!("{:<w$}  ", g.unwrap_or("-").chars().take(w).collect::<String>()),
+            None => String::new(),
+        };
+        if hidden > 0 {
+            let _ = writeln!(out, "… {hidden} earlier applied migrations not shown (--all shows every one)");
+        }
         let _ = writeln!(
             out,
-            "{:<wv$}  {:<wn$}  {:<ws$}  {:>5}  {:<20}  {:>8}  CHECKSUM",
-            "VERSION", "NAME", "STATE", "BATCH", "APPLIED AT (UTC)", "DURATION"
+            "{:<wv$}  {:<wn$}  {}{:<ws$}  {:>5}  {:<20}  {:>8}  {:<4}  CHECKSUM",
+            "VERSION",
+            "NAME",
+            group_cell(Some("GROUP")),
+            "STATE",
+            "BATCH",
+            "APPLIED AT (UTC)",
+            "DURATION",
+            "DOWN"
         );
-        for r in rows {
+        for r in rows.iter().copied() {
             let mut name: String = r.name.chars().take(wn).collect();
             if r.name.chars().count() > wn {
                 name.pop();
@@ -199,11 +331,20 @@ pub fn status(rows: &[StatusRow], collections: Option<&serde_json::Value>, targe
                 (None, Some(c), false) if r.state == "pending" => c[..12.min(c.len())].to_string(),
                 _ => "-".to_string(),
             };
+            // Irreversible migrations are marked (a baseline or missing file has no down to run either).
+            let down = if r.file.is_none() {
+                "-"
+            } else if r.reversible {
+                "yes"
+            } else {
+                "no"
+            };
             let _ = writeln!(
                 out,
-                "{:<wv$}  {:<wn$}  {}  {:>5}  {:<20}  {:>8}  {}",
+                "{:<wv$}  {:<wn$}  {}{}  {:>5}  {:<20}  {:>8}  {down:<4}  {}",
                 r.version,
                 name,
+                group_cell(r.group.as_deref()),
                 state_cell(state, ws),
                 r.batch.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
                 r.applied_at.map(timestamp).unwrap_or_else(|| "-".into()),
@@ -221,7 +362,7 @@ pub fn status(rows: &[StatusRow], collections: Option<&serde_json::Value>, targe
                 }
             }
         }
-        let count = |s: &str| rows.iter().filter(|r| r.state == s).count();
+        let count = |s: &str| all_rows.iter().filter(|r| r.state == s).count();
         let mut summary = format!("{} applied, {} pending", count("applied") + count("baseline"), count("pending"));
         for s in ["failed", "running", "missing", "retired"] {
             let n = count(s);
@@ -229,7 +370,7 @@ pub fn status(rows: &[StatusRow], collections: Option<&serde_json::Value>, targe
                 let _ = write!(summary, ", {n} {s}");
             }
         }
-        let changed = rows.iter().filter(|r| r.checksum_ok == Some(false)).count();
+        let changed = all_rows.iter().filter(|r| r.checksum_ok == Some(false)).count();
         if changed > 0 {
             let _ = write!(summary, ", {changed} changed since applied");
         }
@@ -408,25 +549,19 @@ fn code_of(e: &CliError) -> &'static str {
 pub fn error(e: &CliError, as_json: bool, down: bool) -> i32 {
     let code = e.exit_code();
     if as_json {
-        let mut v = serde_json::json!({ "error": { "code": code_of(e), "message": e.to_string(), "exit_code": code } });
-        if let CliError::Run(RunError::Plan(ps)) = e {
-            v["error"]["problems"] = ps.iter().map(|p| serde_json::json!({"code": p.code(), "message": p.to_string()})).collect();
-        }
-        if let CliError::Run(RunError::Invalid { version, file, violations, done, outcome }) = e {
-            v["error"]["version"] = serde_json::json!(version.text);
-            v["error"]["file"] = serde_json::json!(file);
-            v["error"]["violations"] = serde_json::json!(violations);
-            v["error"]["rolled_back"] = serde_json::json!(*outcome == kiln::FailureOutcome::RolledBack);
-            v["error"]["done_before_failure"] = serde_json::json!(done.iter().map(|d| d.text.clone()).collect::<Vec<_>>());
-        }
-        if let CliError::Run(RunError::Migration { version, error, done, outcome }) = e {
-            v["error"]["version"] = serde_json::json!(version.text);
-            v["error"]["file"] = serde_json::json!(error.file);
-            v["error"]["statement"] = serde_json::json!(error.statement);
-            v["error"]["line"] = serde_json::json!(error.line);
-            v["error"]["database_code"] = serde_json::json!(error.code);
-            v["error"]["rolled_back"] = serde_json::json!(*outcome == kiln::FailureOutcome::RolledBack);
-            v["error"]["done_before_failure"] = serde_json::json!(done.iter().map(|d| d.text.clone()).collect::<Vec<_>>());
+        let mut report = match e {
+            CliError::Run(r) => kiln::report::ErrorReport::from(r),
+            other => kiln::report::ErrorReport {
+                code: code_of(other).to_string(),
+                message: other.to_string(),
+                exit_code: code,
+                problems: vec![],
+                failure: None,
+            },
+        };
+        report.exit_code = code;
+        let mut v = serde_json::json!({ "error": report });
+        if report.failure.is_some() {
             v["error"]["direction"] = serde_json::json!(if down { "down" } else { "up" });
         }
         json(&v);
@@ -455,4 +590,47 @@ pub fn error(e: &CliError, as_json: bool, down: bool) -> i32 {
         }
     }
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(v: u64, state: &str) -> StatusRow {
+        StatusRow {
+            version: format!("{v:04}"),
+            version_number: v,
+            name: format!("m{v}"),
+            file: Some(format!("{v:04}_m{v}.sql")),
+            group: None,
+            state: state.into(),
+            batch: None,
+            applied_at: None,
+            duration_ms: None,
+            applied_by: None,
+            checksum: None,
+            checksum_ok: None,
+            out_of_order: false,
+            reversible: true,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn the_terminal_view_keeps_the_last_20_applied_and_everything_else() {
+        let mut rows: Vec<StatusRow> = (1..=1000).map(|v| row(v, "applied")).collect();
+        rows[10].state = "failed".into();
+        rows.push(row(1001, "pending"));
+        let all = StatusView { pending: false, failed: false, last: None, all: false, group: None };
+        let (shown, hidden) = select(&rows, &all, true);
+        assert_eq!(hidden, 979);
+        assert_eq!(shown.len(), 22, "the failed one, the last 20 applied, the pending one");
+        assert_eq!(shown[0].version, "0011");
+        assert_eq!(shown[1].version, "0981");
+        assert_eq!(shown.last().unwrap().version, "1001");
+        // In a pipe, and with --all, every row.
+        assert_eq!(select(&rows, &all, false).0.len(), 1001);
+        let every = StatusView { all: true, ..all };
+        assert_eq!(select(&rows, &every, true).0.len(), 1001);
+    }
 }

@@ -137,3 +137,110 @@ async fn kiln_toml_is_found_in_a_parent_directory_and_named_in_the_header() {
     assert!(header.contains("config ../../kiln.toml"), "{header}");
     assert!(header.contains("1 migration in ../../migrations"), "{header}");
 }
+
+#[tokio::test]
+async fn status_filters_group_column_and_irreversible_mark() {
+    let p = Project::new(Engine::Sqlite).await;
+    for n in 1..=5 {
+        p.add_create(n);
+    }
+    p.write("0006_oneway.sql", "-- kiln:group users\nCREATE TABLE t_6 (id INT);\n");
+    p.kiln(&["up"]).ok();
+    p.add_create(7);
+    p.write("0008_broken.sql", "-- kiln:transaction off\nCREATE TABLE t_8 (id INT);\nINSERT INTO nope VALUES (1);\n");
+    p.kiln(&["up", "--to", "0008"]).fails_with(1);
+    let versions = |args: &[&str]| -> Vec<String> {
+        let r = p.kiln(args);
+        r.ok();
+        r.json()["migrations"].as_array().unwrap().iter().map(|m| m["version"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(versions(&["status", "--json"]).len(), 8);
+    assert_eq!(versions(&["status", "--json", "--pending"]), Vec::<String>::new(), "0007 applied before 0008 failed");
+    assert_eq!(versions(&["status", "--json", "--failed"]), ["0008"]);
+    assert_eq!(versions(&["status", "--json", "--last", "2"]), ["0007", "0008"]);
+    assert_eq!(versions(&["status", "--json", "--group", "users"]), ["0006"]);
+    let table = p.kiln(&["status"]);
+    table.ok();
+    let lines: Vec<&str> = table.stdout.lines().collect();
+    let head = lines.iter().find(|l| l.starts_with("VERSION")).unwrap();
+    assert!(head.contains("GROUP") && head.contains("DOWN"), "{head}");
+    let row6 = lines.iter().find(|l| l.starts_with("0006")).unwrap();
+    assert!(row6.contains("users") && row6.split_whitespace().any(|w| w == "no"), "{row6}");
+    let row1 = lines.iter().find(|l| l.starts_with("0001")).unwrap();
+    assert!(row1.split_whitespace().any(|w| w == "yes"), "{row1}");
+    // The summary counts everything, whatever the filter.
+    let only = p.kiln(&["status", "--failed"]);
+    assert!(only.stdout.contains("7 applied, 0 pending, 1 failed"), "{}", only.stdout);
+}
+
+#[tokio::test]
+async fn redo_reverts_and_reapplies_the_last_batch() {
+    let p = Project::new(Engine::Sqlite).await;
+    p.add_create(1);
+    p.kiln(&["up"]).ok();
+    p.add_create(2);
+    p.add_create(3);
+    p.kiln(&["up"]).ok();
+    let r = p.kiln(&["redo", "--json"]);
+    r.ok();
+    let v = r.json();
+    assert_eq!(v["down"]["steps"].as_array().unwrap().len(), 2, "{}", r.stdout);
+    assert_eq!(v["up"]["steps"].as_array().unwrap().len(), 2, "{}", r.stdout);
+    assert_eq!(v["up"]["batch"], 2, "the reverted batch number is used again: {}", r.stdout);
+    assert!(p.states().iter().all(|(_, s)| s == "applied"));
+}
+
+#[tokio::test]
+async fn create_on_mongodb_numbers_with_timestamps_and_new_is_an_alias() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("migrations")).unwrap();
+    let url = "mongodb://127.0.0.1:1/app";
+    let run = |args: &[&str]| output_to_run(kiln_cmd(root.path()).args(args).args(["--url", url]).output().unwrap());
+    let c = run(&["new", "add_index", "--json"]);
+    c.ok();
+    let version = c.json()["version"].as_str().unwrap().to_string();
+    assert_eq!(version.len(), 14, "migrate-mongo style timestamp: {version}");
+    assert!(root.path().join(format!("migrations/{version}_add_index.yaml")).exists());
+    // A project numbered 0001… keeps its style.
+    let seq = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(seq.path().join("migrations")).unwrap();
+    std::fs::write(seq.path().join("migrations/0001_a.yaml"), "up: []\n").unwrap();
+    let c = output_to_run(kiln_cmd(seq.path()).args(["create", "b", "--json", "--url", url]).output().unwrap());
+    c.ok();
+    assert_eq!(c.json()["version"], "0002");
+    // SQL stays sequential.
+    std::fs::create_dir_all(root.path().join("sqlmig")).unwrap();
+    let sql = output_to_run(kiln_cmd(root.path()).args(["create", "c", "--json", "--dir", "sqlmig", "--url", "sqlite://x.db"]).output().unwrap());
+    sql.ok();
+    assert_eq!(sql.json()["version"], "0001");
+}
+
+#[tokio::test]
+async fn completions_and_color_flags() {
+    let root = tempfile::tempdir().unwrap();
+    let bash = output_to_run(kiln_cmd(root.path()).args(["completions", "bash"]).output().unwrap());
+    bash.ok();
+    assert!(bash.stdout.contains("_kiln") && bash.stdout.contains("status"), "{}", &bash.stdout[..200.min(bash.stdout.len())]);
+    let p = Project::new(Engine::Sqlite).await;
+    p.add_create(1);
+    p.kiln(&["up"]).ok();
+    let always = p.kiln(&["status", "--color", "always"]);
+    assert!(always.stdout.contains('\x1b'), "--color always colours a pipe");
+    let never = p.kiln(&["status", "--color", "never"]);
+    assert!(!never.stdout.contains('\x1b'));
+}
+
+#[tokio::test]
+async fn log_level_debug_shows_kilns_decisions() {
+    let p = Project::new(Engine::Sqlite).await;
+    p.add_create(1);
+    let r = p.kiln(&["up", "--log-level", "debug"]);
+    r.ok();
+    for needle in ["configuration resolved", "url_source", "lock taken", "Planned", "StepFinished"] {
+        assert!(r.stderr.contains(needle), "{needle} missing from:\n{}", r.stderr);
+    }
+    assert!(!r.stderr.contains('\x1b'), "no colour on a non-terminal stderr");
+    // Quiet by default.
+    let quiet = p.kiln(&["status"]);
+    assert!(quiet.stderr.is_empty(), "{}", quiet.stderr);
+}
