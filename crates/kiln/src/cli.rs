@@ -51,6 +51,30 @@ pub struct Global {
     pub color: render::ColorMode,
 }
 
+/// Which databases of a `[tenants]` fleet a command touches.
+#[derive(Args, Debug, Clone, Default)]
+pub struct FleetArgs {
+    /// Fleet: only the public database
+    #[arg(long, conflicts_with_all = ["tenants_only", "tenant"])]
+    pub public_only: bool,
+    /// Fleet: only the tenants
+    #[arg(long)]
+    pub tenants_only: bool,
+    /// Fleet: only this tenant (repeatable)
+    #[arg(long, value_name = "NAME")]
+    pub tenant: Vec<String>,
+}
+
+impl FleetArgs {
+    fn selection(&self) -> kiln::fleet::Selection {
+        kiln::fleet::Selection { public_only: self.public_only, tenants_only: self.tenants_only, tenants: self.tenant.clone() }
+    }
+
+    fn used(&self) -> bool {
+        self.public_only || self.tenants_only || !self.tenant.is_empty()
+    }
+}
+
 /// Layout of a new SQL migration.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum Layout {
@@ -97,6 +121,14 @@ pub enum Cmd {
         /// Only migrations of this group (schema/collection)
         #[arg(long, visible_alias = "collection", value_name = "NAME")]
         group: Option<String>,
+        #[command(flatten)]
+        fleet: FleetArgs,
+        /// Fleet: stop starting tenants after the first failure
+        #[arg(long)]
+        fail_fast: bool,
+        /// Fleet: tenants migrated at a time [default: kiln.toml's tenants.concurrency]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+        concurrency: Option<u16>,
     },
     /// Revert the last batch (or --steps N, or --to VERSION)
     Down {
@@ -130,6 +162,11 @@ pub enum Cmd {
         /// Only migrations of this group (schema/collection)
         #[arg(long, visible_alias = "collection", value_name = "NAME")]
         group: Option<String>,
+        /// Fleet: one line per database (public and each tenant): applied, pending, failed, last applied
+        #[arg(long)]
+        tenants: bool,
+        #[command(flatten)]
+        fleet: FleetArgs,
         /// Also show every collection: exists, documents, indexes, validator (MongoDB)
         #[arg(long)]
         collections: bool,
@@ -168,7 +205,10 @@ pub enum Cmd {
         reason: String,
     },
     /// Fail (exit 1) on pending, failed or changed migrations, an invalid schema, or drift
-    Check,
+    Check {
+        #[command(flatten)]
+        fleet: FleetArgs,
+    },
     /// Show what changed in the database schema since the last kiln run (exit 1 if anything)
     Diff,
     /// Print a shell completion script: kiln completions bash > /etc/bash_completion.d/kiln
@@ -300,14 +340,19 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
     let cfg = Config::load(&overrides)?;
     kiln::url::EngineKind::parse(&cfg.url).map_err(|e| CliError::Run(e.into()))?;
 
+    if let Some(done) = fleet_command(&cli.cmd, &cfg, json).await? {
+        return Ok(done);
+    }
+
     // Read the files while the connection is being set up: both wait on I/O.
     let dir = cfg.dir.clone();
     let opts = kiln::load_options(&cfg.url, cfg.name_rule.clone());
-    let loader = std::thread::spawn(move || kiln::load_migrations(&dir, &opts));
+    let fleet = cfg.tenants.is_some();
+    let loader = std::thread::spawn(move || if fleet { kiln::load_public_migrations(&dir, &opts) } else { kiln::load_migrations(&dir, &opts) });
     let mut backend_cfg = cfg.backend_config();
     // Commands that only read must not create the database (a SQLite file).
     backend_cfg.read_only =
-        matches!(cli.cmd, Cmd::Status { .. } | Cmd::Check | Cmd::Diff | Cmd::Up { dry_run: true, .. } | Cmd::Down { dry_run: true, .. });
+        matches!(cli.cmd, Cmd::Status { .. } | Cmd::Check { .. } | Cmd::Diff | Cmd::Up { dry_run: true, .. } | Cmd::Down { dry_run: true, .. });
     tracing::debug!(
         config = %cfg.config_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()),
         url = %cfg.redacted_url(),
@@ -338,6 +383,67 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
     let result = command(&cli.cmd, &cfg, &lib, &local, contract, backend.as_mut(), json).await;
     let _ = backend.close().await;
     result
+}
+
+/// `up` and `status --tenants` over a `[tenants]` fleet; `None` when the
+/// command is not a fleet command (it then acts on one database).
+async fn fleet_command(cmd: &Cmd, cfg: &Config, json: bool) -> Result<Option<i32>, CliError> {
+    let fleet_flags = match cmd {
+        Cmd::Up { fleet, .. } | Cmd::Check { fleet } => fleet.used(),
+        Cmd::Status { fleet, tenants, .. } => fleet.used() || *tenants,
+        _ => false,
+    };
+    let Some(tenants) = &cfg.tenants else {
+        if fleet_flags {
+            return Err(CliError::Usage("--public-only, --tenants-only, --tenant and --tenants need a `[tenants]` fleet in kiln.toml".into()));
+        }
+        return Ok(None);
+    };
+    let observer: Arc<dyn kiln::Observer> = Arc::new(kiln::event::Silent);
+    match cmd {
+        Cmd::Up { to: None, dry_run, group, fleet, fail_fast, concurrency, .. } => {
+            let mut lib = kiln::Kiln::from_config(cfg).observer(observer);
+            if let Some(g) = group {
+                lib = lib.group(g.clone());
+            }
+            let f = kiln::fleet::Fleet::new(&lib, tenants);
+            let opts = kiln::fleet::FleetOptions {
+                selection: fleet.selection(),
+                fail_fast: *fail_fast,
+                dry_run: *dry_run,
+                concurrency: concurrency.map(usize::from),
+            };
+            let live = render::FleetProgress::new(json, tenants.names.len());
+            let report = f.up(&opts, &|o| live.done(o)).await.map_err(lib_error)?;
+            render::fleet_report(&report, json);
+            Ok(Some(if report.ok() { 0 } else { 1 }))
+        }
+        Cmd::Up { to: Some(_), .. } => {
+            Err(CliError::Usage("--to is for one database; with a `[tenants]` fleet, `up` applies everything pending on each".into()))
+        }
+        Cmd::Check { fleet } => {
+            let lib = kiln::Kiln::from_config(cfg);
+            let f = kiln::fleet::Fleet::new(&lib, tenants);
+            let rows = f.check(&fleet.selection()).await.map_err(lib_error)?;
+            render::fleet_check(&rows, json);
+            Ok(Some(if rows.iter().all(|r| r.ok()) { 0 } else { 1 }))
+        }
+        Cmd::Status { fleet, .. } if fleet_flags => {
+            let lib = kiln::Kiln::from_config(cfg);
+            let f = kiln::fleet::Fleet::new(&lib, tenants);
+            let rows = f.status(&fleet.selection()).await.map_err(lib_error)?;
+            render::fleet_status(&rows, json);
+            Ok(Some(0))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn lib_error(e: kiln::Error) -> CliError {
+    match e {
+        kiln::Error::Config(c) => CliError::Config(c),
+        kiln::Error::Run(r) => CliError::Run(r),
+    }
 }
 
 fn annotate_dir(e: kiln::SourceError, dir: &Path) -> CliError {
@@ -405,7 +511,7 @@ async fn command(
             }
             Ok(0)
         }
-        Cmd::Status { collections, exact, pending, failed, last, all, group } => {
+        Cmd::Status { collections, exact, pending, failed, last, all, group, .. } => {
             let rows = runner.status(local).await?;
             drop(runner);
             let cols = if *collections { Some(collection_status(cfg, local, *exact).await?) } else { None };
@@ -434,7 +540,7 @@ async fn command(
             render::admin(&r, json);
             Ok(0)
         }
-        Cmd::Check => {
+        Cmd::Check { .. } => {
             let r = runner.check(local, contract.as_deref()).await?;
             render::check(&r, &target, json);
             Ok(if r.ok { 0 } else { 1 })

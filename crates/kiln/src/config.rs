@@ -76,6 +76,100 @@ pub struct FileConfig {
     pub validate: Option<ValidateMode>,
     /// MongoDB settings.
     pub mongodb: Option<MongoSection>,
+    /// The tenant fleet (DESIGN §5).
+    pub tenants: Option<TenantsSection>,
+}
+
+/// `[tenants]`: where the tenants are and how to reach each.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantsSection {
+    /// A static list of tenant names.
+    pub list: Option<Vec<String>>,
+    /// PostgreSQL: one schema per tenant inside the public database (`"{tenant}"`).
+    pub schema: Option<String>,
+    /// One database per tenant: a URL with `{tenant}` (any engine).
+    pub url: Option<String>,
+    /// Tenants migrated at a time.
+    pub concurrency: Option<usize>,
+    /// Not built yet: refused with a clear message.
+    query: Option<toml::Value>,
+    /// Not built yet: refused with a clear message.
+    find: Option<toml::Value>,
+    /// Not built yet: refused with a clear message.
+    pattern: Option<toml::Value>,
+}
+
+/// The resolved fleet: tenant names and how to reach each.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tenants {
+    /// Tenant names, in the configured order (validated: letters, digits, `_`, `-`; at most 63).
+    pub names: Vec<String>,
+    /// How a tenant is reached.
+    pub placement: Placement,
+    /// Tenants migrated at a time.
+    pub concurrency: usize,
+}
+
+/// Where a tenant lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// A PostgreSQL schema named by the template, inside the public database.
+    Schema(String),
+    /// A database of its own, at the URL the template gives.
+    Url(String),
+}
+
+impl Tenants {
+    /// A tenant's schema or URL from its template.
+    pub fn resolve(template: &str, tenant: &str) -> String {
+        template.replace("{tenant}", tenant)
+    }
+
+    fn from_section(t: TenantsSection, path: &Path) -> Result<Tenants, ConfigError> {
+        let at = |m: String| ConfigError::Invalid(format!("{}: [tenants] {m}", path.display()));
+        for (key, set) in [("query", t.query.is_some()), ("find", t.find.is_some()), ("pattern", t.pattern.is_some())] {
+            if set {
+                return Err(at(format!(
+                    "`{key}` is not supported yet: list the tenants with `list = [\"acme\", \"globex\"]` (tenants from a query, a find or a name pattern are planned)"
+                )));
+            }
+        }
+        let names = t.list.ok_or_else(|| at("needs `list = [\"acme\", …]` (the tenants of the fleet)".into()))?;
+        let mut seen = std::collections::HashSet::new();
+        for n in &names {
+            let ok = !n.is_empty() && n.len() <= 63 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !ok {
+                return Err(at(format!(
+                    "tenant name {:?} cannot name a database or schema safely: use 1 to 63 ASCII letters, digits, `_` or `-`",
+                    n.chars().take(80).collect::<String>()
+                )));
+            }
+            if !seen.insert(n.as_str()) {
+                return Err(at(format!("tenant {n:?} is listed twice")));
+            }
+        }
+        let placement = match (t.schema, t.url) {
+            (Some(s), None) if s.contains("{tenant}") => Placement::Schema(s),
+            (None, Some(u)) if u.contains("{tenant}") => Placement::Url(u),
+            (Some(_), Some(_)) => return Err(at("set `schema` (PostgreSQL schema per tenant) or `url` (database per tenant), not both".into())),
+            (None, None) => return Err(at("needs `schema = \"{tenant}\"` (PostgreSQL) or `url = \"…/{tenant}\"`".into())),
+            _ => return Err(at("the `schema` or `url` template must contain `{tenant}`".into())),
+        };
+        let concurrency = match t.concurrency {
+            Some(0) => return Err(at("concurrency must be at least 1".into())),
+            Some(n) if n > 256 => return Err(at(format!("concurrency {n} is more than 256"))),
+            Some(n) => n,
+            None => default_concurrency(),
+        };
+        Ok(Tenants { names, placement, concurrency })
+    }
+}
+
+/// Tenants at a time when kiln.toml does not say: the databases do the work,
+/// so a few per core.
+pub fn default_concurrency() -> usize {
+    std::thread::available_parallelism().map(|n| n.get() * 4).unwrap_or(8).min(32)
 }
 
 /// When `up` validates the schema against `schema.yaml`.
@@ -185,6 +279,8 @@ pub struct Config {
     pub schema_file_explicit: bool,
     /// When `up` validates.
     pub validate: ValidateMode,
+    /// The tenant fleet, when kiln.toml has `[tenants]`.
+    pub tenants: Option<Tenants>,
 }
 
 impl std::fmt::Debug for Config {
@@ -198,6 +294,7 @@ impl std::fmt::Debug for Config {
             .field("lock_timeout", &self.lock_timeout)
             .field("schema", &self.schema)
             .field("mongodb_database", &self.mongodb_database)
+            .field("tenants", &self.tenants.as_ref().map(|t| t.names.len()))
             .finish_non_exhaustive()
     }
 }
@@ -316,6 +413,17 @@ impl Config {
             allow_out_of_order: o.allow_out_of_order || file.allow_out_of_order.unwrap_or(false),
             schema: file.schema,
             mongodb_database: file.mongodb.and_then(|m| m.database),
+            tenants: match file.tenants {
+                Some(t) => {
+                    let mut t = Tenants::from_section(t, &path)?;
+                    // A relative SQLite path in the template is relative to kiln.toml too.
+                    if let Placement::Url(u) = &t.placement {
+                        t.placement = Placement::Url(rebase_sqlite(u, &base));
+                    }
+                    Some(t)
+                }
+                None => None,
+            },
             schema_file_explicit: file.schema_file.is_some(),
             schema_file: match file.schema_file {
                 Some(p) if p.is_relative() => base.join(p),

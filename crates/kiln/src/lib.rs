@@ -19,6 +19,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod config;
+pub mod fleet;
 pub mod verify;
 
 use std::path::PathBuf;
@@ -56,7 +57,19 @@ pub async fn connect(cfg: &BackendConfig) -> Result<Box<dyn Engine>, EngineError
 /// # Errors
 /// [`SourceError`] naming the file (and line) of the first problem.
 pub fn load_migrations(dir: &std::path::Path, opts: &LoadOptions) -> Result<Vec<Migration>, SourceError> {
-    let local = load_dir(dir, opts)?;
+    refuse_tenant_scope(dir, load_dir(dir, opts)?)
+}
+
+/// With a `[tenants]` fleet configured, the commands that act on one database
+/// act on the public one: its migrations are the public-scoped ones.
+///
+/// # Errors
+/// [`SourceError`] naming the file.
+pub fn load_public_migrations(dir: &std::path::Path, opts: &LoadOptions) -> Result<Vec<Migration>, SourceError> {
+    Ok(load_dir(dir, opts)?.into_iter().filter(|m| m.directives.scope == Scope::Public).collect())
+}
+
+fn refuse_tenant_scope(dir: &std::path::Path, local: Vec<Migration>) -> Result<Vec<Migration>, SourceError> {
     let tenant: Vec<&Migration> = local.iter().filter(|m| m.directives.scope == Scope::Tenant).collect();
     if let Some(first) = tenant.first() {
         let path = dir.join(&first.path);
@@ -77,7 +90,7 @@ pub fn load_migrations(dir: &std::path::Path, opts: &LoadOptions) -> Result<Vec<
             file: path,
             line: line.map(|l| l + 1).unwrap_or(1),
             message: format!(
-                "{how}, but this kiln has no tenant fleets yet (no `[tenants]` in kiln.toml), and applying a tenant migration to the one configured database would be wrong; move it out of `tenant/` or remove the scope until fleets are supported{more}"
+                "{how}, but kiln.toml declares no tenant fleet (`[tenants]`), and applying a tenant migration to the one configured database would be wrong; declare the fleet (see docs/tenants.md), or move it out of `tenant/` / remove the scope{more}"
             ),
         });
     }
@@ -145,6 +158,7 @@ pub struct Kiln {
     schema_file: PathBuf,
     schema_file_explicit: bool,
     validate: config::ValidateMode,
+    fleet: bool,
 }
 
 impl Kiln {
@@ -162,6 +176,7 @@ impl Kiln {
             schema_file: PathBuf::from(config::DEFAULT_SCHEMA_FILE),
             schema_file_explicit: false,
             validate: config::ValidateMode::default(),
+            fleet: false,
         }
     }
 
@@ -177,6 +192,7 @@ impl Kiln {
             schema_file: c.schema_file.clone(),
             schema_file_explicit: c.schema_file_explicit,
             validate: c.validate,
+            fleet: c.tenants.is_some(),
         }
     }
 
@@ -285,12 +301,48 @@ impl Kiln {
         Ok(r?)
     }
 
-    /// Load the migration files.
+    /// Load the migration files (with a `[tenants]` fleet: the public-scoped
+    /// ones; [`fleet::Fleet`] runs the others).
     ///
     /// # Errors
     /// [`SourceError`] naming the file.
     pub fn load(&self) -> Result<Vec<Migration>, SourceError> {
-        load_migrations(&self.dir, &load_options(&self.backend.url, self.name_rule.clone()))
+        let opts = load_options(&self.backend.url, self.name_rule.clone());
+        // With a fleet, this value's database is the public one.
+        if self.fleet {
+            load_public_migrations(&self.dir, &opts)
+        } else {
+            load_migrations(&self.dir, &opts)
+        }
+    }
+
+    /// Every migration whatever its scope (a fleet splits them).
+    ///
+    /// # Errors
+    /// [`SourceError`] naming the file.
+    pub fn load_unscoped(&self) -> Result<Vec<Migration>, SourceError> {
+        load_dir(&self.dir, &load_options(&self.backend.url, self.name_rule.clone()))
+    }
+
+    /// [`Kiln::runner`] with another lock wait (`Some(ZERO)`: do not wait).
+    pub fn runner_for<'a>(
+        &self,
+        engine: &'a mut dyn Engine,
+        contract: Option<Arc<schema::Contract>>,
+        lock_timeout: Option<std::time::Duration>,
+    ) -> Runner<'a> {
+        let mut settings = self.settings.clone();
+        if let Some(t) = lock_timeout {
+            settings.lock_timeout = t;
+        }
+        let mut r = Runner::new(engine, settings);
+        if let Some(o) = &self.observer {
+            r = r.with_observer(o.clone());
+        }
+        if self.validate == config::ValidateMode::AfterEach {
+            r = r.with_contract(contract);
+        }
+        r
     }
 
     /// The schema contract, when the schema file exists (or was named).
@@ -305,14 +357,7 @@ impl Kiln {
     /// when validation is on — the contract that `up` validates against. The
     /// CLI's commands run through here too.
     pub fn runner<'a>(&self, engine: &'a mut dyn Engine, contract: Option<Arc<schema::Contract>>) -> Runner<'a> {
-        let mut r = Runner::new(engine, self.settings.clone());
-        if let Some(o) = &self.observer {
-            r = r.with_observer(o.clone());
-        }
-        if self.validate == config::ValidateMode::AfterEach {
-            r = r.with_contract(contract);
-        }
-        r
+        self.runner_for(engine, contract, None)
     }
 
     /// The policy of `up` (out-of-order, group).

@@ -109,6 +109,142 @@ pub fn init_color(mode: ColorMode) {
 
 static COLOUR: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
+/// Live output of a fleet run: one line per target as it ends (plain lines,
+/// also in a pipe; nothing with `--json`).
+pub struct FleetProgress {
+    quiet: bool,
+    total: usize,
+    seen: std::sync::atomic::AtomicUsize,
+}
+
+impl FleetProgress {
+    pub fn new(json: bool, tenants: usize) -> Self {
+        FleetProgress { quiet: json, total: tenants, seen: Default::default() }
+    }
+
+    /// A target ended.
+    pub fn done(&self, o: &kiln::report::TargetOutcome) {
+        use kiln::report::{TargetName, TargetResult};
+        if self.quiet {
+            return;
+        }
+        let n = if matches!(o.target, TargetName::Tenant(_)) {
+            format!("[{}/{}] ", self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1, self.total)
+        } else {
+            String::new()
+        };
+        match &o.result {
+            TargetResult::Done { report } if report.steps.is_empty() => {
+                println!("  {} {n}{}: up to date ({} ms)", "✓".green(), o.target, o.duration_ms)
+            }
+            TargetResult::Done { report } => println!(
+                "  {} {n}{}: {} {} migration(s) ({} ms)",
+                "✓".green(),
+                o.target,
+                if report.dry_run { "would apply" } else { "applied" },
+                report.steps.len(),
+                o.duration_ms
+            ),
+            TargetResult::Failed { error } => println!("  {} {n}{}: {}", "✗".red().bold(), o.target, first_line(&error.message)),
+            TargetResult::Skipped { reason } => println!("  {} {n}{}: skipped, {reason}", "-".yellow(), o.target),
+        }
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("")
+}
+
+/// The end of a fleet `up`: counts, and every failed target with its error.
+pub fn fleet_report(r: &kiln::report::FleetReport, as_json: bool) {
+    use kiln::report::TargetResult;
+    if as_json {
+        json(&serde_json::json!({ "ok": r.ok(), "targets": r.targets, "duration_ms": r.duration_ms }));
+        return;
+    }
+    let count = |f: &dyn Fn(&TargetResult) -> bool| r.targets.iter().filter(|t| f(&t.result)).count();
+    let done = count(&|t| matches!(t, TargetResult::Done { .. }));
+    let failed = count(&|t| matches!(t, TargetResult::Failed { .. }));
+    let skipped = count(&|t| matches!(t, TargetResult::Skipped { .. }));
+    let steps: usize = r.targets.iter().map(|t| if let TargetResult::Done { report } = &t.result { report.steps.len() } else { 0 }).sum();
+    println!(
+        "{} {done} database(s) done ({steps} migration(s)), {failed} failed, {skipped} skipped in {} ms.",
+        if failed == 0 { "Fleet:".green().bold().to_string() } else { "Fleet:".red().bold().to_string() },
+        r.duration_ms
+    );
+    for t in r.failed() {
+        if let TargetResult::Failed { error } = &t.result {
+            eprintln!("{} {}: {}", "error:".red().bold(), t.target, error.message);
+        }
+    }
+}
+
+/// `kiln check` over a fleet: one line per database, then what is wrong.
+pub fn fleet_check(rows: &[kiln::fleet::TargetCheck], as_json: bool) {
+    if as_json {
+        json(&serde_json::json!({ "ok": rows.iter().all(|r| r.ok()), "targets": rows }));
+        return;
+    }
+    for r in rows {
+        match (&r.report, &r.error) {
+            (Some(c), _) if c.ok => println!("  {} {}", "✓".green(), r.target),
+            (Some(c), _) => {
+                let mut what = Vec::new();
+                if !c.pending.is_empty() {
+                    what.push(format!("{} pending", c.pending.len()));
+                }
+                if !c.failed.is_empty() {
+                    what.push(format!("{} failed", c.failed.len()));
+                }
+                if !c.changed.is_empty() {
+                    what.push(format!("{} changed", c.changed.len()));
+                }
+                if !c.problems.is_empty() {
+                    what.push(format!("{} plan problem(s)", c.problems.len()));
+                }
+                if kiln::schema::has_errors(&c.violations) {
+                    what.push("schema contract violated".into());
+                }
+                if !c.drift.is_empty() {
+                    what.push(format!("{} drift change(s)", c.drift.len()));
+                }
+                println!("  {} {}: {}", "✗".red().bold(), r.target, what.join(", "));
+            }
+            (None, Some(e)) => println!("  {} {}: cannot read: {}", "✗".red().bold(), r.target, first_line(&e.message)),
+            (None, None) => {}
+        }
+    }
+    let bad = rows.iter().filter(|r| !r.ok()).count();
+    if bad == 0 {
+        println!("{} {} database(s) up to date", "✓".green().bold(), rows.len());
+    } else {
+        println!("{} {bad} of {} database(s) need attention (`kiln status --tenants`, `kiln check --json`)", "✗".red().bold(), rows.len());
+    }
+}
+
+/// `kiln status --tenants`.
+pub fn fleet_status(rows: &[kiln::fleet::TargetStatus], as_json: bool) {
+    if as_json {
+        json(&serde_json::json!({ "targets": rows }));
+        return;
+    }
+    let w = rows.iter().map(|r| r.target.to_string().chars().count()).max().unwrap_or(8).max(8);
+    println!("{:<w$}  {:>7}  {:>7}  {:>6}  LAST APPLIED (UTC)", "DATABASE", "APPLIED", "PENDING", "FAILED");
+    for r in rows {
+        match &r.error {
+            Some(e) => println!("{:<w$}  {}", r.target.to_string(), format!("cannot read: {}", first_line(&e.message)).red()),
+            None => println!(
+                "{:<w$}  {:>7}  {:>7}  {:>6}  {}",
+                r.target.to_string(),
+                r.applied,
+                r.pending,
+                r.failed,
+                r.last_applied_at.map(timestamp).unwrap_or_else(|| "-".into())
+            ),
+        }
+    }
+}
+
 /// What a command ran against, for the headers of human output.
 pub struct Target {
     /// The database URL, password redacted.

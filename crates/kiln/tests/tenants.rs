@@ -1,0 +1,156 @@
+//! Multi-tenant fleets through the binary: public first, then every tenant,
+//! failure-isolated, filters, dry runs, status over the fleet, two runners
+//! sharing one fleet, and configuration errors.
+
+mod support;
+
+use support::*;
+
+/// A project whose tenants are SQLite files under tenants/ (one per tenant)
+/// or PostgreSQL schemas in the test database.
+fn fleet(p: &Project, tenants: &[&str], placement: &str) {
+    let list = tenants.iter().map(|t| format!("{t:?}")).collect::<Vec<_>>().join(", ");
+    std::fs::create_dir_all(p.root.path().join("tenants")).unwrap();
+    std::fs::write(p.root.path().join("kiln.toml"), format!("[tenants]\nlist = [{list}]\n{placement}\nconcurrency = 4\n")).unwrap();
+    p.write("0001_public.sql", "-- kiln:up\nCREATE TABLE t_public (id INT);\n-- kiln:down\nDROP TABLE t_public;\n");
+    p.write("tenant/0002_users.sql", "-- kiln:up\nCREATE TABLE t_users (id INT);\n-- kiln:down\nDROP TABLE t_users;\n");
+}
+
+fn sqlite_tenant(p: &Project, t: &str) -> rusqlite::Connection {
+    rusqlite::Connection::open(p.root.path().join(format!("tenants/{t}.db"))).unwrap()
+}
+
+fn tables(c: &rusqlite::Connection) -> Vec<String> {
+    let mut st = c.prepare("SELECT name FROM sqlite_master WHERE type='table' AND name LIKE 't_%' ORDER BY name").unwrap();
+    st.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
+}
+
+#[tokio::test]
+async fn one_broken_tenant_never_stops_the_others_and_a_rerun_finishes_it() {
+    let p = Project::new(Engine::Sqlite).await;
+    let names: Vec<String> = (0..20).map(|i| format!("t{i:02}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    fleet(&p, &refs, "url = \"sqlite://tenants/{tenant}.db\"");
+    // t07 already has the table 0002 creates: its migration fails there.
+    sqlite_tenant(&p, "t07").execute_batch("CREATE TABLE t_users (id INT);").unwrap();
+    let r = p.kiln(&["up"]);
+    r.fails_with(1);
+    assert!(r.stderr.contains("tenant t07") && r.stderr.contains("t_users"), "{}", r.stderr);
+    assert!(r.stdout.contains("20 database(s) done (20 migration(s)), 1 failed"), "public + 19 tenants: {}", r.stdout);
+    for t in &names {
+        assert_eq!(tables(&sqlite_tenant(&p, t)), ["t_users"], "{t}");
+    }
+    let json = p.kiln(&["up", "--json"]);
+    json.fails_with(1);
+    let v = json.json();
+    assert_eq!(v["ok"], false);
+    let failed: Vec<String> = v["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["status"] == "failed")
+        .map(|t| t["target"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(failed, ["t07"], "only the broken tenant fails again; the others are up to date");
+    let t07 = v["targets"].as_array().unwrap().iter().find(|t| t["target"]["name"] == "t07").unwrap().clone();
+    assert_eq!(t07["error"]["code"], "migration_failed", "{t07}");
+    // The fleet check names it and fails.
+    let check = p.kiln(&["check"]);
+    check.fails_with(1);
+    assert!(check.stdout.contains("tenant t07: 1 pending"), "rolled back, so pending again: {}", check.stdout);
+    assert!(check.stdout.contains("1 of 21 database(s) need attention"), "{}", check.stdout);
+    // Fixed by hand: the re-run finishes it and touches nobody else.
+    sqlite_tenant(&p, "t07").execute_batch("DROP TABLE t_users;").unwrap();
+    let again = p.kiln(&["up", "--json"]);
+    again.ok();
+    let applied: Vec<(String, usize)> = again.json()["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| !t["report"]["steps"].as_array().unwrap().is_empty())
+        .map(|t| (t["target"]["name"].as_str().unwrap_or("public").to_string(), t["report"]["steps"].as_array().unwrap().len()))
+        .collect();
+    assert_eq!(applied, [("t07".to_string(), 1)]);
+    p.kiln(&["check"]).ok();
+    assert_eq!(p.kiln(&["check", "--tenant", "t07", "--json"]).json()["targets"].as_array().unwrap().len(), 1);
+    // The public database has only the public migration.
+    assert_eq!(p.db.objects("t_").await.unwrap(), ["t_public"]);
+}
+
+#[tokio::test]
+async fn filters_dry_run_and_status_over_the_fleet() {
+    let p = Project::new(Engine::Sqlite).await;
+    fleet(&p, &["acme", "globex", "initech"], "url = \"sqlite://tenants/{tenant}.db\"");
+    p.kiln(&["up", "--dry-run"]).ok();
+    assert!(!p.root.path().join("tenants/acme.db").exists(), "a dry run creates nothing");
+    p.kiln(&["up", "--public-only"]).ok();
+    assert!(!p.root.path().join("tenants/acme.db").exists());
+    p.kiln(&["up", "--tenant", "globex"]).ok();
+    assert_eq!(tables(&sqlite_tenant(&p, "globex")), ["t_users"]);
+    assert!(!p.root.path().join("tenants/acme.db").exists());
+    let st = p.kiln(&["status", "--tenants", "--json"]);
+    st.ok();
+    let rows: Vec<(String, u64, u64)> = st.json()["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["target"]["name"].as_str().unwrap_or("public").to_string(), t["applied"].as_u64().unwrap(), t["pending"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(rows, [("public".into(), 1, 0), ("acme".into(), 0, 1), ("globex".into(), 1, 0), ("initech".into(), 0, 1)], "{}", st.stdout);
+    p.kiln(&["up", "--tenants-only"]).ok();
+    assert_eq!(tables(&sqlite_tenant(&p, "acme")), ["t_users"]);
+    let unknown = p.kiln(&["up", "--tenant", "nope"]);
+    unknown.fails_with(2);
+    assert!(unknown.stderr.contains("nope") && unknown.stderr.contains("acme, globex, initech"), "{}", unknown.stderr);
+    // Single-database commands act on the public database with its migrations.
+    let status = p.kiln(&["status", "--json"]);
+    status.ok();
+    assert_eq!(status.json()["migrations"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_schema_per_tenant_and_two_runners_share_the_fleet() {
+    let p = Project::new(Engine::Postgres).await;
+    let names: Vec<String> = (0..12).map(|i| format!("acme-{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    fleet(&p, &refs, "schema = \"tenant_{tenant}\"");
+    // Each tenant migration also counts its runs in the public database.
+    p.write("0001_public.sql", "-- kiln:up\nCREATE TABLE public.t_runs (tenant text);\n-- kiln:down\nDROP TABLE public.t_runs;\n");
+    p.write(
+        "tenant/0002_users.sql",
+        "-- kiln:up\nCREATE TABLE t_users (id INT);\nINSERT INTO public.t_runs SELECT current_schema();\nSELECT pg_sleep(0.05);\n",
+    );
+    p.kiln(&["up", "--public-only"]).ok();
+    let (a, b) = {
+        let run = || kiln_cmd(p.root.path()).args(["up", "--tenants-only", "--json", "--url", &p.db.url, "--dir"]).arg(p.dir()).spawn().unwrap();
+        let (mut a, mut b) = (run(), run());
+        (a.wait().unwrap(), b.wait().unwrap())
+    };
+    assert!(a.success() && b.success(), "both runners succeed: {a:?} {b:?}");
+    let runs = p.db.query_strings("SELECT tenant FROM public.t_runs ORDER BY tenant").await.unwrap();
+    let mut want: Vec<String> = names.iter().map(|n| format!("tenant_{n}")).collect();
+    want.sort();
+    assert_eq!(runs, want, "every tenant migrated exactly once");
+    let st = p.kiln(&["status", "--tenants", "--json"]);
+    assert!(st.json()["targets"].as_array().unwrap().iter().all(|t| t["pending"] == 0 && t["failed"] == 0), "{}", st.stdout);
+}
+
+#[tokio::test]
+async fn fleet_configuration_errors_are_clear() {
+    let p = Project::new(Engine::Sqlite).await;
+    p.add_create(1);
+    for (toml, needle) in [
+        ("[tenants]\nquery = \"SELECT name FROM tenants\"\nschema = \"{tenant}\"\n", "`query` is not supported yet"),
+        ("[tenants]\nlist = [\"a'; DROP TABLE x; --\"]\nschema = \"{tenant}\"\n", "cannot name a database or schema safely"),
+        ("[tenants]\nlist = [\"a\"]\nschema = \"fixed\"\n", "must contain `{tenant}`"),
+        ("[tenants]\nlist = [\"a\", \"a\"]\nschema = \"{tenant}\"\n", "listed twice"),
+        ("[tenants]\nlist = [\"a\"]\n", "needs `schema"),
+    ] {
+        std::fs::write(p.root.path().join("kiln.toml"), toml).unwrap();
+        let r = p.kiln(&["up"]);
+        r.fails_with(2);
+        assert!(r.stderr.contains(needle) && r.stderr.contains("kiln.toml"), "{toml}: {}", r.stderr);
+    }
+    std::fs::remove_file(p.root.path().join("kiln.toml")).unwrap();
+    p.kiln(&["up", "--tenants-only"]).fails_with(2);
+}
