@@ -12,6 +12,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub mod case;
 pub mod compat;
 pub mod fake;
 pub mod mongo;
