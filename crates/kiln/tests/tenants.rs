@@ -154,3 +154,60 @@ async fn fleet_configuration_errors_are_clear() {
     std::fs::remove_file(p.root.path().join("kiln.toml")).unwrap();
     p.kiln(&["up", "--tenants-only"]).fails_with(2);
 }
+
+/// A database per tenant on MySQL/MariaDB and MongoDB: the URL template names
+/// `<test db>_<tenant>`. One tenant's database is missing on MySQL: that tenant
+/// fails (kiln does not create databases) and the others are migrated.
+async fn database_per_tenant(engine: Engine) {
+    let p = Project::new(engine).await;
+    let template = p.db.url.replacen(&format!("/{}", p.db.name), &format!("/{}_{{tenant}}", p.db.name), 1);
+    assert_ne!(template, p.db.url);
+    let tenants = ["a", "b", "c"];
+    let list = tenants.iter().map(|t| format!("{t:?}")).collect::<Vec<_>>().join(", ");
+    std::fs::write(p.root.path().join("kiln.toml"), format!("[tenants]\nlist = [{list}]\nurl = \"{template}\"\n")).unwrap();
+    if engine == Engine::Mongodb {
+        p.write("0001_public.yaml", "up:\n  - create: t_public\n");
+        p.write(
+            "tenant/0002_users.yaml",
+            "up:\n  - create: t_users\n  - createIndexes: t_users\n    indexes: [ { key: { email: 1 }, name: email_1, unique: true } ]\n",
+        );
+    } else {
+        p.write("0001_public.sql", "CREATE TABLE t_public (id INT);\n");
+        p.write("tenant/0002_users.sql", "CREATE TABLE t_users (id INT);\n");
+        for t in ["a", "b"] {
+            p.db.sql(&format!("CREATE DATABASE `{}_{t}`", p.db.name)).await.unwrap();
+        }
+    }
+    let r = p.kiln(&["up", "--json"]);
+    let v = r.json();
+    let status = |name: &str| v["targets"].as_array().unwrap().iter().find(|t| t["target"]["name"] == name).unwrap()["status"].clone();
+    assert_eq!(status("a"), "done", "{}", r.stdout);
+    assert_eq!(status("b"), "done", "{}", r.stdout);
+    if engine == Engine::Mongodb {
+        r.ok();
+        assert_eq!(status("c"), "done");
+        let client = mongodb::Client::with_uri_str(&p.db.url).await.unwrap();
+        for t in tenants {
+            let names = client.database(&format!("{}_{t}", p.db.name)).list_collection_names().await.unwrap();
+            assert!(names.contains(&"t_users".to_string()), "{t}: {names:?}");
+            client.database(&format!("{}_{t}", p.db.name)).drop().await.unwrap();
+        }
+    } else {
+        r.fails_with(1);
+        assert_eq!(status("c"), "failed", "c's database does not exist: {}", r.stdout);
+        for t in ["a", "b"] {
+            p.db.sql(&format!("DROP DATABASE `{}_{t}`", p.db.name)).await.unwrap();
+        }
+    }
+    assert_eq!(p.db.objects("t_").await.unwrap(), ["t_public"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_database_per_tenant() {
+    database_per_tenant(Engine::Mysql).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_database_per_tenant() {
+    database_per_tenant(Engine::Mongodb).await;
+}
