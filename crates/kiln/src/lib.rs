@@ -145,6 +145,20 @@ impl From<SourceError> for Error {
     }
 }
 
+/// What an application does when migrating at start-up fails — chosen
+/// explicitly, never silently.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StartupPolicy {
+    /// Return the error: the application refuses to start (a hardened
+    /// service's choice, and the default).
+    #[default]
+    Refuse,
+    /// Log the error (`tracing::error!`, with its stable code) and let the
+    /// application start anyway, as some services choose ("start-up failures
+    /// don't prevent the application from starting").
+    LogAndContinue,
+}
+
 /// Everything needed to run migrations from a program: a builder over the same
 /// engine the CLI uses — the same plan, the same schema validation, the same
 /// refusals. `kiln up` is `Kiln::from_config(&cfg).up()`.
@@ -256,6 +270,26 @@ impl Kiln {
     /// schema file.
     pub async fn up(&self) -> Result<RunReport, Error> {
         self.up_to(&UpTarget::Latest, false).await
+    }
+
+    /// Migrate at application start-up under `policy`. Many instances may
+    /// start at once: each takes the lock in turn and every migration runs
+    /// exactly once; with nothing pending, `up` only reads the history.
+    ///
+    /// Returns the report, or — under [`StartupPolicy::LogAndContinue`] only —
+    /// `Ok(None)` after logging the error at `error` level.
+    ///
+    /// # Errors
+    /// Under [`StartupPolicy::Refuse`], what [`Kiln::up`] returns.
+    pub async fn up_at_startup(&self, policy: StartupPolicy) -> Result<Option<RunReport>, Error> {
+        match (self.up().await, policy) {
+            (Ok(r), _) => Ok(Some(r)),
+            (Err(e), StartupPolicy::Refuse) => Err(e),
+            (Err(e), StartupPolicy::LogAndContinue) => {
+                tracing::error!(code = e.code(), error = %e, "migrating at start-up failed; starting anyway (StartupPolicy::LogAndContinue)");
+                Ok(None)
+            }
+        }
     }
 
     /// `up` to a target version, or a dry run that changes nothing.

@@ -108,3 +108,38 @@ async fn a_tenant_scope_is_refused_not_applied_to_the_one_database() {
         assert!(!root.path().join("app.db").exists(), "{file}: nothing was applied, not even 0001");
     }
 }
+
+#[tokio::test]
+async fn startup_policy_refuses_or_logs_and_continues_explicitly() {
+    let root = tempfile::tempdir().unwrap();
+    project(root.path());
+    let lib = kiln::Kiln::from_config(&config(root.path()));
+    let refused = lib.up_at_startup(kiln::StartupPolicy::Refuse).await;
+    assert!(matches!(refused, Err(kiln::Error::Run(kiln::RunError::Invalid { .. }))), "{refused:?}");
+    assert_eq!(kiln::StartupPolicy::default(), kiln::StartupPolicy::Refuse);
+    let went_on = lib.up_at_startup(kiln::StartupPolicy::LogAndContinue).await.unwrap();
+    assert!(went_on.is_none(), "the failure is reported as None (and logged), not hidden as success");
+    std::fs::remove_file(root.path().join("migrations/0002_drop_email.sql")).unwrap();
+    let ok = lib.up_at_startup(kiln::StartupPolicy::LogAndContinue).await.unwrap().expect("a report");
+    assert!(ok.steps.is_empty(), "0001 was applied by the first call");
+}
+
+#[tokio::test]
+async fn eight_instances_starting_at_once_apply_each_migration_once() {
+    let root = tempfile::tempdir().unwrap();
+    project(root.path());
+    std::fs::remove_file(root.path().join("migrations/0002_drop_email.sql")).unwrap();
+    for n in 2..=20 {
+        std::fs::write(root.path().join(format!("migrations/{n:04}_t{n}.sql")), format!("CREATE TABLE t{n} (id INT);\n")).unwrap();
+    }
+    let cfg = config(root.path());
+    let runs = (0..8).map(|_| {
+        let cfg = cfg.clone();
+        tokio::spawn(async move { kiln::Kiln::from_config(&cfg).up_at_startup(kiln::StartupPolicy::Refuse).await })
+    });
+    let mut applied = 0;
+    for r in futures::future::join_all(runs).await {
+        applied += r.unwrap().unwrap().unwrap().steps.len();
+    }
+    assert_eq!(applied, 20, "every migration exactly once across the 8 instances");
+}
