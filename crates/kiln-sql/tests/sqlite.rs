@@ -168,6 +168,46 @@ async fn transaction_off_runs_outside_a_transaction_and_records_partial_failures
     assert_eq!(q(&db, "SELECT group_concat(state) FROM kiln_history").await, ["applied,applied,applied"]);
 }
 
+/// What the database file itself holds, ignoring the write-ahead log
+/// (`immutable=1`): what is on disk without the WAL.
+fn in_the_main_file(db: &TestDb, sql: &str) -> String {
+    let o = std::process::Command::new("sqlite3").arg(format!("file:{}?immutable=1", db.name)).arg(sql).output().expect("sqlite3");
+    format!("{}{}", String::from_utf8_lossy(&o.stdout).trim(), String::from_utf8_lossy(&o.stderr).trim())
+}
+
+#[tokio::test]
+async fn a_durable_commit_flushes_the_commits_before_it_even_with_nothing_to_write() {
+    use kiln_core::engine::{HistoryStore, Locker, Record};
+    use kiln_core::{LogEntry, LogEvent};
+    use kiln_sql::sqlite::SqliteEngine;
+
+    let db = TestDb::new(Engine::Sqlite).await;
+    let mut e = SqliteEngine::connect(&BackendConfig::new(&db.url)).await.unwrap();
+    assert!(e.try_lock().await.unwrap(), "taking the lock switches the database to WAL");
+    e.ensure().await.unwrap();
+    let entry = LogEntry {
+        at: chrono::Utc::now(),
+        event: LogEvent::RunStart,
+        version: None,
+        name: None,
+        batch: Some(1),
+        actor: "t@h".into(),
+        reason: None,
+        detail: None,
+    };
+    // A step's commit is in the write-ahead log only …
+    e.commit(&Record { changes: vec![], events: vec![entry.clone()], durable: false }).await.unwrap();
+    assert_eq!(q(&db, "SELECT count(*) FROM kiln_log").await, ["1"]);
+    assert_ne!(in_the_main_file(&db, "SELECT count(*) FROM kiln_log"), "1");
+    // … until a durable commit, even one with nothing of its own to write.
+    e.commit(&Record { changes: vec![], events: vec![], durable: true }).await.unwrap();
+    assert_eq!(in_the_main_file(&db, "SELECT count(*) FROM kiln_log"), "1");
+    // A durable commit with something to write flushes too.
+    e.commit(&Record { changes: vec![], events: vec![entry], durable: true }).await.unwrap();
+    assert_eq!(q(&db, "SELECT count(*) FROM kiln_log").await, ["2"]);
+    e.unlock().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_killed_process_never_keeps_the_lock() {
     let db = TestDb::new(Engine::Sqlite).await;

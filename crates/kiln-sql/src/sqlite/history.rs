@@ -239,6 +239,13 @@ impl HistoryStore for SqliteEngine {
     /// as durable as `synchronous = FULL` makes it.
     async fn commit(&mut self, record: &Record) -> Result<(), EngineError> {
         if record.is_empty() {
+            // Nothing to write, but a durable record still makes the commits
+            // before it durable: a checkpoint flushes the write-ahead log.
+            if record.durable && self.wal {
+                self.conn
+                    .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    .map_err(|e| self.query_err("flushing the write-ahead log to disk", e))?;
+            }
             return Ok(());
         }
         let written = self
