@@ -58,34 +58,6 @@ fn v(s: &str) -> Version {
 }
 
 #[tokio::test]
-async fn failing_first_ddl_statement_is_clean() {
-    let db = TestDb::new(Engine::Mysql).await;
-    let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "0001_t.sql", "CREATE TABLE t (id INT);\n");
-    write(dir.path(), "0002_again.sql", "-- comment\nCREATE TABLE t (id INT);\nCREATE TABLE u (id INT);\n");
-    let local = load(dir.path());
-    let mut b = backend(&db.url).await;
-    let err = up(&mut *b, &local).await.unwrap_err();
-    let RunError::Migration { version, outcome, error, done } = &err else { panic!("{err}") };
-    assert_eq!(version.text, "0002");
-    assert_eq!(*outcome, FailureOutcome::RolledBack);
-    assert_eq!((error.statement, error.line), (1, 2));
-    assert!(error.message.starts_with("1050 (42S01): Table 't' already exists"), "{}", error.message);
-    assert_eq!(error.code.as_deref(), Some("1050"));
-    assert_eq!(done.len(), 1);
-    // No entry for 0002 (nothing of it remains), and the failure is in the log.
-    assert_eq!(q(&db, "SELECT CONCAT(version, ' ', state) FROM kiln_history").await, ["1 applied"]);
-    assert_eq!(tables(&db).await, ["t"]);
-    let failed = q(&db, "SELECT CONCAT(version, ' ', detail) FROM kiln_log WHERE event = 'failed'").await;
-    assert!(failed.len() == 1 && failed[0].starts_with("2 0002_again.sql: statement 1 (line 2) failed: 1050"), "{failed:?}");
-
-    // Nothing blocks the next run.
-    write(dir.path(), "0002_again.sql", "CREATE TABLE u (id INT);\n");
-    up(&mut *b, &load(dir.path())).await.unwrap();
-    assert_eq!(tables(&db).await, ["t", "u"]);
-}
-
-#[tokio::test]
 async fn failing_dml_is_rolled_back_with_its_transaction() {
     let db = TestDb::new(Engine::Mysql).await;
     let dir = tempfile::tempdir().unwrap();

@@ -83,49 +83,6 @@ fn three_migrations(dir: &Path) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failure_in_the_middle_rolls_back_only_the_failed_migration() {
-    let db = TestDb::new(Engine::Postgres).await;
-    let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "0001_first.sql", "CREATE TABLE first (id INT);\n");
-    // The failing statement is the second one; the error sits on its third line.
-    write(
-        dir.path(),
-        "0002_second.sql",
-        "CREATE TABLE second (id INT);\n\nINSERT INTO second (id)\nSELECT id\nFROM no_such_table;\nCREATE TABLE never (id INT);\n",
-    );
-    write(dir.path(), "0003_third.sql", "CREATE TABLE third (id INT);\n");
-    let local = load(dir.path());
-    let mut b = backend(&db).await;
-
-    let err = up(b.as_mut(), &local).await.unwrap_err();
-    let RunError::Migration { version, outcome, error, done } = err else { panic!("expected a migration error, got {err:?}") };
-    assert_eq!(version.number, 2);
-    assert_eq!(outcome, FailureOutcome::RolledBack);
-    assert_eq!(done.iter().map(|v| v.number).collect::<Vec<_>>(), [1]);
-    assert_eq!(error.file, "0002_second.sql");
-    assert_eq!(error.statement, 2);
-    assert_eq!(error.line, 5, "line of `FROM no_such_table`: {error:?}");
-    assert_eq!(error.code.as_deref(), Some("42P01"));
-    assert!(error.message.starts_with("42P01: relation \"no_such_table\" does not exist"), "{}", error.message);
-
-    // Nothing of 0002 remains; 0001 stays; 0003 never ran.
-    assert_eq!(tables(&db).await, ["first", "kiln_history", "kiln_log", "kiln_snapshot"]);
-    assert_eq!(history(&db).await, ["1:applied"]);
-    let ev = events(&db).await;
-    assert_eq!(ev, ["run-start", "applied:1", "failed:2", "run-end"]);
-    let detail = db.query_strings("SELECT detail FROM kiln_log WHERE event = 'failed'").await.unwrap();
-    assert!(detail[0].contains("statement 2") && detail[0].contains("no_such_table"), "{detail:?}");
-
-    // Rolled back means not blocking: fix the file and run again.
-    write(dir.path(), "0002_second.sql", "CREATE TABLE second (id INT);\nCREATE TABLE never (id INT);\n");
-    let local = load(dir.path());
-    let report = up(b.as_mut(), &local).await.unwrap();
-    assert_eq!(report.steps.len(), 2);
-    assert_eq!(tables(&db).await, ["first", "kiln_history", "kiln_log", "kiln_snapshot", "never", "second", "third"]);
-    assert_eq!(history(&db).await, ["1:applied", "2:applied", "3:applied"]);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plpgsql_function_trigger_and_comments_with_semicolons() {
     let db = TestDb::new(Engine::Postgres).await;
     let dir = tempfile::tempdir().unwrap();

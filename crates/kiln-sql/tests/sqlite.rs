@@ -44,44 +44,6 @@ fn v(s: &str) -> Version {
 }
 
 #[tokio::test]
-async fn failure_mid_batch_rolls_back_the_migration_and_keeps_earlier_ones() {
-    let db = TestDb::new(Engine::Sqlite).await;
-    let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "0001_create_a.sql", "CREATE TABLE a (id INTEGER);\n");
-    write(dir.path(), "0002_broken.sql", "CREATE TABLE b (id INTEGER);\nINSERT INTO b VALUES (1);\n\nINSERT INTO nope VALUES (1);\n");
-    write(dir.path(), "0003_after.sql", "CREATE TABLE c (id INTEGER);\n");
-    let local = load(dir.path());
-    let mut b = backend(&db.url).await;
-
-    let err = up(&mut *b, &local).await.unwrap_err();
-    match &err {
-        RunError::Migration { version, outcome, error, done } => {
-            assert_eq!(version.text, "0002");
-            assert_eq!(*outcome, FailureOutcome::RolledBack);
-            assert_eq!((error.statement, error.line), (3, 4));
-            assert_eq!(error.file, "0002_broken.sql");
-            assert!(error.message.contains("no such table: nope"), "{}", error.message);
-            assert_eq!(error.code.as_deref(), Some("1"));
-            assert_eq!(done.iter().map(|v| v.number).collect::<Vec<_>>(), [1]);
-        }
-        other => panic!("expected a migration failure, got {other}"),
-    }
-    // Nothing of 0002 remains, 0001 is applied, 0003 never ran.
-    assert_eq!(q(&db, "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('a', 'b', 'c')").await, ["a"]);
-    assert_eq!(q(&db, "SELECT version || ' ' || state FROM kiln_history").await, ["1 applied"]);
-    let failed = q(&db, "SELECT version || ' ' || detail FROM kiln_log WHERE event = 'failed'").await;
-    assert_eq!(failed.len(), 1);
-    assert!(failed[0].starts_with("2 0002_broken.sql: statement 3 (line 4) failed: no such table: nope"), "{failed:?}");
-
-    // Nothing blocks: fix the file and run again.
-    write(dir.path(), "0002_broken.sql", "CREATE TABLE b (id INTEGER);\nINSERT INTO b VALUES (1);\n");
-    let local = load(dir.path());
-    let r = up(&mut *b, &local).await.unwrap();
-    assert_eq!(r.steps.len(), 2);
-    assert_eq!(q(&db, "SELECT count(*) FROM b").await, ["1"]);
-}
-
-#[tokio::test]
 async fn triggers_and_comments_with_semicolons() {
     let db = TestDb::new(Engine::Sqlite).await;
     let dir = tempfile::tempdir().unwrap();

@@ -146,14 +146,25 @@ impl EngineCase {
 
     /// `reason` of every event-log entry of `event`, in order.
     pub async fn reasons(&self, event: &str) -> Vec<String> {
+        self.log_field(event, "reason").await
+    }
+
+    /// `detail` of every event-log entry of `event`, in order.
+    pub async fn details(&self, event: &str) -> Vec<String> {
+        self.log_field(event, "detail").await
+    }
+
+    /// A text field (`reason`, `detail`, `name`, `actor`) of every event-log
+    /// entry of `event`, in order; empty when not set.
+    pub async fn log_field(&self, event: &str, field: &str) -> Vec<String> {
         match self.engine {
             Engine::Mongodb => crate::mongo::documents(self.url(), "kiln_log")
                 .await
                 .iter()
                 .filter(|d| d.get_str("event") == Ok(event))
-                .map(|d| d.get_str("reason").unwrap_or("").to_string())
+                .map(|d| d.get_str(field).unwrap_or("").to_string())
                 .collect(),
-            _ => self.strings(&format!("SELECT reason FROM kiln_log WHERE event = '{event}' ORDER BY id")).await,
+            _ => self.strings(&format!("SELECT COALESCE({field}, '') FROM kiln_log WHERE event = '{event}' ORDER BY id")).await,
         }
     }
 

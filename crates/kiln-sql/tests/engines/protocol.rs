@@ -1,7 +1,8 @@
 //! The migration protocol on every engine: apply in batches, status, revert
 //! batch by batch, apply again; a history that is created only when needed;
 //! a body of the wrong kind refused; custom table names and baseline; the
-//! lock.
+//! lock; a failed migration that changed nothing, rolled back and blocking
+//! nothing.
 
 use std::time::{Duration, Instant};
 
@@ -326,4 +327,83 @@ async fn lock_contention_names_the_holder_and_dies_with_the_session(engine: Engi
         }
     }
     drop(c);
+}
+
+/// A second migration that fails where it has changed nothing yet, on each engine,
+/// and what the failure must say: (file text, statement, line, code, start of the message).
+fn failing_second(engine: Engine) -> (&'static str, usize, usize, &'static str, &'static str) {
+    match engine {
+        // The failing statement is the second one; the error sits on its third line.
+        Engine::Postgres => (
+            "CREATE TABLE second (id INT);\n\nINSERT INTO second (id)\nSELECT id\nFROM no_such_table;\nCREATE TABLE never (id INT);\n",
+            2,
+            5,
+            "42P01",
+            "42P01: relation \"no_such_table\" does not exist",
+        ),
+        // MySQL commits DDL: only a failure of the first statement leaves nothing.
+        Engine::Mysql => {
+            ("-- comment\nCREATE TABLE first (id INT);\nCREATE TABLE never (id INT);\n", 1, 2, "1050", "1050 (42S01): Table 'first' already exists")
+        }
+        Engine::Sqlite => {
+            ("CREATE TABLE second (id INTEGER);\nINSERT INTO second VALUES (1);\n\nINSERT INTO nope VALUES (1);\n", 3, 4, "1", "no such table: nope")
+        }
+        // collMod of a collection that does not exist: NamespaceNotFound (26), before anything changed.
+        Engine::Mongodb => ("up:\n  - collMod: nothere\n    validationLevel: strict\n  - create: never\n", 1, 2, "26", "NamespaceNotFound"),
+    }
+}
+
+on!(a_failed_migration_that_changed_nothing_is_rolled_back_and_blocks_nothing: postgres, mysql, sqlite, mongodb);
+async fn a_failed_migration_that_changed_nothing_is_rolled_back_and_blocks_nothing(engine: Engine) {
+    let case = EngineCase::new(engine).await;
+    let ext = case.ext();
+    let create = |name: &str| if case.is_sql() { format!("CREATE TABLE {name} (id INT);\n") } else { format!("up:\n  - create: {name}\n") };
+    case.write(&format!("0001_first.{ext}"), &create("first"));
+    let (body, statement, line, code, message) = failing_second(engine);
+    let file = format!("0002_second.{ext}");
+    case.write(&file, body);
+    case.write(&format!("0003_third.{ext}"), &create("third"));
+    let mut b = backend(case.url()).await;
+
+    let err = up(&mut *b, &case.load()).await.unwrap_err();
+    let RunError::Migration { version, outcome, error, done } = err else { panic!("expected a migration failure, got {err:?}") };
+    assert_eq!((version.number, outcome), (2, kiln_core::FailureOutcome::RolledBack));
+    assert_eq!(done.iter().map(|v| v.number).collect::<Vec<_>>(), [1]);
+    assert_eq!((error.file.as_str(), error.statement, error.line, error.code.as_deref()), (file.as_str(), statement, line, Some(code)));
+    match engine {
+        Engine::Postgres | Engine::Mysql => assert!(error.message.starts_with(message), "{}", error.message),
+        _ => assert!(error.message.contains(message), "{}", error.message),
+    }
+
+    // Nothing of 0002 remains and there is no entry for it; 0001 stays; 0003 never ran.
+    assert_eq!(case.objects().await, ["first"]);
+    assert_eq!(case.history().await, ["1:applied"]);
+    assert_eq!(case.events().await, ["run-start", "applied:1", "failed:2", "run-end"]);
+    let detail = case.details("failed").await;
+    assert_eq!(detail.len(), 1);
+    assert!(detail[0].starts_with(&format!("{file}: statement {statement} (line {line}) failed")), "{detail:?}");
+    match engine {
+        Engine::Postgres => assert!(detail[0].contains("no_such_table"), "{detail:?}"),
+        Engine::Mongodb => assert!(detail[0].contains("nothing was changed"), "{detail:?}"),
+        _ => assert!(detail[0].contains(message), "{detail:?}"),
+    }
+
+    // Rolled back means not blocking: fix the file and run again.
+    let fixed = match engine {
+        Engine::Mongodb => "up:\n  - create: nothere\n  - collMod: nothere\n    validationLevel: strict\n",
+        Engine::Sqlite => "CREATE TABLE second (id INTEGER);\nINSERT INTO second VALUES (1);\n",
+        _ => "CREATE TABLE second (id INT);\nCREATE TABLE never (id INT);\n",
+    };
+    case.write(&file, fixed);
+    let r = up(&mut *b, &case.load()).await.unwrap();
+    assert_eq!(versions(&r), ["0002", "0003"]);
+    assert_eq!(case.history().await, ["1:applied", "2:applied", "3:applied"]);
+    match engine {
+        Engine::Mongodb => assert_eq!(case.objects().await, ["first", "nothere", "third"]),
+        Engine::Sqlite => {
+            assert_eq!(case.objects().await, ["first", "second", "third"]);
+            assert_eq!(case.count("second").await, 1);
+        }
+        _ => assert_eq!(case.objects().await, ["first", "never", "second", "third"]),
+    }
 }
