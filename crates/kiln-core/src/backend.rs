@@ -5,13 +5,15 @@
 use crate::error::{EngineError, FailureOutcome, StatementError};
 use crate::model::{AppliedMigration, FailureInfo, Migration, State};
 use crate::schema::Violation;
+use crate::url::DbUrl;
 
 /// Where an engine keeps kiln's own objects. Every engine takes this.
 /// `Debug` shows the URL with its password redacted.
 #[derive(Clone)]
 pub struct BackendConfig {
-    /// The database URL (may hold a password: never print it, use [`crate::url::redact`]).
-    pub url: String,
+    /// The database URL. It may hold a password: `Display`/`Debug` redact it,
+    /// [`DbUrl::expose`] is for the driver only.
+    pub url: DbUrl,
     /// History table/collection name (default `kiln_history`).
     pub history_table: String,
     /// Event log table/collection name (default `kiln_log`).
@@ -32,7 +34,7 @@ pub struct BackendConfig {
 impl std::fmt::Debug for BackendConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BackendConfig")
-            .field("url", &crate::url::redact(&self.url))
+            .field("url", &self.url)
             .field("history_table", &self.history_table)
             .field("log_table", &self.log_table)
             .field("snapshot_table", &self.snapshot_table)
@@ -47,7 +49,7 @@ impl BackendConfig {
     /// Defaults for `url`.
     pub fn new(url: impl Into<String>) -> Self {
         BackendConfig {
-            url: url.into(),
+            url: DbUrl::new(url),
             history_table: "kiln_history".into(),
             log_table: "kiln_log".into(),
             snapshot_table: "kiln_snapshot".into(),

@@ -29,13 +29,22 @@ pub enum SourceError {
     },
     /// A file name breaks the naming rule.
     #[error(
-        "{file}: the name does not follow the naming rule {rule} (expected e.g. 0001_create_users.sql); rename it, or set `name_rule` in kiln.toml"
+        "{file}: the name does not follow the naming rule {} (expected e.g. 0001_create_users.sql); rename it, or set `name_rule` in kiln.toml",
+        cap(rule, MAX_QUOTED)
     )]
     BadName {
         /// The file.
         file: PathBuf,
         /// The rule (regex) it breaks.
         rule: String,
+    },
+    /// A file's version has more digits than a 64-bit number holds.
+    #[error("{file}: the version {} is too large: kiln's versions are 64-bit numbers (at most {}, 20 digits); rename the file with a shorter version, e.g. a timestamp such as 20251101120000", cap(version, 40), u64::MAX)]
+    VersionTooLarge {
+        /// The file.
+        file: PathBuf,
+        /// The version as written.
+        version: String,
     },
     /// Two files share a version.
     #[error("duplicate version {version}: {first} and {second}; every migration needs its own version")]
@@ -47,8 +56,9 @@ pub enum SourceError {
         /// The other.
         second: PathBuf,
     },
-    /// The content cannot be parsed.
-    #[error("{file}:{line}: {message}")]
+    /// The content cannot be parsed. The message is cut to [`MAX_QUOTED`]
+    /// bytes: it may quote a value from the file, and a file may hold megabytes.
+    #[error("{file}:{line}: {}", cap(message, MAX_QUOTED))]
     Parse {
         /// The file.
         file: PathBuf,
@@ -58,13 +68,48 @@ pub enum SourceError {
         message: String,
     },
     /// The naming rule in the configuration is not a valid regex.
-    #[error("invalid name_rule {rule:?}: {message}")]
+    #[error("invalid name_rule {:?}: {}", cap(rule, MAX_QUOTED), cap(message, MAX_QUOTED))]
     BadRule {
         /// The rule.
         rule: String,
         /// The regex error.
         message: String,
     },
+    /// Several of the problems above, every one found in one pass over the
+    /// directory (sorted by file). A single problem is never wrapped.
+    #[error("{}", format_source_problems(.0))]
+    Problems(Vec<SourceError>),
+}
+
+/// At most this many bytes of a value read from a file appear in a message.
+pub const MAX_QUOTED: usize = 300;
+
+/// `s` cut to at most `max` bytes (at a character boundary), followed by `…`
+/// and the full length when it was longer: errors never repeat a huge value whole.
+pub fn cap(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes in all)", &s[..end], s.len())
+}
+
+/// How many problems a message lists before "… and N more".
+const MAX_LISTED: usize = 50;
+
+fn format_source_problems(p: &[SourceError]) -> String {
+    let mut s = format!("{} problems in the migration files:", p.len());
+    for e in p.iter().take(MAX_LISTED) {
+        s.push_str("\n  - ");
+        s.push_str(&e.to_string());
+    }
+    if p.len() > MAX_LISTED {
+        s.push_str(&format!("\n  … and {} more", p.len() - MAX_LISTED));
+    }
+    s
 }
 
 /// A reason the plan cannot go ahead, found by comparing files with the history.
@@ -311,10 +356,45 @@ impl SourceError {
     pub fn code(&self) -> &'static str {
         match self {
             SourceError::BadName { .. } => "bad_name",
+            SourceError::VersionTooLarge { .. } => "version_too_large",
             SourceError::DuplicateVersion { .. } => "duplicate_version",
             SourceError::Parse { .. } => "parse_error",
             SourceError::BadRule { .. } => "config",
             SourceError::Dir { .. } | SourceError::Read { .. } => "source_unreadable",
+            // The first problem's code: a list of parse errors stays `parse_error`.
+            SourceError::Problems(p) => p.first().map_or("parse_error", SourceError::code),
+        }
+    }
+
+    /// Every problem this error stands for (itself, or the list it holds).
+    pub fn problems(&self) -> &[SourceError] {
+        match self {
+            SourceError::Problems(p) => p,
+            one => std::slice::from_ref(one),
+        }
+    }
+
+    /// The file (or directory) concerned, relative to the migrations directory.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        match self {
+            SourceError::Dir { dir, .. } => Some(dir),
+            SourceError::Read { file, .. }
+            | SourceError::BadName { file, .. }
+            | SourceError::Parse { file, .. }
+            | SourceError::VersionTooLarge { file, .. } => Some(file),
+            SourceError::DuplicateVersion { second, .. } => Some(second),
+            SourceError::BadRule { .. } | SourceError::Problems(_) => None,
+        }
+    }
+
+    /// One error for `problems` (sorted by file): the problem itself when there
+    /// is one, [`SourceError::Problems`] when there are several.
+    pub fn collect(mut problems: Vec<SourceError>) -> Option<SourceError> {
+        problems.sort_by(|a, b| a.path().cmp(&b.path()));
+        match problems.len() {
+            0 => None,
+            1 => problems.pop(),
+            _ => Some(SourceError::Problems(problems)),
         }
     }
 }

@@ -325,7 +325,9 @@ impl From<&crate::error::RunError> for ErrorReport {
                     done_before_failure: done.iter().map(|d| d.text.clone()).collect(),
                 })
             }
-            RunError::Source(_) | RunError::Engine(_) => {}
+            // Every bad file, one problem each (a single one too).
+            RunError::Source(s) => r.problems = s.problems().iter().map(|p| Problem { code: p.code(), message: p.to_string() }).collect(),
+            RunError::Engine(_) => {}
         }
         r
     }

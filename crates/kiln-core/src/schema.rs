@@ -216,12 +216,18 @@ impl Contract {
     /// Parse `schema.yaml` text; `file` is used in messages.
     ///
     /// # Errors
-    /// Invalid YAML or unknown keys, with the line.
+    /// Invalid YAML or unknown keys, with the line; nesting deeper than
+    /// [`MAX_NESTING`](crate::source::nesting::MAX_NESTING) levels (refused
+    /// before the parser, which is slow on it). Messages are cut to a few
+    /// hundred bytes.
     pub fn parse(text: &str, file: &str) -> Result<Contract, ContractError> {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        use crate::source::nesting::{check_nesting, MAX_NESTING};
+        check_nesting(text, MAX_NESTING).map_err(|d| ContractError { file: file.to_string(), line: d.line, message: d.to_string() })?;
         serde_yaml_ng::from_str(text).map_err(|e| ContractError {
             file: file.to_string(),
             line: e.location().map(|l| l.line()).unwrap_or(1),
-            message: e.to_string(),
+            message: crate::error::cap(&e.to_string(), crate::error::MAX_QUOTED),
         })
     }
 

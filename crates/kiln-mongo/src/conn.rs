@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bson::{doc, Document};
-use kiln_core::url::redact;
+use kiln_core::url::DbUrl;
 use kiln_core::{BackendConfig, EngineError};
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Database};
@@ -47,15 +47,13 @@ impl Topology {
 /// An open connection to one database.
 #[derive(Clone)]
 pub(crate) struct Conn {
-    /// The URL as given (holds the password: never print it).
-    pub url: String,
+    /// The URL as given (`Display` redacts its password).
+    pub url: DbUrl,
     pub client: Client,
     pub db: Database,
     pub db_name: String,
     /// The URL with its password redacted, plus the database when the URL does not name it.
     pub target: String,
-    /// The password as written in the URL (raw and decoded), to scrub from driver messages.
-    secrets: Vec<String>,
     pub topology: Topology,
     /// Server clock minus local clock, from `hello.localTime`: lease times are
     /// written in the server's time so runners on machines with skewed clocks agree.
@@ -77,10 +75,10 @@ impl Conn {
     /// [`EngineError::Connect`] when no server answers within the selection
     /// timeout (5 s unless the URL sets `serverSelectionTimeoutMS`) or it refuses us.
     pub async fn open(cfg: &BackendConfig) -> Result<Conn, EngineError> {
-        let url = cfg.url.as_str();
-        let redacted = redact(url);
-        let secrets = url_secrets(url);
-        let scrub = |m: String| scrub_secrets(&m, &secrets);
+        let url = cfg.url.expose();
+        let redacted = cfg.url.redacted();
+        let scrub = |m: String| cfg.url.scrub(&m);
+        kiln_core::url::EngineKind::parse(&cfg.url)?;
         let lower = url.to_ascii_lowercase();
         if !(lower.starts_with("mongodb://") || lower.starts_with("mongodb+srv://")) {
             return Err(EngineError::BadUrl { url: redacted, message: "a MongoDB URL starts with mongodb:// or mongodb+srv://".into() });
@@ -131,7 +129,7 @@ impl Conn {
         let db = client.database(&db_name);
         let wire = hello.get_i32("maxWireVersion").map(i64::from).or_else(|_| hello.get_i64("maxWireVersion")).unwrap_or(0);
         let bulk_write = wire >= BULK_WRITE_WIRE_VERSION;
-        Ok(Conn { url: url.to_string(), client, db, db_name, target, secrets, topology: Topology::from_hello(&hello), skew, bulk_write })
+        Ok(Conn { url: cfg.url.clone(), client, db, db_name, target, topology: Topology::from_hello(&hello), skew, bulk_write })
     }
 
     /// Now, in the server's clock.
@@ -141,7 +139,7 @@ impl Conn {
 
     /// A driver message with any password from the URL replaced by `***`.
     pub fn scrub(&self, message: impl Into<String>) -> String {
-        scrub_secrets(&message.into(), &self.secrets)
+        self.url.scrub(&message.into())
     }
 
     /// A kiln-side failure (history, log, lock) as an [`EngineError`]: a lost
@@ -208,61 +206,18 @@ pub(crate) fn error_code(e: &mongodb::error::Error) -> Option<i32> {
     }
 }
 
-/// The password of a MongoDB URL, raw and percent-decoded (URLs with several
-/// hosts are not valid for the `url` crate, so the user info is cut by hand).
-fn url_secrets(url: &str) -> Vec<String> {
-    let Some(rest) = url.split_once("://").map(|(_, r)| r) else { return vec![] };
-    let authority = rest.split(['/', '?']).next().unwrap_or("");
-    let Some((userinfo, _)) = authority.rsplit_once('@') else { return vec![] };
-    let Some((_, password)) = userinfo.split_once(':') else { return vec![] };
-    if password.is_empty() {
-        return vec![];
-    }
-    let mut out = vec![password.to_string()];
-    let decoded = percent_decode(password);
-    if decoded != password {
-        out.push(decoded);
-    }
-    out
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn scrub_secrets(message: &str, secrets: &[String]) -> String {
-    let mut m = message.to_string();
-    for s in secrets {
-        m = m.replace(s.as_str(), "***");
-    }
-    m
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn secrets_are_found_and_scrubbed() {
-        let s = url_secrets("mongodb://u:p%40ss@h1:1,h2:2/db?replicaSet=rs");
-        assert_eq!(s, vec!["p%40ss".to_string(), "p@ss".to_string()]);
-        assert_eq!(scrub_secrets("auth failed for p@ss", &s), "auth failed for ***");
-        assert!(url_secrets("mongodb://h/db").is_empty());
-        assert!(url_secrets("mongodb://user@h/db").is_empty());
+    fn driver_messages_are_scrubbed_by_the_urls_structure() {
+        // A password with reserved characters left unescaped (issue 9.5): the
+        // old redactor took "p" for the password and replaced every "p".
+        let url = DbUrl::new("mongodb://user:p@ss:w/rd%?#@h1:1,h2:2/db?replicaSet=rs");
+        let m = url.scrub("SCRAM failure for user with p@ss:w/rd%?# on mongodb://user:p@ss:w/rd%?#@h1:1,h2:2/db?replicaSet=rs");
+        assert_eq!(m, "SCRAM failure for user with *** on mongodb://user:***@h1:1,h2:2/db?replicaSet=rs");
+        assert_eq!(url.to_string(), "mongodb://user:***@h1:1,h2:2/db?replicaSet=rs");
     }
 
     #[test]

@@ -12,7 +12,6 @@ use bson::{doc, Document};
 use kiln_core::engine::{Capabilities, Engine, Locker, SchemaStore, ScratchAdmin};
 use kiln_core::event::Direction;
 use kiln_core::schema::Snapshot;
-use kiln_core::url::redact;
 use kiln_core::{BackendConfig, EngineError, Kind, LogEntry};
 use mongodb::options::{CollectionOptions, WriteConcern};
 use mongodb::{Client, Collection};
@@ -75,7 +74,7 @@ impl MongoEngine {
         let conn = Conn::open(cfg).await?;
         for (what, name) in [("history", &cfg.history_table), ("event log", &cfg.log_table), ("snapshot", &cfg.snapshot_table)] {
             if name.is_empty() || name.contains('$') || name.starts_with("system.") || name == LOCK_COLLECTION {
-                return Err(EngineError::BadUrl { url: redact(&cfg.url), message: format!("{name:?} cannot be the {what} collection") });
+                return Err(EngineError::BadUrl { url: cfg.url.redacted(), message: format!("{name:?} cannot be the {what} collection") });
             }
         }
         let history =
@@ -244,7 +243,7 @@ impl ScratchAdmin for MongoEngine {
         if !existing.is_empty() {
             return Err(EngineError::Refused(format!("database {name} already exists ({} collections); choose another name", existing.len())));
         }
-        Ok(crate::conn::url_with_database(&self.conn.url, name))
+        Ok(crate::conn::url_with_database(self.conn.url.expose(), name))
     }
 
     async fn drop_scratch(&mut self, name: &str) -> Result<(), EngineError> {

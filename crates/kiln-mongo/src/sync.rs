@@ -334,6 +334,9 @@ pub(crate) fn derived_name(key: &Document) -> String {
 pub(crate) fn parse_file(file: &Path, collection: &str, text: &str) -> Result<Declared, SyncError> {
     let bad = |entry: Option<String>, message: String| SyncError::BadFile { file: file.to_path_buf(), entry, message };
     let json = file.extension().map(|e| e == "json").unwrap_or(false);
+    // Before the parser, which is quadratic in the depth of flow collections.
+    kiln_core::source::nesting::check_nesting(text, kiln_core::source::nesting::MAX_NESTING)
+        .map_err(|d| bad(None, format!("line {}: {d}", d.line)))?;
     let value: serde_json::Value = if json {
         serde_json::from_str(text).map_err(|e| bad(None, format!("invalid JSON at line {}: {e}", e.line())))?
     } else if text.trim().is_empty() {
@@ -455,7 +458,7 @@ pub(crate) fn load_dir(dir: &Path) -> Result<Vec<Declared>, SyncError> {
     files
         .into_iter()
         .map(|(collection, file)| {
-            let text = std::fs::read_to_string(&file).map_err(|source| SyncError::Read { file: file.clone(), source })?;
+            let text = kiln_core::source::read_text(&file).map_err(|source| SyncError::Read { file: file.clone(), source })?;
             parse_file(&file, &collection, &text)
         })
         .collect()

@@ -94,7 +94,7 @@ async fn scratch_databases_for_verify() {
     assert!(url.contains(&format!("/{name}")), "{url}");
     // The scratch URL works like any other.
     let mut cfg = env.cfg.clone();
-    cfg.url = url.clone();
+    cfg.url = url.clone().into();
     let engine = kiln_mongo::MongoEngine::connect(&cfg).await.unwrap();
     assert_eq!(engine.database_name(), name);
     let mut s = kiln_testkit::compat::Protocol::new(engine);

@@ -90,7 +90,7 @@ async fn a_migration_costs_two_round_trips() {
     let server: std::net::SocketAddr = hostport.parse().unwrap();
     let (proxy, turns) = latency_proxy(server, Duration::from_millis(20)).await;
     let mut cfg = env.cfg.clone();
-    cfg.url = format!("mongodb://{proxy}/{tail}&heartbeatFrequencyMS=60000");
+    cfg.url = format!("mongodb://{proxy}/{tail}&heartbeatFrequencyMS=60000").into();
     let mut b = Protocol::new(MongoEngine::connect(&cfg).await.unwrap());
     assert!(b.try_lock().await.unwrap());
     b.ensure_history().await.unwrap();

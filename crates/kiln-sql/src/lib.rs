@@ -18,7 +18,7 @@ pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
-use kiln_core::url::{redact, EngineKind};
+use kiln_core::url::EngineKind;
 use kiln_core::{BackendConfig, Engine, EngineError};
 
 /// Connect to the SQL database named by `cfg.url`.
@@ -27,14 +27,14 @@ use kiln_core::{BackendConfig, Engine, EngineError};
 /// [`EngineError::BadUrl`] for a URL that names no SQL engine (or one not
 /// compiled in), [`EngineError::Connect`] when the server cannot be reached.
 pub async fn connect(cfg: &BackendConfig) -> Result<Box<dyn Engine>, EngineError> {
-    match EngineKind::of(&cfg.url) {
+    match EngineKind::parse(&cfg.url)? {
         #[cfg(feature = "postgres")]
-        Some(EngineKind::Postgres) => Ok(Box::new(postgres::PgBackend::connect(cfg).await?)),
+        EngineKind::Postgres => Ok(Box::new(postgres::PgBackend::connect(cfg).await?)),
         #[cfg(feature = "mysql")]
-        Some(EngineKind::Mysql) => Ok(Box::new(mysql::MysqlEngine::connect(cfg).await?)),
+        EngineKind::Mysql => Ok(Box::new(mysql::MysqlEngine::connect(cfg).await?)),
         #[cfg(feature = "sqlite")]
-        Some(EngineKind::Sqlite) => Ok(Box::new(sqlite::SqliteEngine::connect(cfg).await?)),
-        Some(other) => Err(EngineError::BadUrl { url: redact(&cfg.url), message: format!("{other:?} is not a SQL engine of this build") }),
-        None => Err(EngineKind::parse(&cfg.url).expect_err("no engine")),
+        EngineKind::Sqlite => Ok(Box::new(sqlite::SqliteEngine::connect(cfg).await?)),
+        #[allow(unreachable_patterns)]
+        other => Err(EngineError::BadUrl { url: cfg.url.redacted(), message: format!("{other:?} is not a SQL engine of this build") }),
     }
 }

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kiln_core::url::DbUrl;
 use serde::Deserialize;
 
 /// The embedded default database.
@@ -244,8 +245,9 @@ pub enum UrlSource {
 /// The resolved configuration. `Debug` shows the URL with its password redacted.
 #[derive(Clone)]
 pub struct Config {
-    /// Database URL (may contain a password: print [`Config::redacted_url`]).
-    pub url: String,
+    /// Database URL. It may contain a password: `Display`/`Debug` redact it,
+    /// [`DbUrl::expose`] is for the driver only.
+    pub url: DbUrl,
     /// Where the URL came from.
     pub url_source: UrlSource,
     /// Migrations directory.
@@ -286,7 +288,7 @@ pub struct Config {
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
-            .field("url", &self.redacted_url())
+            .field("url", &self.url)
             .field("url_source", &self.url_source)
             .field("dir", &self.dir)
             .field("config_file", &self.config_file)
@@ -349,9 +351,7 @@ impl Config {
         // Like cargo and git: the nearest kiln.toml in this directory or a parent.
         let path = explicit.clone().or_else(find_config).unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
         let file: FileConfig = match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.clone(), message: e.to_string().trim_end().to_string() })?
-            }
+            Ok(text) => toml::from_str(&text).map_err(|e| toml_error(&path, &text, &e))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => FileConfig::default(),
             Err(e) => return Err(ConfigError::Read { path: path.clone(), source: e }),
         };
@@ -399,7 +399,7 @@ impl Config {
         }
         let default_versioning = if url.starts_with("mongodb") { Versioning::Timestamp } else { Versioning::Sequential };
         Ok(Config {
-            url,
+            url: DbUrl::new(url),
             url_source,
             dir,
             config_file,
@@ -444,7 +444,7 @@ impl Config {
 
     /// The URL with any password replaced by `***`.
     pub fn redacted_url(&self) -> String {
-        kiln_core::url::redact(&self.url)
+        self.url.redacted()
     }
 
     /// The engine settings for this configuration.
@@ -459,6 +459,26 @@ impl Config {
             read_only: false,
         }
     }
+}
+
+/// A kiln.toml syntax error, located by line and column. toml's own message
+/// repeats the offending line, which may hold a password (`url = postgres://u:pw@h`
+/// without quotes): the line is not repeated, and the message is scrubbed.
+fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let start = e.span().map(|s| s.start).unwrap_or(0);
+    let before = text.get(..start).unwrap_or("");
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    let what = kiln_core::error::cap(&kiln_core::url::scrub_text(e.message().trim()), 300).replace('\n', "; ");
+    let mut message = format!("line {line}, column {column}: {what}");
+    let source_line = text.lines().nth(line - 1).unwrap_or("");
+    if let Some((key, value)) = source_line.split_once('=') {
+        let value = value.trim_start();
+        if !value.is_empty() && !value.starts_with(['"', '\'', '[', '{']) && value.parse::<f64>().is_err() && !matches!(value, "true" | "false") {
+            message.push_str(&format!("; a text value needs quotes: {} = \"…\"", key.trim()));
+        }
+    }
+    ConfigError::Parse { path: path.to_path_buf(), message }
 }
 
 fn parse_duration(v: &DurationValue) -> Result<Duration, String> {
@@ -489,7 +509,8 @@ pub fn find_config() -> Option<PathBuf> {
 /// # Errors
 /// An unreadable or invalid file, or an explicitly named file that is missing.
 pub fn read_contract(path: &Path, explicit: bool) -> Result<Option<kiln_core::schema::Contract>, ConfigError> {
-    match std::fs::read_to_string(path) {
+    // Bounded: a schema file is read before anything runs, and may be a link.
+    match kiln_core::source::read_text(path) {
         Ok(text) => kiln_core::schema::Contract::parse(&text, &path.display().to_string()).map(Some).map_err(|e| ConfigError::Invalid(e.to_string())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(None),
         Err(e) => Err(ConfigError::Read { path: path.to_path_buf(), source: e }),

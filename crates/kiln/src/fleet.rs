@@ -129,7 +129,7 @@ impl<'a> Fleet<'a> {
         match (target, &self.tenants.placement) {
             (TargetName::Public, _) => public,
             (TargetName::Tenant(t), Placement::Schema(tpl)) => BackendConfig { schema: Some(Tenants::resolve(tpl, t)), ..public },
-            (TargetName::Tenant(t), Placement::Url(tpl)) => BackendConfig { url: Tenants::resolve(tpl, t), schema: None, ..public },
+            (TargetName::Tenant(t), Placement::Url(tpl)) => BackendConfig { url: Tenants::resolve(tpl, t).into(), schema: None, ..public },
         }
     }
 

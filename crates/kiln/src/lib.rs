@@ -42,9 +42,7 @@ pub async fn connect(cfg: &BackendConfig) -> Result<Box<dyn Engine>, EngineError
         EngineKind::Mongodb => kiln_mongo::connect(cfg).await,
         EngineKind::Postgres | EngineKind::Mysql | EngineKind::Sqlite => kiln_sql::connect(cfg).await,
         #[allow(unreachable_patterns)]
-        other => {
-            Err(EngineError::BadUrl { url: kiln_core::url::redact(&cfg.url), message: format!("{other:?} is not compiled into this build of kiln") })
-        }
+        other => Err(EngineError::BadUrl { url: cfg.url.redacted(), message: format!("{other:?} is not compiled into this build of kiln") }),
     }
 }
 
@@ -98,7 +96,7 @@ fn refuse_tenant_scope(dir: &std::path::Path, local: Vec<Migration>) -> Result<V
 }
 
 /// Load options (dialect and naming rule) for a URL and naming rule.
-pub fn load_options(url: &str, name_rule: Option<String>) -> LoadOptions {
+pub fn load_options(url: impl AsRef<str>, name_rule: Option<String>) -> LoadOptions {
     LoadOptions { dialect: EngineKind::of(url).map(EngineKind::dialect).unwrap_or(kiln_core::split::Dialect::GENERIC), name_rule }
 }
 

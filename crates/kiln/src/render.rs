@@ -696,6 +696,8 @@ pub fn error(e: &CliError, as_json: bool, down: bool) -> i32 {
             },
         };
         report.exit_code = code;
+        // Last line of defence for secrets: third-party text in an error may quote a URL.
+        report.message = kiln::url::scrub_text(&report.message);
         let mut v = serde_json::json!({ "error": report });
         if report.failure.is_some() {
             v["error"]["direction"] = serde_json::json!(if down { "down" } else { "up" });
@@ -714,7 +716,7 @@ pub fn error(e: &CliError, as_json: bool, down: bool) -> i32 {
         }
         src = s.source();
     }
-    eprintln!("{} {msg}", "error:".red().bold());
+    eprintln!("{} {}", "error:".red().bold(), kiln::url::scrub_text(&msg));
     if let CliError::Run(r @ (RunError::Migration { .. } | RunError::Invalid { .. })) = e {
         let done = r.done();
         let list: Vec<&str> = done.iter().map(|v| v.text.as_str()).collect();

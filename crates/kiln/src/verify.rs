@@ -85,7 +85,7 @@ pub async fn verify(
         }
     };
     let mut cfg = base.clone();
-    cfg.url = url.clone();
+    cfg.url = url.clone().into();
     let result = run_checks(&cfg, local, contract, settings).await;
     if let Some(name) = &created {
         if !keep {

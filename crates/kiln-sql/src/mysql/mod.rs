@@ -65,7 +65,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use kiln_core::engine::{Capabilities, Engine, SchemaStore, ScratchAdmin};
-use kiln_core::url::redact;
+use kiln_core::url::DbUrl;
 use kiln_core::{BackendConfig, EngineError, Kind};
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError};
 use sqlx::{ConnectOptions, Connection, MySqlConnection};
@@ -73,6 +73,24 @@ use sqlx::{ConnectOptions, Connection, MySqlConnection};
 use crate::common::lock_key;
 use history::Sql;
 use inspect::Server;
+
+/// The URL parameters sqlx understands.
+const URL_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslca",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "charset",
+    "collation",
+    "statement-cache-capacity",
+    "socket",
+    "timezone",
+    "time-zone",
+];
 
 /// MySQL's and MariaDB's limit on `GET_LOCK` names.
 const MAX_LOCK_NAME: usize = 64;
@@ -108,7 +126,7 @@ pub struct MysqlEngine {
     database: String,
     /// The URL as configured, password included: only to derive a scratch
     /// database's URL from (never shown; `target` is what messages use).
-    url: String,
+    url: DbUrl,
     /// kiln's own tables (history, log, snapshots), which `inspect` leaves out.
     own_tables: [String; 3],
     /// The server, asked once, on the first inspection.
@@ -130,9 +148,16 @@ impl MysqlEngine {
     /// [`EngineError::BadUrl`] for an unusable URL or one without a database,
     /// [`EngineError::Connect`] with the server's reason when connecting fails.
     pub async fn connect(cfg: &BackendConfig) -> Result<Self, EngineError> {
-        let target = redact(&cfg.url);
-        let (opts, database) = parse_url(&cfg.url, &target)?;
-        let connect_err = |e: sqlx::Error| EngineError::Connect { url: target.clone(), message: describe(&e) };
+        let target = cfg.url.redacted();
+        kiln_core::url::EngineKind::parse(&cfg.url)?;
+        // sqlx ignores parameters it does not know; kiln refuses them, as on PostgreSQL.
+        cfg.url.check_params("MySQL/MariaDB", URL_PARAMETERS)?;
+        let (opts, database) = parse_url(cfg.url.expose(), &target).map_err(|e| match e {
+            EngineError::BadUrl { url, message } => EngineError::BadUrl { url, message: cfg.url.scrub(&message) },
+            other => other,
+        })?;
+        // Driver messages may quote the URL: they are scrubbed like the URL itself.
+        let connect_err = |e: sqlx::Error| EngineError::Connect { url: target.clone(), message: cfg.url.scrub(&describe(&e)) };
         let mut conn = opts.connect().await.map_err(connect_err)?;
         sqlx::raw_sql("SET autocommit = 1").execute(&mut conn).await.map_err(connect_err)?;
         let mut lock_name = format!("kiln:{database}:{}", cfg.history_table);
@@ -272,7 +297,7 @@ mod tests {
 
     #[test]
     fn urls() {
-        let p = |u: &str| parse_url(u, &redact(u));
+        let p = |u: &str| parse_url(u, &kiln_core::url::redact(u));
         let (o, db) = p("mysql://root@localhost/migbench?socket=/run/mysqld/mysqld.sock").unwrap();
         assert_eq!(db, "migbench");
         assert_eq!(o.get_socket().map(|s| s.display().to_string()).as_deref(), Some("/run/mysqld/mysqld.sock"));

@@ -18,7 +18,7 @@ impl ScratchAdmin for MysqlEngine {
     /// [`ScratchAdmin::drop_scratch`] accepts are created.
     async fn create_scratch(&mut self, name: &str) -> Result<String, EngineError> {
         check_scratch_name(name)?;
-        let url = scratch_url(&self.url, name).map_err(|message| EngineError::BadUrl { url: self.target.clone(), message })?;
+        let url = scratch_url(self.url.expose(), name).map_err(|message| EngineError::BadUrl { url: self.target.clone(), message })?;
         self.settle_lock().await?;
         // CREATE/DROP DATABASE commit implicitly; the core flushes a kept finish first.
         self.in_tx = false;

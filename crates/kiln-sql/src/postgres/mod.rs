@@ -54,7 +54,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use kiln_core::engine::{Capabilities, Engine, SchemaStore, ScratchAdmin};
-use kiln_core::url::redact;
+use kiln_core::url::DbUrl;
 use kiln_core::{BackendConfig, EngineError, Kind};
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, Config};
@@ -79,7 +79,7 @@ pub struct PgBackend {
     target: String,
     /// The URL as configured, password included: only to derive the scratch
     /// database's URL from (never shown; `target` is what messages use).
-    url: String,
+    url: DbUrl,
     /// Configured schema (schema-per-tenant); `None` means the session's default.
     schema: Option<String>,
     /// The history table, quoted and schema-qualified.
@@ -103,6 +103,34 @@ pub struct PgBackend {
     locked: Arc<AtomicBool>,
 }
 
+/// The URL parameters kiln and tokio-postgres understand (`sslcert`,
+/// `sslkey` and `sslpassword` are refused later with their own reason).
+const URL_PARAMETERS: &[&str] = &[
+    "user",
+    "password",
+    "dbname",
+    "options",
+    "application_name",
+    "sslmode",
+    "sslnegotiation",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslpassword",
+    "host",
+    "hostaddr",
+    "port",
+    "connect_timeout",
+    "tcp_user_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_retries",
+    "target_session_attrs",
+    "channel_binding",
+    "load_balance_hosts",
+];
+
 impl PgBackend {
     /// Connect to the database named by `cfg.url` (`postgres://` or `postgresql://`).
     ///
@@ -122,15 +150,18 @@ impl PgBackend {
     /// (`connection refused`, `database "x" does not exist`, a TLS failure).
     /// Messages carry the URL with its password redacted.
     pub async fn connect(cfg: &BackendConfig) -> Result<Self, EngineError> {
-        let redacted = redact(&cfg.url);
-        let bad_url = |message: String| EngineError::BadUrl { url: redacted.clone(), message };
-        let (stripped, tls_opts) = split_tls_params(&cfg.url).map_err(bad_url)?;
+        let redacted = cfg.url.redacted();
+        // Driver messages may quote the URL: they are scrubbed like the URL itself.
+        let bad_url = |message: String| EngineError::BadUrl { url: redacted.clone(), message: cfg.url.scrub(&message) };
+        kiln_core::url::EngineKind::parse(&cfg.url)?;
+        cfg.url.check_params("PostgreSQL", URL_PARAMETERS)?;
+        let (stripped, tls_opts) = split_tls_params(cfg.url.expose()).map_err(bad_url)?;
         let mut pg: Config = stripped.parse().map_err(|e: tokio_postgres::Error| bad_url(error_text(&e)))?;
         if pg.get_application_name().is_none() {
             pg.application_name(format!("kiln {} pid {}", kiln_core::current_actor(), std::process::id()));
         }
         let tls = TlsSetup::new(&tls_opts).map_err(bad_url)?;
-        let opened = open(&pg, &tls).await.map_err(|message| EngineError::Connect { url: redacted.clone(), message })?;
+        let opened = open(&pg, &tls).await.map_err(|message| EngineError::Connect { url: redacted.clone(), message: cfg.url.scrub(&message) })?;
 
         // kiln's own tables are always schema-qualified: a migration may change
         // the search_path, and the history INSERT that follows it in the same
@@ -142,8 +173,9 @@ impl PgBackend {
                     .client
                     .query_typed_one("SELECT current_schema()::text", &[])
                     .await
-                    .map_err(|e| EngineError::Connect { url: redacted.clone(), message: error_text(&e) })?;
-                row.try_get::<_, Option<String>>(0).map_err(|e| EngineError::Connect { url: redacted.clone(), message: e.to_string() })?
+                    .map_err(|e| EngineError::Connect { url: redacted.clone(), message: cfg.url.scrub(&error_text(&e)) })?;
+                row.try_get::<_, Option<String>>(0)
+                    .map_err(|e| EngineError::Connect { url: redacted.clone(), message: cfg.url.scrub(&e.to_string()) })?
             }
         };
         let qualify = |t: &str| match &schema {

@@ -3,7 +3,6 @@
 
 use async_trait::async_trait;
 use kiln_core::engine::ScratchAdmin;
-use kiln_core::url::redact;
 use kiln_core::EngineError;
 
 use super::PgBackend;
@@ -18,7 +17,8 @@ impl ScratchAdmin for PgBackend {
     /// database it then refuses to drop.
     async fn create_scratch(&mut self, name: &str) -> Result<String, EngineError> {
         check_scratch_name(name)?;
-        let url = database_url(&self.url, name).map_err(|message| EngineError::BadUrl { url: redact(&self.url), message })?;
+        let url = database_url(self.url.expose(), name)
+            .map_err(|message| EngineError::BadUrl { url: self.url.redacted(), message: self.url.scrub(&message) })?;
         self.client.batch_execute(&format!("CREATE DATABASE {}", quote_double(name))).await.map_err(|e| {
             let mut err = self.engine_error(&format!("creating the scratch database {name}"), &e);
             if let EngineError::Query { message, .. } = &mut err {

@@ -57,7 +57,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use kiln_core::engine::{Capabilities, Engine, Locker, SchemaStore, ScratchAdmin};
-use kiln_core::url::redact;
 use kiln_core::{BackendConfig, EngineError, Kind};
 use rusqlite::Connection;
 
@@ -116,17 +115,26 @@ impl SqliteEngine {
     /// [`EngineError::BadUrl`] for a URL without a path, [`EngineError::Connect`]
     /// when the file cannot be opened or is not a database.
     pub async fn connect(cfg: &BackendConfig) -> Result<Self, EngineError> {
-        let target = redact(&cfg.url);
-        let (location, journal) = parse_url(&cfg.url, &target)?;
+        let target = cfg.url.redacted();
+        if cfg.url.has_password() {
+            // The rest would be read as a file name and repeated in errors.
+            return Err(EngineError::BadUrl {
+                url: target,
+                message: "a SQLite URL names a file and takes no user or password; remove them and the `@` (e.g. sqlite:///var/lib/app/app.db)"
+                    .into(),
+            });
+        }
+        let (location, journal) = parse_url(cfg.url.expose(), &target)?;
         let connect_err = |e: rusqlite::Error| {
-            let mut message = e.to_string();
+            // SQLite's messages may repeat the path, which is part of the URL.
+            let mut message = cfg.url.scrub(&e.to_string());
             if let Location::File(p) = &location {
                 match p.parent().filter(|d| !d.as_os_str().is_empty()) {
                     Some(dir) if !dir.is_dir() => message.push_str(&format!(" (directory {} does not exist)", dir.display())),
                     _ => message.push_str(&format!(" ({})", p.display())),
                 }
             }
-            EngineError::Connect { url: target.clone(), message }
+            EngineError::Connect { url: target.clone(), message: cfg.url.scrub(&message) }
         };
         // A command that only reads sees a missing file as an empty database
         // and creates nothing (`status` before the first `up`).

@@ -25,7 +25,7 @@ pub fn engine(name: &str) -> Engine {
 
 /// Connect as `kiln::connect` does: MongoDB URLs to kiln-mongo, the rest to kiln-sql.
 pub async fn connect(cfg: &BackendConfig) -> Result<Box<dyn kiln_core::Engine>, EngineError> {
-    if cfg.url.starts_with("mongodb") {
+    if cfg.url.expose().starts_with("mongodb") {
         kiln_mongo::connect(cfg).await
     } else {
         kiln_sql::connect(cfg).await

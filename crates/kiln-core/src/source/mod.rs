@@ -1,0 +1,319 @@
+//! Loading migrations from a directory (DESIGN §2).
+//!
+//! Three SQL layouts are read as they are: a single file with `-- kiln:up` /
+//! `-- kiln:down` sections, golang-migrate/sqlx `.up.sql` + `.down.sql` pairs,
+//! and diesel folders holding `up.sql` + `down.sql`. MongoDB migrations are YAML
+//! or JSON files with `up:` and `down:` lists of database commands.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use regex::Regex;
+
+use crate::error::SourceError;
+use crate::model::*;
+use crate::split::Dialect;
+
+mod commands;
+pub mod nesting;
+mod read;
+mod sql;
+
+use commands::commands_file;
+use read::read;
+pub use read::{read_bounded, read_text, MAX_FILE_BYTES};
+use sql::{load_diesel, sql_pair, sql_single};
+
+/// Deepest folder nesting kiln walks below the migrations directory.
+const MAX_DEPTH: usize = 16;
+
+/// The default naming rule for migration files: version, `_`, lower-case snake description.
+pub const DEFAULT_FILE_RULE: &str = r"^[0-9]+_[a-z0-9]+(_[a-z0-9]+)*$";
+/// The default rule for diesel folders: diesel's own (any description, hyphens included).
+pub const DEFAULT_DIESEL_RULE: &str = r"^[0-9][0-9-]*_.+$";
+
+/// How to read a migrations directory.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// SQL lexical rules for splitting statements.
+    pub dialect: Dialect,
+    /// A naming rule (regex on the name without extension) that replaces both defaults.
+    pub name_rule: Option<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { dialect: Dialect::GENERIC, name_rule: None }
+    }
+}
+
+struct Rules {
+    file: Regex,
+    diesel: Regex,
+    custom: Option<String>,
+}
+
+impl Rules {
+    fn new(opts: &LoadOptions) -> Result<Self, SourceError> {
+        match &opts.name_rule {
+            Some(r) => {
+                let re = Regex::new(r).map_err(|e| SourceError::BadRule { rule: r.clone(), message: e.to_string() })?;
+                Ok(Rules { file: re.clone(), diesel: re, custom: Some(r.clone()) })
+            }
+            None => Ok(Rules {
+                file: Regex::new(DEFAULT_FILE_RULE).expect("valid"),
+                diesel: Regex::new(DEFAULT_DIESEL_RULE).expect("valid"),
+                custom: None,
+            }),
+        }
+    }
+    fn check(&self, stem: &str, diesel: bool, file: &Path) -> Result<(), SourceError> {
+        let (re, text) = if diesel {
+            (&self.diesel, self.custom.as_deref().unwrap_or(DEFAULT_DIESEL_RULE))
+        } else {
+            (&self.file, self.custom.as_deref().unwrap_or(DEFAULT_FILE_RULE))
+        };
+        if re.is_match(stem) {
+            Ok(())
+        } else {
+            Err(SourceError::BadName { file: file.to_path_buf(), rule: text.to_string() })
+        }
+    }
+}
+
+/// Check a would-be migration name (without extension) against the naming rule,
+/// as `kiln create` does before writing a file.
+pub fn check_name(stem: &str, opts: &LoadOptions) -> Result<(), SourceError> {
+    let rules = Rules::new(opts)?;
+    rules.check(stem, false, Path::new(stem))?;
+    split_version(stem)
+        .map(|_| ())
+        .ok_or_else(|| SourceError::BadName { file: PathBuf::from(stem), rule: rules.custom.clone().unwrap_or_else(|| DEFAULT_FILE_RULE.into()) })
+}
+
+/// Split `0001_create_users` into its version and description.
+pub fn split_version(stem: &str) -> Option<(Version, String)> {
+    let (head, desc) = match stem.find('_') {
+        Some(i) => (&stem[..i], &stem[i + 1..]),
+        None => (stem, ""),
+    };
+    let digits: String = head.chars().filter(|c| *c != '-').collect();
+    if digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_digit()) || !head.starts_with(|c: char| c.is_ascii_digit()) {
+        return None;
+    }
+    let number: u64 = digits.parse().ok()?;
+    Some((Version { number, text: digits }, desc.to_string()))
+}
+
+/// Read every migration under `dir`, sorted by version.
+///
+/// Files are read and parsed on several threads: a no-op `kiln up` must read
+/// and checksum every file, and that is most of its cost.
+///
+/// # Errors
+/// Every problem found, in one error (see [`SourceError::collect`]): an
+/// unreadable directory or file, a name that breaks the naming rule, a
+/// duplicate version, content that cannot be parsed. Each names the file
+/// (relative to `dir`) and, for content, the line.
+pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Vec<Migration>, SourceError> {
+    let rules = Rules::new(opts)?;
+    let mut walked = Found { tasks: Vec::new(), problems: Vec::new() };
+    walk(dir, dir, &rules, None, Scope::Public, 0, &mut walked);
+    let Found { tasks, mut problems } = walked;
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(4);
+    let results: Vec<Result<Migration, SourceError>> = if threads > 1 && tasks.len() >= 64 {
+        let chunk = tasks.len().div_ceil(threads);
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = tasks.chunks(chunk).map(|part| sc.spawn(move || part.iter().map(|t| t.load(opts)).collect::<Vec<_>>())).collect();
+            handles.into_iter().flat_map(|h| h.join().expect("loader thread panicked")).collect()
+        })
+    } else {
+        tasks.iter().map(|t| t.load(opts)).collect()
+    };
+    let mut found = Vec::with_capacity(results.len());
+    for r in results {
+        match r {
+            Ok(m) => found.push(m),
+            Err(e) => problems.push(e),
+        }
+    }
+    found.sort_by(|a, b| a.version.cmp(&b.version));
+    for w in found.windows(2) {
+        if w[0].version == w[1].version {
+            problems.push(SourceError::DuplicateVersion { version: w[1].version.clone(), first: w[0].path.clone(), second: w[1].path.clone() });
+        }
+    }
+    match SourceError::collect(problems) {
+        Some(e) => Err(e),
+        None => Ok(found),
+    }
+}
+
+/// One migration to read, found by [`walk`]: names are checked while walking,
+/// contents are read and parsed later, in parallel.
+enum Task {
+    Sql { stem: String, path: PathBuf, rel: PathBuf, group: Option<String>, scope: Scope },
+    Commands { stem: String, path: PathBuf, rel: PathBuf, json: bool, group: Option<String>, scope: Scope },
+    Pair { stem: String, up: PathBuf, down: Option<PathBuf>, rel_up: PathBuf, root: PathBuf, group: Option<String>, scope: Scope },
+    Diesel { path: PathBuf, rel: PathBuf, name: String, group: Option<String>, scope: Scope },
+}
+
+impl Task {
+    fn load(&self, opts: &LoadOptions) -> Result<Migration, SourceError> {
+        match self {
+            Task::Sql { stem, path, rel, group, scope } => {
+                let text = read(path, rel)?;
+                sql_single(stem, rel, &text, opts, group.as_deref(), *scope)
+            }
+            Task::Commands { stem, path, rel, json, group, scope } => {
+                let text = read(path, rel)?;
+                commands_file(stem, rel, &text, *json, group.as_deref(), *scope)
+            }
+            Task::Pair { stem, up, down, rel_up, root, group, scope } => {
+                let up_text = read(up, rel_up)?;
+                let down_pair = match down {
+                    Some(d) => {
+                        let rel_d = d.strip_prefix(root).unwrap_or(d).to_path_buf();
+                        let t = read(d, &rel_d)?;
+                        Some((rel_d, t))
+                    }
+                    None => None,
+                };
+                sql_pair(stem, rel_up, &up_text, down_pair, opts, group.as_deref(), *scope, None)
+            }
+            Task::Diesel { path, rel, name, group, scope } => load_diesel(path, rel, name, opts, group.as_deref(), *scope),
+        }
+    }
+}
+
+/// Where [`walk`] puts what it finds: migrations to read, and every problem
+/// with a name or a directory entry (the walk goes on after each).
+struct Found {
+    tasks: Vec<Task>,
+    problems: Vec<SourceError>,
+}
+
+impl Found {
+    fn check(&mut self, r: Result<(), SourceError>) -> bool {
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                self.problems.push(e);
+                false
+            }
+        }
+    }
+}
+
+fn walk(root: &Path, dir: &Path, rules: &Rules, group: Option<&str>, scope: Scope, depth: usize, out: &mut Found) {
+    let rel_dir = || if dir == root { dir.to_path_buf() } else { dir.strip_prefix(root).unwrap_or(dir).to_path_buf() };
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) => return out.problems.push(SourceError::Dir { dir: rel_dir(), source: e }),
+    };
+    if depth > MAX_DEPTH {
+        return out
+            .problems
+            .push(SourceError::Dir { dir: rel_dir(), source: std::io::Error::other(format!("nested more than {MAX_DEPTH} directories deep")) });
+    }
+    // (name, path, is a directory, is a regular file)
+    let mut entries: Vec<(String, PathBuf, bool, bool)> = Vec::new();
+    for e in rd {
+        let e = match e {
+            Ok(e) => e,
+            Err(e) => return out.problems.push(SourceError::Dir { dir: rel_dir(), source: e }),
+        };
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || name.ends_with(".retired") {
+            continue;
+        }
+        let path = e.path();
+        // The directory entry's type costs no system call; only a symlink needs a
+        // stat. Symlinks are followed (to a shared file or folder), except into
+        // a directory that contains them (a loop).
+        let (is_dir, is_file) = match e.file_type() {
+            Ok(t) if !t.is_symlink() => (t.is_dir(), t.is_file()),
+            _ => match std::fs::metadata(&path) {
+                Ok(m) => (m.is_dir(), m.is_file()),
+                Err(_) => (false, false),
+            },
+        };
+        if is_dir && e.file_type().is_ok_and(|t| t.is_symlink()) {
+            if let (Ok(target), Ok(here)) = (std::fs::canonicalize(&path), std::fs::canonicalize(dir)) {
+                if here.starts_with(&target) {
+                    let rel = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
+                    out.problems.push(SourceError::Dir {
+                        dir: rel,
+                        source: std::io::Error::other(format!("symlink loop: it points at {}, which contains it; remove the link", target.display())),
+                    });
+                    continue;
+                }
+            }
+        }
+        entries.push((name, path, is_dir, is_file));
+    }
+    entries.sort();
+    let group_owned = group.map(str::to_string);
+    // Pair .up.sql / .down.sql files by stem.
+    let mut pairs: BTreeMap<String, (Option<PathBuf>, Option<PathBuf>)> = BTreeMap::new();
+    for (name, path, is_dir, is_file) in entries {
+        let rel = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
+        let migration_like = [".sql", ".yaml", ".yml", ".json"].iter().any(|x| name.to_ascii_lowercase().ends_with(x));
+        if !is_dir && !is_file && migration_like {
+            // A FIFO would block the run forever, /dev/zero would fill memory.
+            out.problems.push(SourceError::Read {
+                file: rel,
+                source: std::io::Error::other("not a regular file (a FIFO, socket, device or broken link); kiln reads only regular files"),
+            });
+            continue;
+        }
+        if is_dir {
+            if path.join("up.sql").is_file() {
+                if out.check(rules.check(&name, true, &rel)) {
+                    out.tasks.push(Task::Diesel { path, rel, name, group: group_owned.clone(), scope });
+                }
+            } else if depth == 0 && (name == "public" || name == "tenant") {
+                let sc = if name == "tenant" { Scope::Tenant } else { Scope::Public };
+                walk(root, &path, rules, group, sc, depth + 1, out);
+            } else {
+                let g = group.map(str::to_string).unwrap_or_else(|| name.clone());
+                walk(root, &path, rules, Some(&g), scope, depth + 1, out);
+            }
+            continue;
+        }
+        // Extensions are matched in any case (`0001_x.SQL` from a Windows
+        // tool is a migration, not a file to skip in silence); the stem keeps its case.
+        let lower = name.to_ascii_lowercase();
+        let stem_of = |ext: &str| lower.ends_with(ext).then(|| name[..name.len() - ext.len()].to_string());
+        if let Some(stem) = stem_of(".up.sql") {
+            pairs.entry(stem).or_default().0 = Some(path);
+        } else if let Some(stem) = stem_of(".down.sql") {
+            pairs.entry(stem).or_default().1 = Some(path);
+        } else if let Some(stem) = stem_of(".sql") {
+            if out.check(rules.check(&stem, false, &rel)) {
+                out.tasks.push(Task::Sql { stem, path, rel, group: group_owned.clone(), scope });
+            }
+        } else if let Some(stem) = stem_of(".yaml").or_else(|| stem_of(".yml")).or_else(|| stem_of(".json")) {
+            let json = lower.ends_with(".json");
+            if out.check(rules.check(&stem, false, &rel)) {
+                out.tasks.push(Task::Commands { stem, path, rel, json, group: group_owned.clone(), scope });
+            }
+        }
+        // Anything else (README.md, .gitkeep, diesel.toml, …) is not a migration.
+    }
+    for (stem, (up, down)) in pairs {
+        let Some(up) = up else {
+            let down = down.expect("one of the two exists");
+            let rel = down.strip_prefix(root).unwrap_or(&down).to_path_buf();
+            out.problems.push(SourceError::Parse { file: rel, line: 1, message: format!("has no matching {stem}.up.sql") });
+            continue;
+        };
+        let rel_up = up.strip_prefix(root).unwrap_or(&up).to_path_buf();
+        if out.check(rules.check(&stem, false, &rel_up)) {
+            out.tasks.push(Task::Pair { stem, up, down, rel_up, root: root.to_path_buf(), group: group_owned.clone(), scope });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,286 @@
+//! Loader tests over real directories.
+
+use super::*;
+use std::fs;
+
+fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    for (name, content) in files {
+        let p = d.path().join(name);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, content).unwrap();
+    }
+    d
+}
+
+fn load(d: &tempfile::TempDir) -> Result<Vec<Migration>, SourceError> {
+    load_dir(d.path(), &LoadOptions::default())
+}
+
+#[test]
+fn three_sql_layouts() {
+    let d = dir_with(&[
+        ("0001_one.sql", "-- kiln:up\ncreate table a (id int);\n-- kiln:down\ndrop table a;\n"),
+        ("0002_two.up.sql", "create table b (id int);"),
+        ("0002_two.down.sql", "drop table b;"),
+        ("2019-02-26-002946_create-user/up.sql", "create table c (id int);"),
+        ("2019-02-26-002946_create-user/down.sql", "drop table c;"),
+        ("README.md", "not a migration"),
+    ]);
+    let ms = load(&d).unwrap();
+    assert_eq!(ms.len(), 3);
+    assert_eq!(ms[0].name(), "0001_one");
+    assert_eq!(ms[0].up.len(), 1);
+    assert!(ms[0].down.is_some());
+    assert_eq!(ms[1].name(), "0002_two");
+    assert_eq!(ms[2].version.number, 20190226002946);
+    assert_eq!(ms[2].description, "create-user");
+    assert!(ms[2].down.is_some());
+}
+
+#[test]
+fn no_markers_is_irreversible_up() {
+    let d = dir_with(&[("0001_x.sql", "create table a (id int);\ncreate table b (id int);")]);
+    let ms = load(&d).unwrap();
+    assert_eq!(ms[0].up.len(), 2);
+    assert!(ms[0].down.is_none());
+}
+
+#[test]
+fn directives() {
+    let d = dir_with(&[
+        ("0001_core_tables.sql", "create table a (id int);"),
+        (
+            "0002_x.sql",
+            "-- kiln:depends 0001_core_tables\n-- kiln:transaction off\n-- kiln:group users\n-- kiln:up\ncreate index concurrently i on a (id);\n-- kiln:down\ndrop index i;",
+        ),
+        ("0003_y.sql", "-- DEPENDS: 0001_core_tables.sql\nselect 1;"),
+    ]);
+    let ms = load(&d).unwrap();
+    assert_eq!(ms[1].directives.depends[0].version.number, 1);
+    assert_eq!(ms[1].directives.transaction, TxMode::Off);
+    assert_eq!(ms[1].directives.group.as_deref(), Some("users"));
+    assert_eq!(ms[2].directives.depends[0].version.number, 1);
+}
+
+#[test]
+fn unknown_directive_names_line() {
+    let d = dir_with(&[("0001_x.sql", "-- kiln:transacton off\nselect 1;")]);
+    let e = load(&d).unwrap_err().to_string();
+    assert!(e.contains("0001_x.sql:1"), "{e}");
+    assert!(e.contains("transacton"), "{e}");
+}
+
+#[test]
+fn bad_name_and_duplicate() {
+    let d = dir_with(&[("0001_Bad-Name.sql", "select 1;")]);
+    assert!(matches!(load(&d), Err(SourceError::BadName { .. })));
+    let d = dir_with(&[("0001_a.sql", "select 1;"), ("001_b.sql", "select 1;")]);
+    assert!(matches!(load(&d), Err(SourceError::DuplicateVersion { .. })));
+    let d = dir_with(&[("create_users.sql", "select 1;")]);
+    assert!(matches!(load(&d), Err(SourceError::BadName { .. })));
+}
+
+#[test]
+fn custom_rule() {
+    let d = dir_with(&[("V1_Init.sql", "select 1;")]);
+    let opts = LoadOptions { name_rule: Some(r"^V?[0-9]+_.+$".into()), ..Default::default() };
+    // V1 does not start with a digit: still refused, with the version explanation.
+    assert!(load_dir(d.path(), &opts).is_err());
+    let d = dir_with(&[("1_Init.sql", "select 1;")]);
+    assert_eq!(load_dir(d.path(), &opts).unwrap().len(), 1);
+}
+
+#[test]
+fn groups_scopes_and_retired() {
+    let d = dir_with(&[("users/0001_a.sql", "select 1;"), ("tenant/0002_b.sql", "select 1;"), ("0003_c.sql.retired", "select 1;")]);
+    let ms = load(&d).unwrap();
+    assert_eq!(ms.len(), 2);
+    assert_eq!(ms[0].directives.group.as_deref(), Some("users"));
+    assert_eq!(ms[1].directives.scope, Scope::Tenant);
+    assert_eq!(ms[1].directives.group, None);
+}
+
+#[test]
+fn yaml_commands() {
+    let y = "up:\n  - createIndexes: creatorprofiles\n    indexes:\n      - key: { role: 1, verified: 1, rating.avg: -1 }\n        name: idx\n  - update: users\n    updates:\n      - q: { isMfaRequired: { $exists: false } }\n        u: { $set: { isMfaRequired: false } }\n        multi: true\ndown:\n  - dropIndexes: creatorprofiles\n    index: idx\n";
+    let d = dir_with(&[("20251101_add_index.yaml", y)]);
+    let ms = load(&d).unwrap();
+    let Body::Commands { commands, .. } = &ms[0].up else { panic!() };
+    assert_eq!(commands.len(), 2);
+    assert_eq!(commands[0].line, 2);
+    assert_eq!(commands[1].line, 6);
+    assert_eq!(commands[0].doc["indexes"][0]["key"]["rating.avg"], -1);
+    assert_eq!(ms[0].kind, Kind::Commands);
+}
+
+#[test]
+fn bad_yaml_names_line() {
+    let d = dir_with(&[("0001_x.yaml", "up:\n  - create: a\n  bad: [\n")]);
+    let e = load(&d).unwrap_err().to_string();
+    assert!(e.starts_with("0001_x.yaml:"), "{e}");
+    let d = dir_with(&[("0001_x.yaml", "up:\n  - 5\n")]);
+    let e = load(&d).unwrap_err().to_string();
+    assert!(e.contains("command #1"), "{e}");
+}
+
+#[test]
+fn down_without_up_and_delimiter() {
+    let d = dir_with(&[("0001_x.down.sql", "drop table a;")]);
+    assert!(load(&d).unwrap_err().to_string().contains("no matching"));
+    let d = dir_with(&[("0001_x.sql", "DELIMITER //\ncreate procedure p() begin select 1; end//\n")]);
+    assert!(load(&d).unwrap_err().to_string().contains("DELIMITER"));
+}
+
+#[test]
+fn statement_lines_refer_to_file() {
+    let d =
+        dir_with(&[("0001_x.sql", "-- kiln:up\ncreate table a (id int);\n\ncreate table b (id int);\n-- kiln:down\ndrop table b;\ndrop table a;\n")]);
+    let ms = load(&d).unwrap();
+    let Body::Sql { statements, .. } = &ms[0].up else { panic!() };
+    assert_eq!(statements[0].line, 2);
+    assert_eq!(statements[1].line, 4);
+    let Body::Sql { statements, .. } = ms[0].down.as_ref().unwrap() else { panic!() };
+    assert_eq!(statements[1].line, 7);
+}
+
+#[test]
+fn parallel_load_is_ordered_and_reports_every_bad_file() {
+    let d = tempfile::tempdir().unwrap();
+    for n in 1..=300 {
+        fs::write(d.path().join(format!("{n:04}_t_{n}.sql")), format!("create table t_{n} (id int);")).unwrap();
+    }
+    let ms = load_dir(d.path(), &LoadOptions::default()).unwrap();
+    assert_eq!(ms.len(), 300);
+    assert!(ms.windows(2).all(|w| w[0].version < w[1].version));
+    fs::write(d.path().join("0150_t_150.sql"), "select 'unterminated;").unwrap();
+    fs::write(d.path().join("0250_t_250.sql"), "select 'also unterminated;").unwrap();
+    let e = load_dir(d.path(), &LoadOptions::default()).unwrap_err();
+    assert_eq!(e.code(), "parse_error");
+    let e = e.to_string();
+    assert!(e.starts_with("2 problems") && e.contains("\n  - 0150_t_150.sql:1") && e.contains("\n  - 0250_t_250.sql:1"), "{e}");
+}
+
+#[test]
+fn statements_before_up_marker_refused() {
+    let d = dir_with(&[("0001_x.sql", "select 1;\n-- kiln:up\nselect 2;\n")]);
+    assert!(load(&d).unwrap_err().to_string().contains("before the first"));
+}
+
+/// Issue 8.8: three bad files are three problems in one error, each with its
+/// file and line, sorted by file; the error keeps its code and kind.
+#[test]
+fn every_bad_file_is_reported_at_once() {
+    let d = dir_with(&[
+        ("0001_ok.sql", "select 1;"),
+        ("0002_bad.sql", "select 1;\n-- kiln:transacton off\n"),
+        ("0003_Bad-Name.sql", "select 1;"),
+        ("0004_bad.yaml", "up:\n  - 5\n"),
+        ("0005_ok.sql", "select 1;"),
+        ("005_dup.sql", "select 1;"),
+    ]);
+    let e = load(&d).unwrap_err();
+    let problems = e.problems();
+    assert_eq!(problems.len(), 4, "{e}");
+    let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    assert!(shown[0].starts_with("0002_bad.sql:2: "), "{shown:?}");
+    assert!(shown[1].starts_with("0003_Bad-Name.sql: the name"), "{shown:?}");
+    assert!(shown[2].starts_with("0004_bad.yaml:2: "), "{shown:?}");
+    assert!(shown[3].starts_with("duplicate version 005: 0005_ok.sql and 005_dup.sql"), "{shown:?}");
+    assert!(e.to_string().starts_with("4 problems in the migration files:\n  - 0002_bad.sql:2"), "{e}");
+    assert_eq!(e.code(), "parse_error");
+    // One problem is not wrapped.
+    let d = dir_with(&[("0001_ok.sql", "select 1;"), ("0002_Bad-Name.sql", "select 1;")]);
+    assert!(matches!(load(&d), Err(SourceError::BadName { .. })));
+}
+
+#[test]
+fn a_byte_order_mark_is_accepted_and_kept_in_the_checksum() {
+    let d = dir_with(&[
+        ("0001_a.sql", "\u{feff}-- kiln:transaction off\n-- kiln:up\ncreate table a (id int);\n-- kiln:down\ndrop table a;\n"),
+        ("0002_b.up.sql", "\u{feff}create table b (id int);"),
+        ("0002_b.down.sql", "\u{feff}drop table b;"),
+        ("0003_c.yaml", "\u{feff}up:\n  - create: c\n"),
+    ]);
+    let ms = load(&d).unwrap();
+    assert_eq!(ms[0].directives.transaction, TxMode::Off);
+    let Body::Sql { statements, .. } = &ms[0].up else { panic!() };
+    assert_eq!((statements[0].sql.as_str(), statements[0].line), ("create table a (id int)", 3));
+    let Body::Sql { statements, .. } = &ms[1].up else { panic!() };
+    assert!(statements[0].sql.starts_with("create"), "{:?}", statements[0].sql);
+    assert_eq!(ms[2].kind, Kind::Commands);
+    // The checksum is of the file as it is: a BOM added later is a change.
+    let without = dir_with(&[("0001_a.sql", "-- kiln:transaction off\n-- kiln:up\ncreate table a (id int);\n-- kiln:down\ndrop table a;\n")]);
+    assert_ne!(load(&without).unwrap()[0].checksum, ms[0].checksum);
+}
+
+#[test]
+fn upper_case_extensions_are_migrations() {
+    let d = dir_with(&[
+        ("0001_x.SQL", "select 1;"),
+        ("0002_y.Up.Sql", "select 1;"),
+        ("0002_y.DOWN.sql", "select 2;"),
+        ("0003_z.YAML", "up:\n  - create: z\n"),
+    ]);
+    let ms = load(&d).unwrap();
+    assert_eq!(ms.iter().map(|m| m.version.number).collect::<Vec<_>>(), [1, 2, 3]);
+    assert!(ms[1].down.is_some());
+}
+
+#[test]
+fn a_directive_after_the_up_marker_is_an_error() {
+    let d = dir_with(&[("0001_x.sql", "-- kiln:up\n-- kiln:transaction off\ncreate index concurrently i on a (id);\n")]);
+    let e = load(&d).unwrap_err().to_string();
+    assert!(e.starts_with("0001_x.sql:2: `-- kiln:transaction` comes after"), "{e}");
+    let d = dir_with(&[("0001_x.up.sql", "select 1;\n-- kiln:group late\n")]);
+    let e = load(&d).unwrap_err().to_string();
+    assert!(e.starts_with("0001_x.up.sql:2: `-- kiln:group`"), "{e}");
+    // Markers and ordinary comments stay fine.
+    let d = dir_with(&[("0001_x.sql", "-- kiln:up\n-- a comment\nselect 1;\n-- kiln:down\nselect 2;\n")]);
+    assert!(load(&d).is_ok());
+}
+
+#[test]
+fn contradicting_transaction_directives_are_an_error() {
+    let d = dir_with(&[("0001_x.sql", "-- kiln:transaction off\n-- kiln:transaction on\nselect 1;\n")]);
+    let e = load(&d).unwrap_err().to_string();
+    assert!(e.starts_with("0001_x.sql:2: ") && e.contains("contradicts"), "{e}");
+    let d = dir_with(&[("0001_x.sql", "-- kiln:transaction off\n-- kiln:transaction off\nselect 1;\n")]);
+    assert_eq!(load(&d).unwrap()[0].directives.transaction, TxMode::Off);
+}
+
+#[test]
+fn a_version_too_large_for_64_bits_says_so() {
+    let d = dir_with(&[("99999999999999999999999_x.sql", "select 1;")]);
+    let e = load(&d).unwrap_err();
+    assert_eq!(e.code(), "version_too_large");
+    let e = e.to_string();
+    assert!(e.starts_with("99999999999999999999999_x.sql: the version 99999999999999999999999 is too large"), "{e}");
+    let d = dir_with(&[(&format!("{}_x.sql", "9".repeat(200)), "select 1;")]);
+    assert!(load(&d).unwrap_err().to_string().len() < 700, "the file name (200 digits) once, the version cut");
+}
+
+#[test]
+fn deeply_nested_yaml_and_json_fail_fast_with_the_line() {
+    let deep_yaml = format!("up:\n  - insert: a\n    documents: {}\n", "{a: ".repeat(50_000));
+    let deep_json = format!("{{\"up\": [{}]}}", "[".repeat(100_000));
+    let d = dir_with(&[("0001_a.yaml", &deep_yaml), ("0002_b.json", &deep_json)]);
+    let t = std::time::Instant::now();
+    let e = load(&d).unwrap_err();
+    assert!(t.elapsed() < std::time::Duration::from_secs(2), "took {:?}", t.elapsed());
+    let shown: Vec<String> = e.problems().iter().map(ToString::to_string).collect();
+    assert!(shown[0].starts_with("0001_a.yaml:3: nested more than 64 levels"), "{shown:?}");
+    assert!(shown[1].starts_with("0002_b.json:1: nested more than 64 levels"), "{shown:?}");
+}
+
+#[test]
+fn errors_never_echo_a_whole_huge_value() {
+    let huge = "x".repeat(9 << 20);
+    let d = dir_with(&[
+        ("0001_a.yaml", &format!("up:\n  - create: a\ntransaction: {huge}\n")),
+        ("0002_b.sql", &format!("-- kiln:depends {huge}\nselect 1;\n")),
+    ]);
+    let e = load(&d).unwrap_err().to_string();
+    assert!(e.len() < 2_000, "{} bytes", e.len());
+    assert!(e.contains("bytes in all"), "{}", &e[..e.len().min(2_000)]);
+}
