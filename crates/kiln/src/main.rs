@@ -9,6 +9,7 @@
 
 mod cli;
 mod render;
+mod scaffold;
 
 use std::process::ExitCode;
 
