@@ -37,3 +37,4 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 cargo test --workspace --all-targets "$@"
+scripts/chaos/run.sh --quick --debug   # the fault harness, short version: docs/reliability.md
