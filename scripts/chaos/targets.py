@@ -339,13 +339,19 @@ class Mongo(Target):
         return "chaos_sentinel" in self.db.list_collection_names()
 
     def lock_free(self):
+        """Free when no lease is live: expired, or its holder provably dead (this
+        host, pid gone), which is when kiln takes a lease over at once."""
         import datetime
 
         now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
         for d in self.db["kiln_lock"].find({}):
             exp = d.get("expires")
-            if exp is None or exp.replace(tzinfo=None) > now:
-                return False
+            if exp is not None and exp.replace(tzinfo=None) <= now:
+                continue
+            pid = d.get("pid")
+            if d.get("host") == socket.gethostname() and isinstance(pid, int) and pid > 0 and not _alive(pid):
+                continue
+            return False
         return True
 
     def undo_by_hand(self, v):
@@ -363,6 +369,14 @@ class Mongo(Target):
             except (TypeError, ValueError):
                 pass
         return out
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 # -- private servers -----------------------------------------------------------

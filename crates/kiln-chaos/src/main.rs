@@ -4,6 +4,7 @@
 //! kiln-chaos --parser sql-file --execs 1000000 --seed 7 --time-limit-ms 2000 --out target/chaos/fuzz
 //! kiln-chaos --list
 //! kiln-chaos --parser url --replay target/chaos/fuzz/panic-url-7-123.bin
+//! kiln-chaos --parser commands-yaml --execs 1000000 --max-seconds 600   # at most 10 minutes
 //! ```
 //!
 //! Inputs come from a seeded generator (`gen`): the same seed replays the same
@@ -36,10 +37,12 @@ struct Args {
     limit: Duration,
     out: PathBuf,
     replay: Option<PathBuf>,
+    /// Stop after this long even if fewer than `execs` ran (the summary says how many did).
+    max_time: Option<Duration>,
 }
 
 fn usage(msg: &str) -> ! {
-    eprintln!("error: {msg}\nusage: kiln-chaos --parser NAME [--execs N] [--seed S] [--time-limit-ms MS] [--out DIR] [--replay FILE] | --list");
+    eprintln!("error: {msg}\nusage: kiln-chaos --parser NAME [--execs N] [--seed S] [--time-limit-ms MS] [--out DIR] [--replay FILE] [--max-seconds S] | --list");
     std::process::exit(2)
 }
 
@@ -51,6 +54,7 @@ fn args() -> Args {
         limit: Duration::from_millis(2000),
         out: PathBuf::from("target/chaos/fuzz"),
         replay: None,
+        max_time: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -69,6 +73,7 @@ fn args() -> Args {
             "--time-limit-ms" => a.limit = Duration::from_millis(num(&v)),
             "--out" => a.out = PathBuf::from(v),
             "--replay" => a.replay = Some(PathBuf::from(v)),
+            "--max-seconds" => a.max_time = Some(Duration::from_secs(num(&v))),
             _ => usage(&format!("unknown option {k}")),
         }
     }
@@ -133,6 +138,9 @@ fn main() {
     let (mut execs, mut panics, mut hangs, mut slowest) = (0u64, 0u64, 0u64, Duration::ZERO);
     let mut seen: HashSet<String> = HashSet::new();
     for input in inputs {
+        if a.max_time.is_some_and(|m| epoch.elapsed() > m) {
+            break;
+        }
         execs += 1;
         {
             let mut cur = current.lock().unwrap_or_else(|e| e.into_inner());
