@@ -350,7 +350,7 @@ impl Config {
         let explicit = o.config.clone().or_else(|| std::env::var_os("KILN_CONFIG").map(PathBuf::from));
         // Like cargo and git: the nearest kiln.toml in this directory or a parent.
         let path = explicit.clone().or_else(find_config).unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
-        let file: FileConfig = match std::fs::read_to_string(&path) {
+        let file: FileConfig = match read_config_text(&path) {
             Ok(text) => toml::from_str(&text).map_err(|e| toml_error(&path, &text, &e))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => FileConfig::default(),
             Err(e) => return Err(ConfigError::Read { path: path.clone(), source: e }),
@@ -459,6 +459,24 @@ impl Config {
             read_only: false,
         }
     }
+}
+
+/// The largest kiln.toml kiln reads.
+const MAX_CONFIG_BYTES: usize = 1 << 20;
+
+/// kiln.toml as text: a regular file (a FIFO would block every command, a link
+/// to `/dev/zero` would fill memory) of at most [`MAX_CONFIG_BYTES`].
+fn read_config_text(path: &Path) -> std::io::Result<String> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => {
+            return Err(std::io::Error::other(
+                "not a regular file (a FIFO, socket, device or directory); kiln reads kiln.toml only from a regular file",
+            ))
+        }
+        _ => {}
+    }
+    let bytes = kiln_core::source::read_bounded(path, MAX_CONFIG_BYTES)?;
+    String::from_utf8(bytes).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not valid UTF-8"))
 }
 
 /// A kiln.toml syntax error, located by line and column. toml's own message
