@@ -60,21 +60,26 @@ fn usage_error(e: clap::Error) -> ExitCode {
 /// `--log-level debug` (or `KILN_LOG=debug`) turns on kiln's own diagnostics
 /// (configuration, lock, plan, each migration's timing) and leaves the drivers'
 /// logs at `warn`; a full filter (`sqlx=debug,kiln=trace`) is used as given.
-/// Colour only on a terminal.
+/// Without either, only kiln's own warnings are shown: drivers log on their own
+/// (sqlx's `WARN slow statement` for a `GET_LOCK` that waits as intended),
+/// which is noise for the user, and a driver's log line may quote a
+/// connection string. Colour only on a terminal.
 fn init_logging(level: Option<&str>) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let given = level.map(str::to_string).or_else(|| std::env::var("KILN_LOG").ok()).unwrap_or_else(|| "warn".into());
+    let asked = level.map(str::to_string).or_else(|| std::env::var("KILN_LOG").ok());
+    let drivers = if asked.is_some() { "warn" } else { "off" };
+    let given = asked.unwrap_or_else(|| "warn".into());
     let spec = if given.contains('=') || given.contains(',') {
         given
     } else {
-        format!("warn,kiln={given},kiln_core={given},kiln_sql={given},kiln_mongo={given}")
+        format!("{drivers},kiln={given},kiln_core={given},kiln_sql={given},kiln_mongo={given}")
     };
     let filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_target(false)
         .try_init();
 }

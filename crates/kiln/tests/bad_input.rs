@@ -1,5 +1,5 @@
 //! Bad input, as a user meets it through the `kiln` binary: every bad file at
-//! once, deep nesting refused fast.
+//! once, deep nesting refused fast, driver logs kept out of the output.
 
 mod support;
 
@@ -50,4 +50,15 @@ fn deep_nesting_fails_fast_in_a_migration_and_in_schema_yaml() {
     run.fails_with(2);
     assert!(run.stderr.contains("schema.yaml:2: nested more than 64 levels"), "{}", run.stderr);
     assert!(t.elapsed() < std::time::Duration::from_secs(5), "took {:?}", t.elapsed());
+}
+
+/// Issue 9.9: sqlx's `WARN slow statement` lines (a `GET_LOCK` or a body that
+/// takes over a second) reached stderr, coloured, on every long MariaDB run.
+#[tokio::test]
+async fn driver_logs_stay_out_of_the_output_by_default() {
+    let p = Project::new(Engine::Mysql).await;
+    p.write("0001_slow.sql", "SELECT SLEEP(1.2);\n");
+    let run = p.kiln(&["up"]);
+    run.ok();
+    assert!(!run.stderr.contains("slow statement") && !run.stderr.contains("WARN"), "driver log in the output:\n{}", run.stderr);
 }
