@@ -369,7 +369,7 @@ fn redact_pairs(q: &str) -> String {
 
 fn is_secret_key(k: &str) -> bool {
     let k = k.to_ascii_lowercase();
-    k == "password" || k == "pass" || k == "pwd" || k.ends_with("secret") || k == "token" || k == "sslpassword"
+    k == "pass" || k == "pwd" || ["password", "passwd", "secret", "token"].iter().any(|w| k.contains(w))
 }
 
 fn percent_decode(s: &str) -> String {
@@ -446,6 +446,11 @@ mod tests {
         let d = DbUrl::new("postgres://u:p@h/db");
         assert_eq!(d.scrub("pool exhausted"), "pool exhausted");
         assert_eq!(d.scrub("cannot reach postgres://u:p@h/db"), "cannot reach postgres://u:***@h/db");
+    }
+
+    #[test]
+    fn secret_looking_pairs_are_scrubbed_in_free_text() {
+        assert_eq!(scrub_text("bad line DB_PASSWORD=x1 and api_token=y2 ok=1"), "bad line DB_PASSWORD=*** and api_token=*** ok=1");
     }
 
     #[test]

@@ -336,7 +336,17 @@ pub fn load_dotenv() -> Result<(), ConfigError> {
     match dotenvy::dotenv() {
         Ok(_) => Ok(()),
         Err(e) if e.not_found() => Ok(()),
-        Err(e) => Err(ConfigError::DotEnv(e.to_string())),
+        // dotenvy's message repeats the whole line, which may hold a password.
+        Err(dotenvy::Error::LineParse(line, at)) => {
+            let key = line.split('=').next().unwrap_or("").trim();
+            let key = if !key.is_empty() && key.len() <= 64 && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                format!(" (the line setting {key})")
+            } else {
+                String::new()
+            };
+            Err(ConfigError::DotEnv(format!("cannot parse a line{key} at character {at}; the line is not shown, it may hold a secret")))
+        }
+        Err(e) => Err(ConfigError::DotEnv(kiln_core::url::scrub_text(&e.to_string()))),
     }
 }
 

@@ -46,3 +46,17 @@ fn a_huge_kiln_toml_is_refused_with_its_size() {
     run.fails_with(2);
     assert!(run.stderr.contains("larger than 1 MiB"), "{}", run.stderr);
 }
+
+/// A `.env` line that does not parse was echoed whole, password included
+/// (found by the fault harness, docs/reliability.md).
+#[test]
+fn a_bad_env_line_is_not_echoed() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("migrations")).unwrap();
+    std::fs::write(root.path().join(".env"), "DB_PASSWORD=Zq7hunter2 'unbalanced\n").unwrap();
+    for args in [&["status"][..], &["status", "--json"][..]] {
+        let run = output_to_run(kiln_cmd(root.path()).args(args).output().unwrap());
+        assert!(run.code != 0 && !run.text().contains("Zq7hunter2"), "{args:?} printed the password:\n{}", run.text());
+        assert!(run.text().contains("DB_PASSWORD"), "names the line's variable: {}", run.text());
+    }
+}
