@@ -36,4 +36,4 @@ pub use event::{Direction, Event, Observer, TargetedEvent};
 pub use model::*;
 pub use plan::{DownTarget, Policy, StatusRow, UpTarget};
 pub use runner::{AdminReport, RunReport, Runner, RunnerSettings, StepReport};
-pub use source::{load_dir, LoadOptions};
+pub use source::{load_dir, load_dir_lenient, LoadOptions};

@@ -348,7 +348,13 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
     let dir = cfg.dir.clone();
     let opts = kiln::load_options(&cfg.url, cfg.name_rule.clone());
     let fleet = cfg.tenants.is_some();
-    let loader = std::thread::spawn(move || if fleet { kiln::load_public_migrations(&dir, &opts) } else { kiln::load_migrations(&dir, &opts) });
+    // `status` shows bad files as problems beside the rest; every other command refuses them.
+    let lenient = matches!(cli.cmd, Cmd::Status { .. });
+    let loader = std::thread::spawn(move || match (lenient, fleet) {
+        (true, _) => kiln::load_migrations_lenient(&dir, &opts, fleet),
+        (false, true) => kiln::load_public_migrations(&dir, &opts).map(|m| (m, vec![])),
+        (false, false) => kiln::load_migrations(&dir, &opts).map(|m| (m, vec![])),
+    });
     let mut backend_cfg = cfg.backend_config();
     // Commands that only read must not create the database (a SQLite file).
     backend_cfg.read_only =
@@ -363,7 +369,7 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
     );
     let connected = kiln::connect(&backend_cfg).await;
     let local = loader.join().map_err(|_| CliError::Failed("loading migrations panicked".into()))?;
-    let local = local.map_err(|e| annotate_dir(e, &cfg.dir))?;
+    let (local, problems) = local.map_err(|e| annotate_dir(e, &cfg.dir))?;
     let mut backend = connected?;
 
     let observer: Arc<dyn kiln::Observer> = if json { Arc::new(kiln::event::Silent) } else { Arc::new(render::Progress::new()) };
@@ -380,7 +386,7 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         return result;
     }
     let contract = lib.contract()?;
-    let result = command(&cli.cmd, &cfg, &lib, &local, contract, backend.as_mut(), json).await;
+    let result = command(&cli.cmd, &cfg, &lib, (&local, &problems), contract, backend.as_mut(), json).await;
     let _ = backend.close().await;
     result
 }
@@ -462,7 +468,7 @@ async fn command(
     cmd: &Cmd,
     cfg: &Config,
     lib: &kiln::Kiln,
-    local: &[Migration],
+    (local, problems): (&[Migration], &[kiln::SourceError]),
     contract: Option<Arc<kiln::schema::Contract>>,
     backend: &mut dyn Engine,
     json: bool,
@@ -516,7 +522,7 @@ async fn command(
             drop(runner);
             let cols = if *collections { Some(collection_status(cfg, local, *exact).await?) } else { None };
             let view = render::StatusView { pending: *pending, failed: *failed, last: *last, all: *all, group: group.clone() };
-            render::status(&rows, &view, cols.as_ref(), &target, json);
+            render::status(&rows, problems, &view, cols.as_ref(), &target, json);
             Ok(0)
         }
         Cmd::Baseline { migration, reason } => {

@@ -58,6 +58,24 @@ pub fn load_migrations(dir: &std::path::Path, opts: &LoadOptions) -> Result<Vec<
     refuse_tenant_scope(dir, load_dir(dir, opts)?)
 }
 
+/// For commands that show rather than run (`kiln status`): the migrations
+/// that loaded and every problem beside them, with the same rules as
+/// [`load_migrations`] (`fleet`: a `[tenants]` fleet is configured, so only the
+/// public-scoped migrations are this database's).
+///
+/// # Errors
+/// Only what leaves nothing to show (an unreadable migrations directory).
+pub fn load_migrations_lenient(dir: &std::path::Path, opts: &LoadOptions, fleet: bool) -> Result<(Vec<Migration>, Vec<SourceError>), SourceError> {
+    let (found, mut problems) = load_dir_lenient(dir, opts)?;
+    let (public, tenant): (Vec<Migration>, Vec<Migration>) = found.into_iter().partition(|m| m.directives.scope == Scope::Public);
+    if !fleet {
+        if let Err(e) = refuse_tenant_scope(dir, tenant) {
+            problems.push(e);
+        }
+    }
+    Ok((public, problems))
+}
+
 /// With a `[tenants]` fleet configured, the commands that act on one database
 /// act on the public one: its migrations are the public-scoped ones.
 ///

@@ -408,11 +408,21 @@ fn select<'a>(rows: &'a [StatusRow], view: &StatusView, terminal: bool) -> (Vec<
 }
 
 /// Print `kiln status`.
-pub fn status(all_rows: &[StatusRow], view: &StatusView, collections: Option<&serde_json::Value>, target: &Target, as_json: bool) {
+pub fn status(
+    all_rows: &[StatusRow],
+    problems: &[kiln::SourceError],
+    view: &StatusView,
+    collections: Option<&serde_json::Value>,
+    target: &Target,
+    as_json: bool,
+) {
     use std::io::IsTerminal;
     let (rows, hidden) = select(all_rows, view, !as_json && std::io::stdout().is_terminal());
     if as_json {
         let mut v = serde_json::json!({ "migrations": rows });
+        if !problems.is_empty() {
+            v["problems"] = problems.iter().map(|p| serde_json::json!({ "code": p.code(), "file": p.path(), "message": p.to_string() })).collect();
+        }
         if let Some(c) = collections {
             v["collections"] = c.clone();
         }
@@ -422,6 +432,13 @@ pub fn status(all_rows: &[StatusRow], view: &StatusView, collections: Option<&se
     let mut out = String::with_capacity(rows.len() * 100);
     use std::fmt::Write as _;
     let _ = writeln!(out, "{}", target.header());
+    if !problems.is_empty() {
+        let mark = if colour() { "✗".red().bold().to_string() } else { "✗".to_string() };
+        let _ = writeln!(out, "{mark} {} bad file(s): `kiln up` refuses to run until they are fixed", problems.len());
+        for p in problems {
+            let _ = writeln!(out, "    {p}");
+        }
+    }
     if all_rows.is_empty() {
         let _ = writeln!(out, "No migrations yet: `kiln create <name>` writes one.");
     } else if rows.is_empty() {

@@ -244,3 +244,26 @@ async fn log_level_debug_shows_kilns_decisions() {
     let quiet = p.kiln(&["status"]);
     assert!(quiet.stderr.is_empty(), "{}", quiet.stderr);
 }
+
+#[tokio::test]
+async fn status_shows_bad_files_as_problems_beside_the_rest() {
+    // Before: one bad file name made `status` itself exit 2 and show nothing.
+    let p = Project::new(Engine::Sqlite).await;
+    p.add_create(1);
+    p.kiln(&["up"]).ok();
+    p.write("0002-bad name.sql", "CREATE TABLE b (id INT);\n");
+    p.write("0003_bad_directive.sql", "-- kiln:transacton off\nCREATE TABLE c (id INT);\n");
+    let st = p.kiln(&["status"]);
+    st.ok();
+    assert!(st.stdout.contains("2 bad file(s)"), "{}", st.stdout);
+    assert!(st.stdout.contains("0002-bad name.sql") && st.stdout.contains("0003_bad_directive.sql"), "{}", st.stdout);
+    assert!(st.stdout.lines().any(|l| l.starts_with("0001") && l.contains("applied")), "{}", st.stdout);
+    let js = p.kiln(&["status", "--json"]);
+    js.ok();
+    assert_eq!(js.json()["problems"].as_array().unwrap().len(), 2, "{}", js.stdout);
+    assert_eq!(js.json()["migrations"].as_array().unwrap().len(), 1);
+    // Commands that run refuse, naming both at once.
+    let up = p.kiln(&["up"]);
+    up.fails_with(2);
+    assert!(up.stderr.contains("0002-bad name.sql") && up.stderr.contains("0003_bad_directive.sql"), "{}", up.stderr);
+}

@@ -116,6 +116,21 @@ pub fn split_version(stem: &str) -> Option<(Version, String)> {
 /// duplicate version, content that cannot be parsed. Each names the file
 /// (relative to `dir`) and, for content, the line.
 pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Vec<Migration>, SourceError> {
+    let (found, problems) = load_dir_lenient(dir, opts)?;
+    match SourceError::collect(problems) {
+        Some(e) => Err(e),
+        None => Ok(found),
+    }
+}
+
+/// [`load_dir`] for commands that show rather than run (`kiln status`): the
+/// migrations that loaded, and every problem beside them (a second file with
+/// a duplicate version is left out of the list and reported).
+///
+/// # Errors
+/// Only what leaves nothing to show: an invalid naming rule or an unreadable
+/// migrations directory.
+pub fn load_dir_lenient(dir: &Path, opts: &LoadOptions) -> Result<(Vec<Migration>, Vec<SourceError>), SourceError> {
     let rules = Rules::new(opts)?;
     let mut walked = Found { tasks: Vec::new(), problems: Vec::new() };
     walk(dir, dir, &rules, None, Scope::Public, 0, &mut walked);
@@ -143,10 +158,11 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Vec<Migration>, Source
             problems.push(SourceError::DuplicateVersion { version: w[1].version.clone(), first: w[0].path.clone(), second: w[1].path.clone() });
         }
     }
-    match SourceError::collect(problems) {
-        Some(e) => Err(e),
-        None => Ok(found),
+    found.dedup_by(|b, a| a.version == b.version);
+    if problems.iter().any(|p| matches!(p, SourceError::Dir { dir: d, .. } if d == dir)) {
+        return Err(SourceError::collect(problems).expect("a problem"));
     }
+    Ok((found, problems))
 }
 
 /// One migration to read, found by [`walk`]: names are checked while walking,
