@@ -464,11 +464,13 @@ async fn tls_modes_and_connect_speed() {
     assert!(err.to_string().contains("UnknownIssuer"), "{err}");
 
     // With TCP_NODELAY, TLS costs a handshake (a few ms), not Nagle/delayed-ACK
-    // stalls (40-90 ms on every connection). The machine is shared, so compare
-    // the best of several connects: a stall would show in every one of them.
+    // stalls (at least 40 ms on every connection). This is a guard against that
+    // stall, not a speed target (those live in bench/): the machine is shared,
+    // so compare the best of many connects — a stall shows in every one — with
+    // the stall's own size as the bound.
     async fn best_connect(url: &str) -> Duration {
         let mut best = Duration::MAX;
-        for _ in 0..9 {
+        for _ in 0..15 {
             let t = Instant::now();
             let b = pg(BackendConfig::new(url)).await.unwrap();
             best = best.min(t.elapsed());
@@ -478,7 +480,7 @@ async fn tls_modes_and_connect_speed() {
     }
     let plain = best_connect(&with("sslmode=disable")).await;
     let tls = best_connect(&with("sslmode=require")).await;
-    assert!(tls < plain + Duration::from_millis(15), "TLS {tls:?} vs plain {plain:?}");
+    assert!(tls < plain + Duration::from_millis(40), "TLS {tls:?} vs plain {plain:?}: a Nagle/delayed-ACK stall?");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
