@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 /// Direction of a step.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {

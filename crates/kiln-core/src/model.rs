@@ -135,6 +135,7 @@ pub enum Kind {
 }
 
 /// How a migration asks to be run with respect to transactions.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TxMode {
@@ -325,6 +326,7 @@ impl fmt::Display for State {
 }
 
 /// Where a failure happened, recorded with a failed migration.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailureInfo {
     /// The database's message (with its code).

@@ -264,6 +264,7 @@ pub fn plan_down<'a>(local: &'a [Migration], applied: &'a [AppliedMigration], ta
 }
 
 /// One line of `kiln status`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize)]
 pub struct StatusRow {
     /// Version.

@@ -11,6 +11,7 @@ use crate::model::{Body, Migration, State, TxMode};
 use crate::schema::{Change, Violation};
 
 /// One planned or executed step, for reports.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize)]
 pub struct StepReport {
     /// Version.
@@ -27,6 +28,7 @@ pub struct StepReport {
     pub duration_ms: u64,
     /// The SQL statements or commands (dry runs only).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub body: Option<Body>,
 }
 
@@ -45,6 +47,7 @@ impl StepReport {
 }
 
 /// What `up` or `down` did (or would do, for a dry run).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize)]
 pub struct RunReport {
     /// Direction.
@@ -165,6 +168,7 @@ pub struct AdminReport {
 }
 
 /// A failed or interrupted migration found by `kiln check`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize)]
 pub struct CheckFailed {
     /// Version.
@@ -184,15 +188,18 @@ impl fmt::Display for CheckFailed {
 }
 
 /// A plan problem found by `kiln check`, with its stable code.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Problem {
     /// Stable machine code (`unknown_dependency`, …).
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub code: &'static str,
     /// The message.
     pub message: String,
 }
 
 /// An applied migration whose file changed or is gone, found by `kiln check`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize)]
 pub struct CheckChanged {
     /// Version.
@@ -211,6 +218,7 @@ impl fmt::Display for CheckChanged {
 }
 
 /// A pending migration found by `kiln check`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize)]
 pub struct CheckPending {
     /// Version.
@@ -229,6 +237,7 @@ impl fmt::Display for CheckPending {
 
 /// What `kiln check` found. `ok` is false when anything below is non-empty
 /// (warnings aside).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize)]
 pub struct CheckReport {
     /// Nothing wrong.
@@ -242,8 +251,10 @@ pub struct CheckReport {
     /// Other plan problems (bad dependencies).
     pub problems: Vec<Problem>,
     /// Contract errors and warnings.
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<Object>))]
     pub violations: Vec<Violation>,
     /// Differences between the live schema and the snapshot stored by the last run.
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<Object>))]
     pub drift: Vec<Change>,
     /// Whether a snapshot was stored to compare with.
     pub snapshot_found: bool,
@@ -254,6 +265,7 @@ pub struct CheckReport {
 /// An error as data: what `--json` prints under `"error"`, what the HTTP API
 /// returns, and what a fleet report records for a tenant that failed. The
 /// same stable `code` as [`RunError::code`](crate::RunError::code).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ErrorReport {
     /// Stable machine code (`checksum_mismatch`, `lock_timeout`, `migration_failed`, …).
@@ -271,6 +283,7 @@ pub struct ErrorReport {
 }
 
 /// Details of a failed migration inside an [`ErrorReport`].
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MigrationFailure {
     /// Version.
@@ -290,6 +303,7 @@ pub struct MigrationFailure {
     pub rolled_back: bool,
     /// Contract violations, when the schema check failed it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<Object>))]
     pub violations: Vec<Violation>,
     /// Versions done in this run before it (applied for `up`, reverted for `down`).
     pub done_before_failure: Vec<String>,
@@ -406,4 +420,23 @@ impl FleetReport {
     pub fn failed(&self) -> impl Iterator<Item = &TargetOutcome> {
         self.targets.iter().filter(|t| matches!(t.result, TargetResult::Failed { .. }))
     }
+}
+
+/// One table or collection as the HTTP API's status shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ObjectStatus {
+    /// Table or collection name.
+    pub name: String,
+    /// Whether it exists.
+    pub exists: bool,
+    /// Rows (SQL) or documents (MongoDB).
+    pub rows: u64,
+    /// `true` when `rows` was counted; `false` when it is the database's
+    /// estimate (catalog statistics), used where counting would scan a large table.
+    pub exact: bool,
+    /// Number of indexes.
+    pub index_count: usize,
+    /// Index names.
+    pub indexes: Vec<String>,
 }

@@ -17,6 +17,9 @@ pub mod mysql;
 pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+pub mod stats;
+
+pub use stats::table_status;
 
 use kiln_core::url::EngineKind;
 use kiln_core::{BackendConfig, Engine, EngineError};

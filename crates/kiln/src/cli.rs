@@ -174,6 +174,8 @@ pub enum Cmd {
         #[arg(long, requires = "collections")]
         exact: bool,
     },
+    /// Serve the HTTP API and the status dashboard (token from KILN_API_TOKEN or --token-file)
+    Serve(kiln::api::ServeArgs),
     /// Record every migration up to VERSION as applied without running it
     Baseline {
         /// The newest version the existing database already has
@@ -322,6 +324,13 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
             return Ok(0);
         }
         Cmd::Init { force } => return scaffold::init(g, *force, json),
+        Cmd::Serve(args) => {
+            return match kiln::api::serve(&Config::load(&overrides)?, args).await {
+                Ok(()) => Ok(0),
+                Err(kiln::api::ServeError::Usage(m)) => Err(CliError::Usage(m)),
+                Err(kiln::api::ServeError::Io(m)) => Err(CliError::Failed(m)),
+            };
+        }
         Cmd::Create { name, timestamp, sequential, layout } => {
             let cfg = Config::load(&overrides)?;
             let versioning = if *timestamp {
@@ -592,7 +601,7 @@ async fn command(
             render::verify(&r, json);
             Ok(if r.ok { 0 } else { 1 })
         }
-        Cmd::Init { .. } | Cmd::Create { .. } | Cmd::Sync { .. } | Cmd::Completions { .. } => unreachable!("handled before"),
+        Cmd::Init { .. } | Cmd::Create { .. } | Cmd::Sync { .. } | Cmd::Completions { .. } | Cmd::Serve(_) => unreachable!("handled before"),
     }
 }
 

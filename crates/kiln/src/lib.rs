@@ -18,6 +18,7 @@
 // `RunError` is large by design (see kiln-core).
 #![allow(clippy::result_large_err)]
 
+pub mod api;
 pub mod config;
 pub mod fleet;
 pub mod verify;

@@ -58,6 +58,7 @@ mod history;
 mod inspect;
 mod lock;
 mod scratch;
+mod stats;
 
 use std::str::FromStr;
 use std::sync::atomic::AtomicBool;

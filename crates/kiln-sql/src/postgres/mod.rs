@@ -47,6 +47,7 @@ mod history;
 mod inspect;
 mod lock;
 mod scratch;
+mod stats;
 mod tls;
 
 use std::sync::atomic::AtomicBool;

@@ -51,6 +51,7 @@ mod inspect;
 mod journal;
 mod lock;
 mod scratch;
+mod stats;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -1,0 +1,231 @@
+//! The endpoints. Each one is a thin layer over [`Kiln`]: the same load, plan
+//! and lock as `kiln status`, `kiln up` and `kiln check`.
+
+use std::collections::BTreeSet;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use axum::Json;
+use kiln_core::report::{ObjectStatus, RunReport};
+use kiln_core::runner::CheckReport;
+use kiln_core::url::{redact, EngineKind};
+use kiln_core::{BackendConfig, Policy, StatusRow, UpTarget};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody};
+use super::Shared;
+use crate::{connect, Error, Kiln};
+
+/// `GET /health`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`: the process answers (the database is not asked).
+    pub status: String,
+    /// kiln's version.
+    pub version: String,
+}
+
+/// Counts over `migrations`.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct Summary {
+    /// Applied (or baselined).
+    pub applied: usize,
+    /// Waiting to be applied.
+    pub pending: usize,
+    /// Failed or interrupted (`running`): they block the next run until repaired.
+    pub failed: usize,
+}
+
+/// `GET /migrations/status`: every migration, and every table or collection.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatusResponse {
+    /// The database, password redacted.
+    pub database: String,
+    /// `postgres`, `mysql`, `sqlite` or `mongodb`.
+    pub engine: String,
+    /// Groups the migrations declare (`POST /migrations/run/{group}`).
+    pub groups: Vec<String>,
+    /// Counts by state.
+    pub summary: Summary,
+    /// Every migration, on disk or in the history, ordered by version.
+    pub migrations: Vec<StatusRow>,
+    /// Every table or collection (kiln's own excluded), by name.
+    pub objects: Vec<ObjectStatus>,
+}
+
+/// Optional body of `POST /migrations/run` (an empty body is `{}`).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    /// Plan only: report what would run and change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+#[utoipa::path(get, path = "/health", tag = "kiln", responses((status = 200, description = "The process is alive", body = Health)))]
+pub(crate) async fn health() -> Json<Health> {
+    Json(Health { status: "ok".into(), version: env!("CARGO_PKG_VERSION").into() })
+}
+
+#[utoipa::path(get, path = "/migrations/status", tag = "kiln",
+    responses(
+        (status = 200, description = "Every migration and every table/collection", body = StatusResponse),
+        (status = 401, description = "Missing or wrong token (when reads are protected)", body = ErrorBody),
+        (status = 503, description = "The database is down", body = ErrorBody),
+        (status = 500, description = "Unreadable migration files or a failing query", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])))]
+pub(crate) async fn status(State(s): State<Shared>) -> Result<Json<StatusResponse>, ApiError> {
+    let (rows, objects) = tokio::join!(s.kiln.status(), objects(&s.kiln));
+    let rows = rows?;
+    let objects = objects?;
+    let mut summary = Summary::default();
+    for r in &rows {
+        match r.state.as_str() {
+            "applied" | "baseline" => summary.applied += 1,
+            "pending" => summary.pending += 1,
+            "failed" | "running" => summary.failed += 1,
+            _ => {}
+        }
+    }
+    let groups: BTreeSet<String> = rows.iter().filter_map(|r| r.group.clone()).collect();
+    Ok(Json(StatusResponse {
+        database: redact(&s.kiln.backend.url),
+        engine: engine_name(&s.kiln.backend.url).into(),
+        groups: groups.into_iter().collect(),
+        summary,
+        migrations: rows,
+        objects,
+    }))
+}
+
+#[utoipa::path(post, path = "/migrations/run", tag = "kiln",
+    request_body(content = Option<RunRequest>, description = "Optional; `{}` when empty", content_type = "application/json"),
+    responses(
+        (status = 200, description = "What this call applied (empty `steps`: nothing was pending, or another call applied it first)", body = RunReport),
+        (status = 400, description = "Malformed JSON body or a token in the query string", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token: nothing was run", body = ErrorBody),
+        (status = 409, description = "Another run held the lock past the lock time-out (`lock_timeout`, naming the holder), or the plan was refused", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 500, description = "A migration failed (`migration_failed`, with what it left)", body = ErrorBody),
+        (status = 503, description = "The database is down", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(crate) async fn run_all(State(s): State<Shared>, body: Bytes) -> Result<Json<RunReport>, ApiError> {
+    let req = parse_body(&body)?;
+    Ok(Json(run(&s.kiln, None, req.dry_run).await?))
+}
+
+#[utoipa::path(post, path = "/migrations/run/{group}", tag = "kiln",
+    params(("group" = String, Path, description = "A group the migrations declare (folder or `group:`)")),
+    request_body(content = Option<RunRequest>, description = "Optional; `{}` when empty", content_type = "application/json"),
+    responses(
+        (status = 200, description = "What this call applied of the group", body = RunReport),
+        (status = 400, description = "Malformed JSON body or a token in the query string", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token: nothing was run", body = ErrorBody),
+        (status = 404, description = "No migration declares this group (`unknown_group`; the message lists the groups)", body = ErrorBody),
+        (status = 409, description = "Lock held past the time-out, or the plan was refused", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 500, description = "A migration failed", body = ErrorBody),
+        (status = 503, description = "The database is down", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(crate) async fn run_group(State(s): State<Shared>, Path(group): Path<String>, body: Bytes) -> Result<Json<RunReport>, ApiError> {
+    let req = parse_body(&body)?;
+    let local = s.kiln.load().map_err(Error::from)?;
+    let groups: BTreeSet<&str> = local.iter().filter_map(|m| m.directives.group.as_deref()).collect();
+    if !groups.contains(group.as_str()) {
+        let list =
+            if groups.is_empty() { "none (no migration declares a group)".to_string() } else { groups.into_iter().collect::<Vec<_>>().join(", ") };
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_group",
+            format!("no migration belongs to the group {group:?}; the groups are: {list}; POST /migrations/run applies every group"),
+        ));
+    }
+    Ok(Json(run(&s.kiln, Some(group), req.dry_run).await?))
+}
+
+#[utoipa::path(get, path = "/ready", tag = "kiln",
+    responses(
+        (status = 200, description = "Nothing pending or failed (the report of `kiln check`)", body = CheckReport),
+        (status = 503, description = "Migrations pending or failed (the report says which), or the database is down (an error)", body = CheckReport),
+    ),
+    security((), ("bearer" = [])))]
+pub(crate) async fn ready(State(s): State<Shared>) -> Response {
+    match s.kiln.check().await {
+        Ok(report) => {
+            let ready = report.pending.is_empty() && report.failed.is_empty();
+            let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            (status, Json(report)).into_response()
+        }
+        Err(e) => {
+            let mut e = ApiError::from(e);
+            if e.status == StatusCode::INTERNAL_SERVER_ERROR {
+                // Not ready either way; the body says why.
+                e.status = StatusCode::SERVICE_UNAVAILABLE;
+            }
+            e.into_response()
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/", tag = "kiln", responses((status = 200, description = "The dashboard (HTML, self-contained)", content_type = "text/html", body = String)))]
+pub(crate) async fn dashboard() -> Html<&'static str> {
+    Html(include_str!("dashboard.html"))
+}
+
+fn parse_body(body: &[u8]) -> Result<RunRequest, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(RunRequest::default());
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!("the request body is not valid JSON for this endpoint: {e}; send `{{}}`, `{{\"dry_run\": true}}` or nothing"))
+    })
+}
+
+/// `up` of every pending migration (or of one group's), as `kiln up [--group G]`.
+async fn run(kiln: &Kiln, group: Option<String>, dry_run: bool) -> Result<RunReport, Error> {
+    let contract = kiln.contract()?;
+    let local = kiln.load()?;
+    let mut b = connect(&BackendConfig { read_only: dry_run, ..kiln.backend.clone() }).await?;
+    let policy = Policy { group: group.or_else(|| kiln.policy.group.clone()), ..kiln.policy.clone() };
+    let r = kiln.runner(b.as_mut(), contract).up(&local, &UpTarget::Latest, &policy, dry_run).await;
+    let _ = b.close().await;
+    Ok(r?)
+}
+
+fn engine_name(url: &str) -> &'static str {
+    match EngineKind::of(url) {
+        Some(EngineKind::Postgres) => "postgres",
+        Some(EngineKind::Mysql) => "mysql",
+        Some(EngineKind::Sqlite) => "sqlite",
+        Some(EngineKind::Mongodb) => "mongodb",
+        None => "unknown",
+    }
+}
+
+/// Every table or collection with its counts and indexes.
+async fn objects(kiln: &Kiln) -> Result<Vec<ObjectStatus>, Error> {
+    match EngineKind::of(&kiln.backend.url) {
+        #[cfg(feature = "mongodb")]
+        Some(EngineKind::Mongodb) => {
+            let cols = kiln_mongo::collection_status(&kiln.backend, &[], false).await?;
+            Ok(cols
+                .into_iter()
+                .map(|c| ObjectStatus {
+                    name: c.name,
+                    exists: c.exists,
+                    rows: c.documents,
+                    exact: c.exact,
+                    index_count: c.indexes.len(),
+                    indexes: c.indexes,
+                })
+                .collect())
+        }
+        _ => Ok(kiln_sql::table_status(&kiln.backend).await?),
+    }
+}
