@@ -239,7 +239,7 @@ async fn concurrent_runs_apply_each_migration_once() {
     }
     applied.sort();
     assert_eq!(applied, ["0001", "0002", "0003"], "each migration reported by exactly one call");
-    let history = db.query_strings("SELECT version::text FROM kiln_schema_history ORDER BY version").await.unwrap();
+    let history = db.query_strings("SELECT version::text FROM kiln_history ORDER BY version").await.unwrap();
     assert_eq!(history.len(), 3, "{history:?}");
     let users = db.query_strings("SELECT count(*)::text FROM users").await.unwrap();
     assert_eq!(users, ["3"], "0001's inserts ran once");
@@ -281,7 +281,7 @@ async fn mongodb_status_lists_collections() {
     std::fs::create_dir_all(dir.path().join("users")).unwrap();
     std::fs::write(
         dir.path().join("users/0001_users.json"),
-        r#"[{"create": "users"}, {"createIndexes": "users", "indexes": [{"key": {"email": 1}, "name": "email_1", "unique": true}]}, {"insert": "users", "documents": [{"email": "a"}, {"email": "b"}]}]"#,
+        r#"{"up": [{"create": "users"}, {"createIndexes": "users", "indexes": [{"key": {"email": 1}, "name": "email_1", "unique": true}]}, {"insert": "users", "documents": [{"email": "a"}, {"email": "b"}]}]}"#,
     )
     .unwrap();
     let app = router(kiln::Kiln::new(&db.url).dir(dir.path()), ApiOptions::new(TOKEN));

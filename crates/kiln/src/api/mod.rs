@@ -125,8 +125,9 @@ pub fn router(kiln: Kiln, opts: ApiOptions) -> Router {
         .merge(writes)
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .layer(axum::middleware::map_response(error::json_errors))
-        .layer(axum::middleware::from_fn(auth::no_token_in_query))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(limit))
+        .layer(axum::middleware::from_fn(auth::no_token_in_query))
+        // Outermost, so the body limit's 413 is JSON too.
+        .layer(axum::middleware::map_response(error::json_errors))
         .with_state(state)
 }
