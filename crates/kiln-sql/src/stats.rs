@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use kiln_core::engine::SchemaStore;
 use kiln_core::report::ObjectStatus;
-use kiln_core::url::{redact, EngineKind};
+use kiln_core::url::EngineKind;
 use kiln_core::{BackendConfig, EngineError};
 
 /// Tables estimated above this many rows are not counted exactly: `count(*)`
@@ -53,7 +53,7 @@ pub async fn table_status(cfg: &BackendConfig) -> Result<Vec<ObjectStatus>, Engi
             let counts = e.row_counts(&snapshot.objects.keys().cloned().collect::<Vec<_>>())?;
             Ok(merge(snapshot, counts))
         }
-        Some(other) => Err(EngineError::BadUrl { url: redact(&cfg.url), message: format!("{other:?} is not a SQL engine of this build") }),
+        Some(other) => Err(EngineError::BadUrl { url: cfg.url.redacted(), message: format!("{other:?} is not a SQL engine of this build") }),
         None => Err(EngineKind::parse(&cfg.url).expect_err("no engine")),
     }
 }

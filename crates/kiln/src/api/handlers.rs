@@ -10,7 +10,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use kiln_core::report::{ObjectStatus, RunReport};
 use kiln_core::runner::CheckReport;
-use kiln_core::url::{redact, EngineKind};
+use kiln_core::url::EngineKind;
 use kiln_core::{BackendConfig, Policy, StatusRow, UpTarget};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -93,7 +93,7 @@ pub(crate) async fn status(State(s): State<Shared>) -> Result<Json<StatusRespons
     }
     let groups: BTreeSet<String> = rows.iter().filter_map(|r| r.group.clone()).collect();
     Ok(Json(StatusResponse {
-        database: redact(&s.kiln.backend.url),
+        database: s.kiln.backend.url.redacted(),
         engine: engine_name(&s.kiln.backend.url).into(),
         groups: groups.into_iter().collect(),
         summary,
@@ -198,8 +198,8 @@ async fn run(kiln: &Kiln, group: Option<String>, dry_run: bool) -> Result<RunRep
     Ok(r?)
 }
 
-fn engine_name(url: &str) -> &'static str {
-    match EngineKind::of(url) {
+fn engine_name(url: &kiln_core::url::DbUrl) -> &'static str {
+    match url.engine() {
         Some(EngineKind::Postgres) => "postgres",
         Some(EngineKind::Mysql) => "mysql",
         Some(EngineKind::Sqlite) => "sqlite",
