@@ -133,6 +133,8 @@ async fn tour(engine: Engine) {
     // Bad input.
     let r = http(a, "POST", "/migrations/run", Some(TOKEN), b"{\"dry_run\": tru").await;
     assert_eq!((r.status, r.code()), (400, "bad_request".into()), "{}", r.body);
+    let r = http(a, "POST", "/migrations/run", Some(TOKEN), b"[]").await;
+    assert_eq!((r.status, r.code()), (400, "bad_request".into()), "an array is not the body: {}", r.body);
     let r = http(a, "POST", "/migrations/run", Some(TOKEN), b"{\"bogus\": 1}").await;
     assert_eq!((r.status, r.code()), (400, "bad_request".into()), "{}", r.body);
     let huge = vec![b' '; 200 * 1024];
@@ -147,7 +149,9 @@ async fn tour(engine: Engine) {
     let r = http(a, "DELETE", "/migrations/run", Some(TOKEN), b"").await;
     assert_eq!((r.status, r.code()), (405, "method_not_allowed".into()));
 
-    // A dry run changes nothing.
+    // `null` is an empty body; a dry run changes nothing.
+    let r = http(a, "POST", "/migrations/run/nope", Some(TOKEN), b"null").await;
+    assert_eq!((r.status, r.code()), (404, "unknown_group".into()), "a null body is accepted: {}", r.body);
     let r = http(a, "POST", "/migrations/run", Some(TOKEN), b"{\"dry_run\": true}").await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!((r.json()["dry_run"].as_bool(), r.json()["steps"].as_array().unwrap().len()), (Some(true), 3));

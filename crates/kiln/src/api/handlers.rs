@@ -182,9 +182,16 @@ fn parse_body(body: &[u8]) -> Result<RunRequest, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(RunRequest::default());
     }
-    serde_json::from_slice(body).map_err(|e| {
+    let bad = |e: String| {
         ApiError::bad_request(format!("the request body is not valid JSON for this endpoint: {e}; send `{{}}`, `{{\"dry_run\": true}}` or nothing"))
-    })
+    };
+    // `null` is what an optional body may be, too; anything but an object or null is refused
+    // (serde would read a struct from an array).
+    match serde_json::from_slice::<serde_json::Value>(body).map_err(|e| bad(e.to_string()))? {
+        serde_json::Value::Null => Ok(RunRequest::default()),
+        v @ serde_json::Value::Object(_) => serde_json::from_value(v).map_err(|e| bad(e.to_string())),
+        other => Err(bad(format!("expected an object, found {other}"))),
+    }
 }
 
 /// `up` of every pending migration (or of one group's), as `kiln up [--group G]`.
