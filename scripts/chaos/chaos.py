@@ -37,11 +37,13 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 KNOWN = {
     ("postgres", "server restart", "printed-not-durable"): "9.8",
     ("mysql", "server restart", "printed-not-durable"): "9.8",
-    ("*", "secrets", "secret-leak"): "9.5",
-    ("*", "fuzz", "hang"): "9.6",
+    # kiln-core url.rs scrub panics on a non-ASCII character before `://` (`kiln
+    # --url 'mysqlé://roo' status` exits 101): a bug in the redaction work of 9.5.
+    ("any", "URL fuzz (binary)", "panic-scrub"): "9.5",
 }
 # Landed, so no longer known (a failure there fails the run): 9.3 (MongoDB
-# lease fencing, 0969d25) and 9.4 (SQLite lock wait, 221bb43).
+# lease fencing, 0969d25), 9.4 (SQLite lock wait, 221bb43), 9.5 leaks and 9.6
+# nesting (aa92ed9).
 
 TESTS = {
     "race16": ("16 racing runners", trials.trial_race, ("sqlite", "postgres", "mysql", "mongodb")),

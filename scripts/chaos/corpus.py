@@ -252,11 +252,17 @@ def trial_url_fuzz(ctx, engine):
     results = []
     t = ctx.target("sqlite", False)
     os.makedirs(os.path.join(t.work, "migrations"), exist_ok=True)
-    for _ in range(ctx.url_fuzz_count):
+    # Fixed first: inputs that once broke the binary (regressions), then mutations.
+    regressions = ["mysql\u00e9://roo", "p\u00e9ostgresql://[::1]:1/db"]
+    for i in range(ctx.url_fuzz_count):
         tr = Trial()
-        url = mutate_url(rng)
+        url = regressions[i] if i < len(regressions) else mutate_url(rng)
         p = Proc([ctx.kiln, "--url", url, "--lock-timeout", "2", "status"], env=ctx.env, cwd=t.work)
         p.wait(20)
         panicked(tr, p, f"status --url {url!r}")
+        # The redactor's char-boundary panic (found 2026-12-01): its own kind, so
+        # it is told apart from any other panic.
+        tr.failures = [("panic-scrub" if tag == "panic" and "not a char boundary" in p.errtext() and "url.rs" in p.errtext() else tag, text)
+                       for tag, text in tr.failures]
         results.append(tr)
     return results

@@ -2,14 +2,14 @@
 //! it: migration files through `load_dir` (a real directory on tmpfs, so the
 //! layout detection, directive parsing, statement splitting and YAML/JSON
 //! command reading all run), `kiln.toml` through `Config::load`, `schema.yaml`
-//! through `Contract::parse`, URLs through the scheme registry, the redactor and
-//! the configuration, durations through the lock-timeout parser.
+//! through `Contract::parse`, URLs through the scheme registry, the redactors
+//! (`redact`, `DbUrl::scrub`, `scrub_text`) and the configuration, durations through the lock-timeout parser.
 
 use std::path::{Path, PathBuf};
 
 use kiln::config::{Config, Overrides};
 use kiln_core::split::{split_statements, Dialect};
-use kiln_core::url::{redact, EngineKind};
+use kiln_core::url::{redact, scrub_text, DbUrl, EngineKind};
 use kiln_core::{load_dir, LoadOptions};
 
 use crate::gen::{self, Rng};
@@ -108,6 +108,11 @@ fn url(_: &Scratch, input: &[u8]) -> Result<(), String> {
     let Ok(text) = std::str::from_utf8(input) else { return Ok(()) };
     let _ = EngineKind::parse(text);
     let shown = redact(text);
+    let db = DbUrl::new(text);
+    let _ = db.has_password();
+    let _ = db.check_params("fuzz", &["sslmode"]);
+    let scrubbed = db.scrub(&format!("error: cannot connect to {text}: refused"));
+    let _ = scrub_text(text);
     let _ = kiln::load_options(text, None);
     let _ = kiln::config::rebase_sqlite(text, Path::new("/base"));
     let o = Overrides { url: Some(text.to_string()), config: Some(PathBuf::from("/nonexistent/kiln.toml")), ..Default::default() };
@@ -118,6 +123,9 @@ fn url(_: &Scratch, input: &[u8]) -> Result<(), String> {
         if let Some(pw) = u.password() {
             if pw.len() >= 6 && text.matches(pw).count() == 1 && shown.contains(pw) {
                 return Err(format!("redact() kept the password {pw:?}: {shown:?}"));
+            }
+            if pw.len() >= 6 && text.matches(pw).count() == 1 && scrubbed.contains(pw) {
+                return Err(format!("DbUrl::scrub() kept the password {pw:?}: {scrubbed:?}"));
             }
         }
     }
