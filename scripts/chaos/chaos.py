@@ -37,13 +37,12 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 KNOWN = {
     ("postgres", "server restart", "printed-not-durable"): "9.8",
     ("mysql", "server restart", "printed-not-durable"): "9.8",
-    # kiln-core url.rs scrub panics on a non-ASCII character before `://` (`kiln
-    # --url 'mysqlé://roo' status` exits 101): a bug in the redaction work of 9.5.
-    ("any", "URL fuzz (binary)", "panic-scrub"): "9.5",
 }
 # Landed, so no longer known (a failure there fails the run): 9.3 (MongoDB
 # lease fencing, 0969d25), 9.4 (SQLite lock wait, 221bb43), 9.5 leaks and 9.6
-# nesting (aa92ed9).
+# nesting (aa92ed9). Still failing after aa92ed9, so the quick run fails until
+# they are fixed: `kiln --url 'mysqlé://roo' status` panics in url.rs scrub
+# (char boundary), and a .env line that does not parse is echoed with its password.
 
 TESTS = {
     "race16": ("16 racing runners", trials.trial_race, ("sqlite", "postgres", "mysql", "mongodb")),

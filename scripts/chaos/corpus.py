@@ -133,9 +133,9 @@ def trial_hostile(ctx, engine):
 def password(rng):
     segs = ["".join(rng.choice(string.ascii_letters + string.digits) for _ in range(7)) for _ in range(4)]
     seps = ["@", ":", "/", "%", "?", "#", "!", "&", "=", " ", ";", "'", '"']
-    pw = segs[0]
-    for s in segs[1:]:
-        pw += rng.choice(seps) + s
+    # A quote and a space always: they break an unquoted .env line, whose parse
+    # error once echoed the line whole (found 2026-12-01).
+    pw = segs[0] + "'" + segs[1] + " " + segs[2] + rng.choice(seps) + segs[3]
     return pw, segs
 
 
@@ -212,6 +212,8 @@ def trial_secrets(ctx, engine):
             for cmd in COMMANDS:
                 combos.append((form, url, delivery, cmd))
     rng.shuffle(combos)
+    # Fixed first: the .env line that does not parse (a regression input).
+    combos.sort(key=lambda c: 0 if (c[2] == "dotenv" and c[3] == ["status"] and c[0] in ("raw-reserved", "raw-creds-sqlite")) else 1)
     for form, url, delivery, cmd in combos[: ctx.secrets_per_engine]:
         results.append(run_secret(ctx, t, form, url, delivery, cmd, pw, segs))
     t.drop()
