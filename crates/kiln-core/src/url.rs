@@ -339,7 +339,10 @@ fn scrub_word(word: &str) -> String {
     if word.contains('@') || word.contains("://") {
         // Keep what precedes the URL in the word (`(postgres://…`, `url=postgres://…`).
         let start = match word.find("://") {
-            Some(p) => word[..p].rfind(|c: char| !(c.is_ascii_alphanumeric() || "+-.".contains(c))).map_or(0, |q| q + 1),
+            // Past the last character that cannot be in a scheme (which may be multi-byte).
+            Some(p) => {
+                word[..p].char_indices().rev().find(|(_, c)| !(c.is_ascii_alphanumeric() || "+-.".contains(*c))).map_or(0, |(q, c)| q + c.len_utf8())
+            }
             None => 0,
         };
         let p = Parts::of(&word[start..]);
@@ -394,6 +397,15 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_multibyte_character_before_the_scheme_separator_does_not_panic() {
+        // Found by the fault harness: `kiln --url 'mysqlé://roo' status` exited 101.
+        for text in ["mysqlé://roo", "é://u:pw@h/db", "xé://u:pw@h/db and more", "(ü://a:b@c)"] {
+            let out = scrub_text(text);
+            assert!(!out.contains("pw@") && !out.contains(":b@"), "{text} -> {out}");
+        }
+    }
 
     #[test]
     fn redacts() {
