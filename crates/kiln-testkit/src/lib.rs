@@ -16,6 +16,7 @@ pub mod case;
 pub mod compat;
 pub mod fake;
 pub mod mongo;
+pub mod proxy;
 
 /// The engines a test can ask for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

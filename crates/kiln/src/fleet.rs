@@ -233,12 +233,7 @@ impl<'a> Fleet<'a> {
     pub async fn check(&self, selection: &Selection) -> Result<Vec<TargetCheck>, crate::Error> {
         let (public_migs, tenant_migs) = self.load()?;
         let contract = self.kiln.contract()?;
-        let names = selection.tenant_names(&self.tenants.names).map_err(crate::config::ConfigError::Invalid)?;
-        let mut targets: Vec<(TargetName, &[Migration])> = Vec::new();
-        if selection.public() {
-            targets.push((TargetName::Public, &public_migs));
-        }
-        targets.extend(names.into_iter().map(|n| (TargetName::Tenant(n.clone()), tenant_migs.as_slice())));
+        let targets = self.targets(selection, &public_migs, &tenant_migs)?;
         let contract = &contract;
         let mut out: Vec<TargetCheck> = stream::iter(targets.into_iter().map(|(target, migs)| async move {
             let cfg = BackendConfig { read_only: true, ..self.backend(&target) };
@@ -262,6 +257,22 @@ impl<'a> Fleet<'a> {
         Ok(out)
     }
 
+    /// The selected databases, each with the migrations of its scope.
+    fn targets<'m>(
+        &self,
+        selection: &Selection,
+        public_migs: &'m [Migration],
+        tenant_migs: &'m [Migration],
+    ) -> Result<Vec<(TargetName, &'m [Migration])>, crate::Error> {
+        let names = selection.tenant_names(&self.tenants.names).map_err(crate::config::ConfigError::Invalid)?;
+        let mut targets: Vec<(TargetName, &[Migration])> = Vec::new();
+        if selection.public() {
+            targets.push((TargetName::Public, public_migs));
+        }
+        targets.extend(names.into_iter().map(|n| (TargetName::Tenant(n.clone()), tenant_migs)));
+        Ok(targets)
+    }
+
     /// Every target's migration counts (`kiln status --tenants`), read without
     /// locks and without creating anything, `concurrency` at a time.
     ///
@@ -269,12 +280,7 @@ impl<'a> Fleet<'a> {
     /// Bad files.
     pub async fn status(&self, selection: &Selection) -> Result<Vec<TargetStatus>, crate::Error> {
         let (public_migs, tenant_migs) = self.load()?;
-        let names = selection.tenant_names(&self.tenants.names).map_err(crate::config::ConfigError::Invalid)?;
-        let mut targets: Vec<(TargetName, &[Migration])> = Vec::new();
-        if selection.public() {
-            targets.push((TargetName::Public, &public_migs));
-        }
-        targets.extend(names.into_iter().map(|n| (TargetName::Tenant(n.clone()), tenant_migs.as_slice())));
+        let targets = self.targets(selection, &public_migs, &tenant_migs)?;
         let mut out: Vec<TargetStatus> = stream::iter(targets.into_iter().map(|(target, migs)| async move {
             let cfg = BackendConfig { read_only: true, ..self.backend(&target) };
             let rows = async {
