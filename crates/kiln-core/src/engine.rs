@@ -343,6 +343,11 @@ pub trait Engine: Locker + HistoryStore + Executor {
         None
     }
 
+    /// Backfill jobs (`kiln_jobs`, DESIGN §4); `None` when the engine has none.
+    fn jobs(&mut self) -> Option<&mut dyn crate::jobs::JobStore> {
+        None
+    }
+
     /// Close the connection cleanly (releasing anything session-scoped).
     async fn close(self: Box<Self>) -> Result<(), EngineError> {
         Ok(())

@@ -16,6 +16,7 @@ pub mod backend;
 pub mod engine;
 pub mod error;
 pub mod event;
+pub mod jobs;
 pub mod lock;
 pub mod model;
 pub mod plan;

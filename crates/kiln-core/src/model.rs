@@ -160,7 +160,7 @@ pub enum Scope {
 }
 
 /// One SQL statement of a migration body, with the line it starts on in its file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Statement {
     /// The statement text, without the terminating `;`.
     pub sql: String,
@@ -255,8 +255,13 @@ pub struct Migration {
     pub directives: Directives,
     /// The up body.
     pub up: Body,
-    /// The down body; `None` means irreversible.
+    /// The down body; `None` means irreversible. For a zero-downtime
+    /// migration: its `rollback`, which undoes `expand` before contract.
     pub down: Option<Body>,
+    /// The other parts of a zero-downtime migration (`up` is its `expand`);
+    /// `None` for an ordinary migration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phases: Option<Box<crate::jobs::Phases>>,
 }
 
 impl Migration {
@@ -285,6 +290,11 @@ pub enum State {
     Baseline,
     /// Removed from every plan by `kiln retire`.
     Retired,
+    /// A zero-downtime migration whose `expand` ran; its backfill job runs or
+    /// is queued, and `kiln contract` finishes it (DESIGN §4).
+    Expanded,
+    /// A zero-downtime migration whose `contract` ran: final, like `applied`.
+    Contracted,
 }
 
 impl State {
@@ -296,6 +306,8 @@ impl State {
             State::Running => "running",
             State::Baseline => "baseline",
             State::Retired => "retired",
+            State::Expanded => "expanded",
+            State::Contracted => "contracted",
         }
     }
     /// Parse the stored spelling.
@@ -306,12 +318,14 @@ impl State {
             "running" => State::Running,
             "baseline" => State::Baseline,
             "retired" => State::Retired,
+            "expanded" => State::Expanded,
+            "contracted" => State::Contracted,
             _ => return None,
         })
     }
     /// True for states that mean "this migration's effects are in the database".
     pub fn is_done(self) -> bool {
-        matches!(self, State::Applied | State::Baseline)
+        matches!(self, State::Applied | State::Baseline | State::Expanded | State::Contracted)
     }
     /// True for states that block every run until `kiln repair`.
     pub fn is_blocking(self) -> bool {

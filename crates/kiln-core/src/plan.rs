@@ -83,7 +83,7 @@ pub fn integrity_problems(local: &[Migration], applied: &[AppliedMigration]) -> 
                 state: a.state.to_string(),
                 failure: a.error.clone(),
             }),
-            State::Applied | State::Baseline => match file {
+            State::Applied | State::Baseline | State::Expanded | State::Contracted => match file {
                 None if a.state == State::Baseline && a.script.is_empty() => {} // baseline marker
                 None => problems.push(PlanError::MissingFile {
                     version: recorded_version(a),
@@ -345,7 +345,11 @@ pub fn status(local: &[Migration], applied: &[AppliedMigration]) -> Vec<StatusRo
         });
         row.out_of_order = false;
         row.state = match (a.state, row.file.is_some()) {
-            (State::Applied | State::Baseline, false) if !(a.state == State::Baseline && a.script.is_empty()) => "missing".into(),
+            (State::Applied | State::Baseline | State::Expanded | State::Contracted, false)
+                if !(a.state == State::Baseline && a.script.is_empty()) =>
+            {
+                "missing".into()
+            }
             (s, _) => s.to_string(),
         };
         row.batch = Some(a.batch);
@@ -375,6 +379,7 @@ mod tests {
             directives: Directives::default(),
             up: Body::Sql { file: "x".into(), statements: vec![] },
             down: if down { Some(Body::Sql { file: "x".into(), statements: vec![] }) } else { None },
+            phases: None,
         }
     }
 

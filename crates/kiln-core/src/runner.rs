@@ -741,7 +741,7 @@ impl<'b> Runner<'b> {
                             let log = this.log_entry(LogEvent::Repair, Some((&a.version, &name)), Some(a.batch), Some(&reason), Some(detail));
                             this.backend.log(&log).await?;
                         }
-                        State::Applied | State::Baseline => match file {
+                        State::Applied | State::Baseline | State::Expanded | State::Contracted => match file {
                             // An empty recorded checksum (adopted from another tool) is filled in.
                             Some(m) if m.checksum != a.checksum => {
                                 let e = AppliedMigration { checksum: m.checksum.clone(), ..a.clone() };

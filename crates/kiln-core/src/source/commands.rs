@@ -105,7 +105,17 @@ pub(super) fn commands_file(stem: &str, rel: &Path, raw: &str, json: bool, group
     if scope == Scope::Tenant {
         directives.scope = Scope::Tenant;
     }
-    Ok(Migration { version, description, path: rel.to_path_buf(), kind: Kind::Commands, checksum: Checksum::of_parts(&[raw]), directives, up, down })
+    Ok(Migration {
+        version,
+        description,
+        path: rel.to_path_buf(),
+        kind: Kind::Commands,
+        checksum: Checksum::of_parts(&[raw]),
+        directives,
+        up,
+        down,
+        phases: None,
+    })
 }
 
 /// Line of a top-level key in a YAML/JSON file (1 if not found).

@@ -96,6 +96,7 @@ pub(super) fn sql_pair(
         directives,
         up: up_body,
         down: down_body,
+        phases: None,
     })
 }
 
@@ -324,7 +325,17 @@ pub(super) fn sql_single(stem: &str, rel: &Path, raw: &str, opts: &LoadOptions, 
     if scope == Scope::Tenant {
         directives.scope = Scope::Tenant;
     }
-    Ok(Migration { version, description, path: rel.to_path_buf(), kind: Kind::Sql, checksum: Checksum::of_parts(&[raw]), directives, up, down })
+    Ok(Migration {
+        version,
+        description,
+        path: rel.to_path_buf(),
+        kind: Kind::Sql,
+        checksum: Checksum::of_parts(&[raw]),
+        directives,
+        up,
+        down,
+        phases: None,
+    })
 }
 
 fn only_comments(s: &str) -> bool {
