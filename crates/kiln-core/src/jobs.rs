@@ -381,6 +381,7 @@ pub struct Batch {
 
 /// What [`JobStore::run_batch`] did.
 #[derive(Clone, Debug, PartialEq)]
+#[allow(clippy::large_enum_variant)] // one per batch; boxing buys nothing
 pub enum BatchOutcome {
     /// A batch committed.
     Batch(Batch),
@@ -678,6 +679,7 @@ impl WorkerOptions {
 
 /// How [`work_part`] ended.
 #[derive(Clone, Debug, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 pub enum PartEnd {
     /// Every key of the part is done.
     Done(Job),
