@@ -36,5 +36,5 @@ pub use error::{EngineError, FailureOutcome, PlanError, RunError, SourceError, S
 pub use event::{Direction, Event, Observer, TargetedEvent};
 pub use model::*;
 pub use plan::{DownTarget, Policy, StatusRow, UpTarget};
-pub use runner::{AdminReport, RunReport, Runner, RunnerSettings, StepReport};
+pub use runner::{AdminReport, ContractReport, ContractWait, RunReport, Runner, RunnerSettings, StepReport};
 pub use source::{load_dir, load_dir_lenient, LoadOptions};

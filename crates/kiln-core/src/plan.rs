@@ -250,6 +250,14 @@ pub fn plan_down<'a>(local: &'a [Migration], applied: &'a [AppliedMigration], ta
             });
             continue;
         }
+        if a.state == State::Contracted {
+            problems.push(PlanError::Refused(format!(
+                "{} (version {}) was contracted: its rollback undoes only the expand, and what contract removed is gone; write a new migration to change it back. Nothing was reverted",
+                m.display_path(),
+                m.version
+            )));
+            continue;
+        }
         if m.down.is_none() {
             problems.push(PlanError::Irreversible { version: m.version.clone(), file: m.display_path() });
             continue;
@@ -277,7 +285,10 @@ pub struct StatusRow {
     pub file: Option<String>,
     /// Group.
     pub group: Option<String>,
-    /// `pending`, `applied`, `failed`, `running`, `baseline`, `retired`, `missing`.
+    /// `pending`, `applied`, `failed`, `running`, `baseline`, `retired`,
+    /// `missing`; for zero-downtime migrations `expanded`, `backfilling`,
+    /// `backfilled`, `backfill-paused`, `backfill-failed`,
+    /// `backfill-cancelled`, `contracted`.
     pub state: String,
     /// Batch, when recorded.
     pub batch: Option<i64>,
@@ -297,6 +308,9 @@ pub struct StatusRow {
     pub reversible: bool,
     /// The recorded error, for failed migrations.
     pub error: Option<FailureInfo>,
+    /// The backfill job of an expanded zero-downtime migration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<crate::jobs::JobInfo>,
 }
 
 /// Every migration, on disk or in the history, with its state; ordered by version.
@@ -322,6 +336,7 @@ pub fn status(local: &[Migration], applied: &[AppliedMigration]) -> Vec<StatusRo
                 out_of_order: newest_done.map(|n| m.version.number < n).unwrap_or(false),
                 reversible: m.down.is_some(),
                 error: None,
+                job: None,
             },
         );
     }
@@ -342,6 +357,7 @@ pub fn status(local: &[Migration], applied: &[AppliedMigration]) -> Vec<StatusRo
             out_of_order: false,
             reversible: false,
             error: None,
+            job: None,
         });
         row.out_of_order = false;
         row.state = match (a.state, row.file.is_some()) {

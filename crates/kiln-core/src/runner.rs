@@ -20,9 +20,12 @@ use crate::plan::{self, DownTarget, Policy, StatusRow, UpTarget};
 use crate::schema::{self, Change, Contract, Snapshot};
 use crate::session::Session;
 
+mod phases;
+
 pub use crate::report::{
     AdminAction, AdminChange, AdminReport, CheckChanged, CheckFailed, CheckPending, CheckReport, Problem, RunReport, StepReport,
 };
+pub use phases::{ContractReport, ContractWait};
 
 /// Settings of a runner.
 #[derive(Clone, Debug)]
@@ -162,7 +165,8 @@ impl<'b> Runner<'b> {
     /// Every migration with its state (`kiln status`). Changes nothing.
     pub async fn status(&mut self, local: &[Migration]) -> Result<Vec<StatusRow>, RunError> {
         let applied = self.history().await?;
-        Ok(plan::status(local, &applied))
+        let rows = plan::status(local, &applied);
+        self.with_phases(rows).await
     }
 
     /// Apply pending migrations (`kiln up`). One call is one batch.
@@ -190,7 +194,9 @@ impl<'b> Runner<'b> {
                 duration_ms: started.elapsed().as_millis() as u64,
             });
         }
-        if let Some(applied) = &history {
+        // (Expanded migrations take the locked path: it queues a backfill a
+        // dead run left unqueued.)
+        if let Some(applied) = history.as_ref().filter(|h| !h.iter().any(|a| a.state == State::Expanded)) {
             if let Ok(p) = plan::plan_up(local, applied, target, policy) {
                 if p.steps.is_empty() {
                     return Ok(RunReport {
@@ -212,6 +218,7 @@ impl<'b> Runner<'b> {
                 this.backend.ensure_history().await?;
                 let applied = this.backend.read_history().await?.unwrap_or_default();
                 let p = plan::plan_up(local, &applied, &target, &policy).map_err(RunError::Plan)?;
+                this.queue_missing(local, &applied).await?;
                 this.emit(Event::Planned { direction: Direction::Up, steps: p.steps.len(), batch: Some(p.batch) });
                 if p.steps.is_empty() {
                     return Ok(RunReport { direction: Direction::Up, batch: None, steps: vec![], dry_run: false, duration_ms: 0 });
@@ -270,6 +277,19 @@ impl<'b> Runner<'b> {
                                 duration: d,
                             });
                             done.push(StepReport::of(m, &m.up, d.as_millis() as u64, false));
+                            if let Some(spec) = m.phases.as_ref().and_then(|ph| ph.backfill.as_ref()) {
+                                if let Err(e) = this.queue_backfill(m, spec).await {
+                                    let end = this.log_entry(
+                                        LogEvent::RunEnd,
+                                        None,
+                                        Some(p.batch),
+                                        None,
+                                        Some(format!("up: {} applied, backfill of {} not queued", done.len(), m.name())),
+                                    );
+                                    let _ = this.backend.log(&end).await;
+                                    return Err(e);
+                                }
+                            }
                         }
                         Err(e) => return Err(this.step_failed(Direction::Up, m, e, &done, p.batch).await),
                     }
@@ -519,6 +539,9 @@ impl<'b> Runner<'b> {
                         total,
                     });
                     let t = Instant::now();
+                    if a.state == State::Expanded {
+                        this.cancel_for_rollback(m.version.number).await?;
+                    }
                     match this.backend.revert(m, a, &ctx).await {
                         Ok(()) => {
                             let d = t.elapsed();

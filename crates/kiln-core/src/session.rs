@@ -80,10 +80,24 @@ impl<'e> Session<'e> {
             .await
     }
 
-    /// Apply `m` (state `applied`), checking the schema with `check` when given.
+    /// Apply `m` (state `applied`; `expanded` for a zero-downtime migration,
+    /// whose `up` is its expand part), checking the schema with `check` when given.
     pub async fn apply(&mut self, m: &Migration, ctx: &RecordContext, check: Option<&SchemaCheck>) -> Result<(), StepError> {
         let step = Step { migration: m, direction: Direction::Up, body: &m.up, batch: ctx.batch, actor: &ctx.actor };
-        self.stepper.run(&step, None, &Outcome::Record(State::Applied), check).await
+        let state = if m.phases.is_some() { State::Expanded } else { State::Applied };
+        self.stepper.run(&step, None, &Outcome::Record(state), check).await
+    }
+
+    /// Run the contract part of `m`, whose entry is `expanded`; the entry
+    /// becomes `contracted`. A migration without a contract part is only
+    /// recorded as contracted.
+    pub async fn contract(&mut self, m: &Migration, expanded: &AppliedMigration, ctx: &RecordContext) -> Result<(), StepError> {
+        let Some(body) = m.phases.as_ref().and_then(|p| p.contract.as_ref()) else {
+            let row = AppliedMigration { state: State::Contracted, applied_at: chrono::Utc::now(), ..expanded.clone() };
+            return self.put_history(&[row], None).await.map_err(StepError::Engine);
+        };
+        let step = Step { migration: m, direction: Direction::Up, body, batch: ctx.batch, actor: &ctx.actor };
+        self.stepper.run(&step, Some(expanded), &Outcome::Record(State::Contracted), None).await
     }
 
     /// Revert `m`, whose entry is `applied`.

@@ -193,7 +193,8 @@ impl<'e> Stepper<'e> {
         match path(&self.caps, m) {
             Path::Atomic => {
                 self.flush(Record::default()).await?;
-                let record = Record { changes: vec![finish_change(step, recorded, outcome, 0)], events: vec![finish_event(step)], durable: false };
+                let record =
+                    Record { changes: vec![finish_change(step, recorded, outcome, 0)], events: vec![finish_event(step, outcome)], durable: false };
                 match self.engine.run_atomic(step, &record, check).await {
                     Ok(()) => Ok(()),
                     Err(AtomicFailure::Body(error)) => {
@@ -254,7 +255,7 @@ impl<'e> Stepper<'e> {
         }
 
         // 4. The finish: now, or with the next intent.
-        let finish = Record { changes: vec![finish_change(step, recorded, outcome, ms)], events: vec![finish_event(step)], durable: false };
+        let finish = Record { changes: vec![finish_change(step, recorded, outcome, ms)], events: vec![finish_event(step, outcome)], durable: false };
         if self.caps.merge_finish {
             self.pending = Some(finish);
         } else {
@@ -395,7 +396,8 @@ fn annotate(e: EngineError, what: &str) -> EngineError {
 fn entry(step: &Step<'_>, recorded: Option<&AppliedMigration>, state: State, ms: i64) -> AppliedMigration {
     let m = step.migration;
     match (step.direction, recorded) {
-        (Direction::Down, Some(prev)) => AppliedMigration { state, error: None, duration_ms: ms, applied_at: Utc::now(), ..prev.clone() },
+        // A revert, or a later phase (contract) of a recorded migration.
+        (_, Some(prev)) => AppliedMigration { state, error: None, duration_ms: ms, applied_at: Utc::now(), ..prev.clone() },
         _ => RecordContext { batch: step.batch, actor: step.actor.to_string() }.entry(m, state, Utc::now(), ms, None),
     }
 }
@@ -413,17 +415,17 @@ fn intent_change(step: &Step<'_>, recorded: Option<&AppliedMigration>) -> Histor
         statement: None,
         line: None,
     });
-    match step.direction {
-        Direction::Up => HistoryChange::Insert(row),
-        Direction::Down => HistoryChange::Put(row),
+    match recorded {
+        None => HistoryChange::Insert(row),
+        Some(_) => HistoryChange::Put(row),
     }
 }
 
 /// Undo the intent: remove a new entry, or restore the entry a revert changed.
 fn undo_intent(step: &Step<'_>, recorded: Option<&AppliedMigration>) -> HistoryChange {
-    match (step.direction, recorded) {
-        (Direction::Down, Some(prev)) => HistoryChange::Put(prev.clone()),
-        _ => HistoryChange::Delete(step.migration.version.number),
+    match recorded {
+        Some(prev) => HistoryChange::Put(prev.clone()),
+        None => HistoryChange::Delete(step.migration.version.number),
     }
 }
 
@@ -447,13 +449,19 @@ fn step_event(step: &Step<'_>, event: LogEvent, detail: String) -> LogEntry {
     }
 }
 
-fn finish_event(step: &Step<'_>) -> LogEntry {
+fn finish_event(step: &Step<'_>, outcome: &Outcome) -> LogEntry {
     let event = match step.direction {
         Direction::Up => LogEvent::Applied,
         Direction::Down => LogEvent::Reverted,
     };
+    let word = match (outcome, step.migration.phases.is_some(), step.direction) {
+        (Outcome::Record(State::Expanded), ..) => "expand",
+        (Outcome::Record(State::Contracted), ..) => "contract",
+        (_, true, Direction::Down) => "rollback",
+        _ => step.word(),
+    };
     let n = step.body.len();
-    step_event(step, event, format!("{}: {n} statement{}", step.word(), if n == 1 { "" } else { "s" }))
+    step_event(step, event, format!("{word}: {n} statement{}", if n == 1 { "" } else { "s" }))
 }
 
 fn failure_event(step: &Step<'_>, error: &StatementError, note: &str) -> LogEntry {

@@ -129,6 +129,38 @@ pub enum Cmd {
         /// Fleet: tenants migrated at a time [default: kiln.toml's tenants.concurrency]
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
         concurrency: Option<u16>,
+        /// Also run the backfill jobs of zero-downtime migrations here, and wait for them
+        #[arg(long)]
+        wait: bool,
+        /// Then contract every expanded migration whose backfill is done and counts 0 remaining
+        #[arg(long)]
+        contract: bool,
+    },
+    /// Run the contract part of an expanded zero-downtime migration (refused until its backfill is done and 0 rows remain)
+    Contract {
+        /// The expanded migration's version
+        #[arg(value_name = "VERSION")]
+        migration: String,
+    },
+    /// Process backfill jobs until stopped (SIGTERM finishes the current batch); run any number, anywhere
+    Worker {
+        /// Exit when no job is left to claim
+        #[arg(long)]
+        once: bool,
+        /// Only this job (its migration's version)
+        #[arg(long, value_name = "VERSION")]
+        job: Option<String>,
+        /// Lease length: a worker that stops renewing it for this long is taken over
+        #[arg(long, value_name = "DURATION", default_value = "30s")]
+        lease: String,
+        /// How often an idle worker looks for new jobs
+        #[arg(long, value_name = "DURATION", default_value = "2s")]
+        idle: String,
+    },
+    /// List backfill jobs; show, pause, resume, cancel, retry or throttle one
+    Jobs {
+        #[command(subcommand)]
+        cmd: Option<crate::jobs_cli::JobsCmd>,
     },
     /// Revert the last batch (or --steps N, or --to VERSION)
     Down {
@@ -490,14 +522,51 @@ async fn command(
     };
     let mut runner = lib.runner(backend, contract.clone());
     match cmd {
-        Cmd::Up { to, dry_run, .. } => {
+        Cmd::Up { to, dry_run, wait, contract, .. } => {
             let t = match to {
                 Some(v) => UpTarget::To(parse_version(v)?),
                 None => UpTarget::Latest,
             };
             let r = runner.up(local, &t, lib.policy(), *dry_run).await?;
-            render::run_report(&r, &target, json);
-            Ok(0)
+            if !(json && (*wait || *contract)) {
+                render::run_report(&r, &target, json);
+            }
+            if *dry_run || !(*wait || *contract) {
+                return Ok(0);
+            }
+            let unfinished = if *wait { crate::jobs_cli::wait_for_backfills(&mut runner, json).await? } else { vec![] };
+            let c = if *contract { Some(runner.contract(local, None).await?) } else { None };
+            if json {
+                render::json(&serde_json::json!({ "up": r, "unfinished_jobs": unfinished, "contract": c }));
+            } else {
+                for j in &unfinished {
+                    println!(
+                        "backfill {}_{} is {}: {}{}",
+                        j.version,
+                        j.name,
+                        j.state,
+                        j.progress(),
+                        j.error.as_deref().map(|e| format!("; {e}")).unwrap_or_default()
+                    );
+                }
+                if let Some(c) = &c {
+                    crate::jobs_cli::contract_report(c, false);
+                }
+            }
+            let waiting = c.as_ref().is_some_and(|c| !c.waiting.is_empty());
+            Ok(if *wait && (waiting || unfinished.iter().any(|j| j.state != kiln::jobs::JobState::Done)) { 1 } else { 0 })
+        }
+        Cmd::Contract { migration } => crate::jobs_cli::contract(&mut runner, local, migration, json).await,
+        Cmd::Jobs { cmd } => crate::jobs_cli::jobs(&mut runner, cmd.as_ref(), json).await,
+        Cmd::Worker { once, job, lease, idle } => {
+            let dur = |flag: &str, t: &str| config::parse_duration_text(t).map_err(|m| CliError::Usage(format!("--{flag}: {m}")));
+            let lease = dur("lease", lease)?;
+            if lease < std::time::Duration::from_secs(2) {
+                return Err(CliError::Usage("--lease: at least 2s (the lease is renewed at a third of it)".into()));
+            }
+            let args =
+                crate::jobs_cli::WorkerArgs { once: *once, lease, only: job.as_deref().map(parse_version).transpose()?, idle: dur("idle", idle)? };
+            crate::jobs_cli::worker(&mut runner, args, json).await
         }
         Cmd::Down { steps, to, dry_run } => {
             let t = match (steps, to) {

@@ -344,7 +344,9 @@ fn state_cell(state: &str, width: usize) -> String {
         return padded;
     }
     match state {
-        "applied" => padded.green().to_string(),
+        "applied" | "contracted" => padded.green().to_string(),
+        "expanded" | "backfilling" | "backfilled" | "backfill-paused" => padded.cyan().to_string(),
+        "backfill-failed" | "backfill-cancelled" => padded.red().bold().to_string(),
         "baseline" => padded.cyan().to_string(),
         "pending" => padded.yellow().to_string(),
         "failed" | "running" | "missing" => padded.red().bold().to_string(),
@@ -446,7 +448,7 @@ pub fn status(
     } else {
         let wv = rows.iter().map(|r| r.version.len()).max().unwrap_or(7).max(7);
         let wn = rows.iter().map(|r| r.name.chars().count()).max().unwrap_or(4).clamp(4, 48);
-        let ws = 8;
+        let ws = rows.iter().map(|r| r.state.len() + 1).max().unwrap_or(8).max(8);
         // A GROUP column only when groups exist.
         let wg = rows.iter().filter_map(|r| r.group.as_ref()).map(|g| g.chars().count()).max().map(|w| w.clamp(5, 24));
         let group_cell = |g: Option<&str>| match wg {
@@ -514,9 +516,24 @@ pub fn status(
                     let _ = writeln!(out, "{:wv$}  {arrow} {at}{}", "", e.message);
                 }
             }
+            if let Some(j) = &r.job {
+                let _ = writeln!(
+                    out,
+                    "{:wv$}  ↳ backfill of {}: {}, {}{}",
+                    "",
+                    j.target,
+                    j.state,
+                    j.progress(),
+                    j.error.as_deref().map(|e| format!("; {e}")).unwrap_or_default()
+                );
+            }
         }
         let count = |s: &str| all_rows.iter().filter(|r| r.state == s).count();
-        let mut summary = format!("{} applied, {} pending", count("applied") + count("baseline"), count("pending"));
+        let mut summary = format!("{} applied, {} pending", count("applied") + count("baseline") + count("contracted"), count("pending"));
+        let phased = all_rows.iter().filter(|r| r.job.is_some() || r.state == "expanded").count();
+        if phased > 0 {
+            let _ = write!(summary, ", {phased} expanded (not contracted yet)");
+        }
         for s in ["failed", "running", "missing", "retired"] {
             let n = count(s);
             if n > 0 {
@@ -768,6 +785,7 @@ mod tests {
             out_of_order: false,
             reversible: true,
             error: None,
+            job: None,
         }
     }
 

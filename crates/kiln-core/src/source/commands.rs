@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use super::nesting::{check_nesting, MAX_NESTING};
+use super::phased::mongo_backfill;
 use super::sql::{add_depends, version_of};
 use crate::error::SourceError;
 use crate::model::*;
@@ -28,35 +29,21 @@ pub(super) fn commands_file(stem: &str, rel: &Path, raw: &str, json: bool, group
     let mut directives = Directives::default();
     let mut up = None;
     let mut down = None;
+    let (mut expand, mut backfill, mut contract, mut rollback) = (None, None, None, None);
     for (k, v) in map {
         let key_line = key_line(text, &k);
         match k.as_str() {
-            "up" | "down" => {
-                let serde_json::Value::Array(items) = v else {
-                    return Err(perr(key_line, format!("`{k}` must be a list of commands")));
-                };
-                let lines = item_lines(text, &k, items.len());
-                let mut cmds = Vec::with_capacity(items.len());
-                for (i, item) in items.into_iter().enumerate() {
-                    let line = lines.get(i).copied().unwrap_or(key_line);
-                    match &item {
-                        serde_json::Value::Object(o) if !o.is_empty() => {}
-                        _ => {
-                            return Err(perr(
-                                line,
-                                format!("`{k}` command #{}: a command must be a document such as {{createIndexes: coll, …}}", i + 1),
-                            ))
-                        }
-                    }
-                    cmds.push(Command { doc: item, line });
-                }
-                let body = Body::Commands { file: rel.to_path_buf(), commands: cmds };
-                if k == "up" {
-                    up = Some(body);
-                } else {
-                    down = Some(body);
+            "up" | "down" | "expand" | "contract" | "rollback" => {
+                let body = command_list(text, rel, &k, v, key_line)?;
+                match k.as_str() {
+                    "up" => up = Some(body),
+                    "down" => down = Some(body),
+                    "expand" => expand = Some((key_line, body)),
+                    "contract" => contract = Some(body),
+                    _ => rollback = Some(body),
                 }
             }
+            "backfill" => backfill = Some(mongo_backfill(rel, key_line, v)?),
             "depends" => {
                 let list = match v {
                     serde_json::Value::Array(a) => a,
@@ -90,14 +77,31 @@ pub(super) fn commands_file(stem: &str, rel: &Path, raw: &str, json: bool, group
                 other => return Err(perr(key_line, format!("`{k}` must be a name, not {other}"))),
             },
             "description" | "comment" => {}
-            "expand" | "backfill" | "contract" | "rollback" => {
-                return Err(perr(key_line, format!("`{k}` (expand/backfill/contract migrations) is not supported by this version of kiln")))
+            other => {
+                return Err(perr(
+                    key_line,
+                    format!("unknown key `{other}` (known: up, down, depends, transaction, scope, group, description; zero-downtime: expand, backfill, contract, rollback)"),
+                ))
             }
-            other => return Err(perr(key_line, format!("unknown key `{other}` (known: up, down, depends, transaction, scope, group, description)"))),
         }
     }
-    let Some(up) = up else {
-        return Err(perr(1, "missing `up:` list of commands".into()));
+    let phased = expand.is_some() || backfill.is_some() || contract.is_some() || rollback.is_some();
+    let (up, down, phases) = match (up, phased) {
+        (Some(up), false) => (up, down, None),
+        (None, false) => return Err(perr(1, "missing `up:` list of commands".into())),
+        (up, true) if up.is_some() || down.is_some() => {
+            let k = if up.is_some() { "up" } else { "down" };
+            return Err(perr(
+                key_line(text, k),
+                format!("`{k}` in a zero-downtime migration: its parts are `expand`, `backfill`, `contract` and `rollback` (rollback is what `kiln down` runs)"),
+            ));
+        }
+        _ => {
+            let Some((_, expand)) = expand else {
+                return Err(perr(1, "a zero-downtime migration needs `expand:` (a list of commands, `[]` when there is nothing to add)".into()));
+            };
+            (expand, rollback, Some(Box::new(crate::jobs::Phases { backfill, contract })))
+        }
     };
     if directives.group.is_none() {
         directives.group = group.map(str::to_string);
@@ -114,8 +118,27 @@ pub(super) fn commands_file(stem: &str, rel: &Path, raw: &str, json: bool, group
         directives,
         up,
         down,
-        phases: None,
+        phases,
     })
+}
+
+/// A top-level list of commands (`up`, `down`, `expand`, …) as a body.
+fn command_list(text: &str, rel: &Path, k: &str, v: serde_json::Value, key_line: usize) -> Result<Body, SourceError> {
+    let perr = |line: usize, message: String| SourceError::Parse { file: rel.to_path_buf(), line, message };
+    let serde_json::Value::Array(items) = v else {
+        return Err(perr(key_line, format!("`{k}` must be a list of commands")));
+    };
+    let lines = item_lines(text, k, items.len());
+    let mut cmds = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let line = lines.get(i).copied().unwrap_or(key_line);
+        match &item {
+            serde_json::Value::Object(o) if !o.is_empty() => {}
+            _ => return Err(perr(line, format!("`{k}` command #{}: a command must be a document such as {{createIndexes: coll, …}}", i + 1))),
+        }
+        cmds.push(Command { doc: item, line });
+    }
+    Ok(Body::Commands { file: rel.to_path_buf(), commands: cmds })
 }
 
 /// Line of a top-level key in a YAML/JSON file (1 if not found).

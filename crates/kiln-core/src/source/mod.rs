@@ -16,10 +16,12 @@ use crate::split::Dialect;
 
 mod commands;
 pub mod nesting;
+mod phased;
 mod read;
 mod sql;
 
 use commands::commands_file;
+pub use phased::literal_field_paths;
 use read::read;
 pub use read::{read_bounded, read_text, MAX_FILE_BYTES};
 use sql::{load_diesel, sql_pair, sql_single};

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::phased::{section_marker, sql_phased};
 use super::read::read;
 use super::{split_version, LoadOptions};
 use crate::error::SourceError;
@@ -109,6 +110,16 @@ fn sql_section(text: &str, first_line: usize, rel: &Path, opts: &LoadOptions) ->
     // `DELIMITER` is a command of the mysql client, not SQL; say so instead of
     // letting the server reject a half-split procedure.
     for (i, l) in text.lines().enumerate() {
+        if let Some((section, _)) = section_marker(l) {
+            return Err(SourceError::Parse {
+                file: rel.to_path_buf(),
+                line: first_line + i,
+                message: format!(
+                    "`-- kiln:{}`: zero-downtime sections are read in a single-file migration (NNNN_name.sql) that starts with `-- kiln:expand`, not in `.up.sql`/`.down.sql` pairs or diesel folders",
+                    section.name()
+                ),
+            });
+        }
         if let Some(name) = late_directive(l) {
             return Err(SourceError::Parse {
                 file: rel.to_path_buf(),
@@ -156,6 +167,8 @@ fn strip_bom(text: &str) -> &str {
 enum Marker {
     Up,
     Down,
+    /// A zero-downtime section (`-- kiln:expand`, `-- kiln:backfill …`, …).
+    Phase,
 }
 
 fn marker(line: &str) -> Option<Marker> {
@@ -165,6 +178,8 @@ fn marker(line: &str) -> Option<Marker> {
         Some(Marker::Up)
     } else if any(&["kiln:down", "migrate:down", "+goose down", "+migrate down"]) {
         Some(Marker::Down)
+    } else if section_marker(line).is_some() {
+        Some(Marker::Phase)
     } else {
         None
     }
@@ -243,10 +258,9 @@ fn apply_directive(d: &mut Directives, name: &str, value: &str, rel: &Path, line
             }
             d.group = Some(value.to_string());
         }
-        "expand" | "backfill" | "contract" | "rollback" | "remaining" => {
-            return Err(err(format!("`-- kiln:{name}` (expand/backfill/contract migrations) is not supported by this version of kiln")))
-        }
-        other => return Err(err(format!("unknown directive `-- kiln:{other}` (known: up, down, depends, transaction, scope, group)"))),
+        other => return Err(err(format!(
+            "unknown directive `-- kiln:{other}` (known: up, down, depends, transaction, scope, group; sections expand, backfill, remaining, contract, rollback)"
+        ))),
     }
     Ok(())
 }
@@ -267,6 +281,27 @@ pub(super) fn sql_single(stem: &str, rel: &Path, raw: &str, opts: &LoadOptions, 
     let (version, description) = version_of(stem, rel)?;
     let text = strip_bom(raw);
     let (mut directives, header_end) = parse_header(text, rel, 1)?;
+    if text.lines().any(|l| section_marker(l).is_some()) {
+        let split = |t: &str, line: usize| sql_section(t, line, rel, opts);
+        let (up, down, phases) = sql_phased(rel, text, header_end, &split)?;
+        if directives.group.is_none() {
+            directives.group = group.map(str::to_string);
+        }
+        if scope == Scope::Tenant {
+            directives.scope = Scope::Tenant;
+        }
+        return Ok(Migration {
+            version,
+            description,
+            path: rel.to_path_buf(),
+            kind: Kind::Sql,
+            checksum: Checksum::of_parts(&[raw]),
+            directives,
+            up,
+            down,
+            phases: Some(Box::new(phases)),
+        });
+    }
     // Find section markers.
     let mut up_range: Option<(usize, usize)> = None; // byte start, line
     let mut down_range: Option<(usize, usize)> = None;
@@ -285,6 +320,8 @@ pub(super) fn sql_single(stem: &str, rel: &Path, raw: &str, opts: &LoadOptions, 
             }
             saw_marker = true;
             match m {
+                // Files with zero-downtime sections were handled above.
+                Marker::Phase => {}
                 Marker::Up => {
                     if up_range.is_some() {
                         return Err(err("a second `-- kiln:up` section"));
