@@ -39,7 +39,7 @@ pub enum JobsCmd {
         #[arg(value_name = "ID|VERSION")]
         id: String,
     },
-    /// Queue a failed or cancelled job again; it continues from its cursor
+    /// Queue a failed or cancelled job again (it continues from its cursor); a done job walks the whole table again
     Retry {
         /// The job's id: its migration's version
         #[arg(value_name = "ID|VERSION")]

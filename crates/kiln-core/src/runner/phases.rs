@@ -74,9 +74,19 @@ impl<'b> Runner<'b> {
         let Some(info) = JobInfo::of(&parts, Utc::now()) else {
             return Err(PlanError::Refused(format!("there is no backfill job for version {version}; `kiln jobs` lists them")).into());
         };
-        let changed = self.job_store()?.control_job(version.number, control).await?;
-        if changed == 0 {
-            return Err(PlanError::Refused(format!("the job of {version} ({}) is {}: nothing to change", info.name, info.state)).into());
+        // Retrying a job that is done walks the whole table again (rows
+        // written in the old shape since it finished); a failed or cancelled
+        // job continues from its cursor.
+        if *control == JobControl::Retry && info.state == JobState::Done {
+            let spec = parts[0].spec.clone();
+            let store = self.job_store()?;
+            let plan = store.plan_backfill(&spec).await?;
+            store.replace_jobs(version.number, &parts_of(version.number, &info.name, &spec, &plan)).await?;
+        } else {
+            let changed = self.job_store()?.control_job(version.number, control).await?;
+            if changed == 0 {
+                return Err(PlanError::Refused(format!("the job of {version} ({}) is {}: nothing to change", info.name, info.state)).into());
+            }
         }
         let log = self.log_entry(LogEvent::Repair, Some((version, &info.name)), None, None, Some(format!("job: {control:?}")));
         self.backend.log(&log).await?;
