@@ -179,7 +179,7 @@ impl Writer {
             while !s.load(Ordering::Relaxed) {
                 n += 1;
                 let tag = format!("{app:?}").to_lowercase();
-                if inserts_only || n % 2 == 0 {
+                if inserts_only || n.is_multiple_of(2) {
                     let id = next_id.fetch_add(1, Ordering::SeqCst);
                     let name = format!("{tag}-new{id}");
                     db.insert(app, id, &name).await;
