@@ -561,8 +561,8 @@ async fn command(
         Cmd::Worker { once, job, lease, idle } => {
             let dur = |flag: &str, t: &str| config::parse_duration_text(t).map_err(|m| CliError::Usage(format!("--{flag}: {m}")));
             let lease = dur("lease", lease)?;
-            if lease < std::time::Duration::from_secs(2) {
-                return Err(CliError::Usage("--lease: at least 2s (the lease is renewed at a third of it)".into()));
+            if lease < std::time::Duration::from_secs(1) {
+                return Err(CliError::Usage("--lease: at least 1s (the lease is renewed at a third of it)".into()));
             }
             let args =
                 crate::jobs_cli::WorkerArgs { once: *once, lease, only: job.as_deref().map(parse_version).transpose()?, idle: dur("idle", idle)? };
