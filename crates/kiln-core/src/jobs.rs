@@ -743,7 +743,10 @@ pub async fn work_part(store: &mut dyn JobStore, mut job: Job, opts: &WorkerOpti
                     None => PartEnd::Lost,
                 });
             }
-            Ok(BatchOutcome::Lost) => return Ok(PartEnd::Lost),
+            // The part is no longer running for this worker: an operator paused
+            // or cancelled it (the lease is still ours: release it, so nobody
+            // waits for it to expire), or another worker took it over.
+            Ok(BatchOutcome::Lost) => return release(store, job, opts, PartEnd::Stopped).await,
             Err(e) => {
                 retries += 1;
                 let mut failing = job.clone();
