@@ -327,7 +327,7 @@ impl<'b> Runner<'b> {
             return Ok(());
         }
         store.control_job(version, &JobControl::Cancel).await?;
-        let deadline = Instant::now() + std::time::Duration::from_secs(35);
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
         loop {
             let now = Utc::now();
             let busy = store
