@@ -55,7 +55,7 @@ async fn main() {
                 if due > now {
                     tokio::time::sleep(due - now).await;
                 }
-                if stop.load(std::sync::atomic::Ordering::Relaxed) || (n % 16 == 0 && std::path::Path::new(&stop_file).exists()) {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) || (n.is_multiple_of(16) && std::path::Path::new(&stop_file).exists()) {
                     break;
                 }
                 x ^= x << 13;
