@@ -45,6 +45,10 @@ pub struct MongoEngine {
     /// The history collection for reads (writes are commands, see store.rs).
     pub(crate) history: Collection<Document>,
     pub(crate) log_name: String,
+    /// The jobs collection (`kiln_jobs` beside `kiln_history`, see jobdoc.rs).
+    pub(crate) jobs_name: String,
+    /// The jobs collection for writes outside transactions (majority write concern).
+    pub(crate) jobs: Collection<Document>,
     pub(crate) snapshot_coll: Collection<Document>,
     pub(crate) lease: Lease,
     pub(crate) actor: String,
@@ -80,6 +84,8 @@ impl MongoEngine {
         let history =
             conn.db.collection_with_options(&cfg.history_table, CollectionOptions::builder().write_concern(WriteConcern::majority()).build());
         let snapshot_coll = conn.db.collection(&cfg.snapshot_table);
+        let jobs_name = crate::jobdoc::jobs_collection(&cfg.history_table);
+        let jobs = conn.db.collection_with_options(&jobs_name, CollectionOptions::builder().write_concern(WriteConcern::majority()).build());
         let lease = Lease::new(&conn, &cfg.history_table);
         let bulk_write_available = conn.bulk_write;
         Ok(MongoEngine {
@@ -87,6 +93,8 @@ impl MongoEngine {
             history_name: cfg.history_table.clone(),
             history,
             log_name: cfg.log_table.clone(),
+            jobs_name,
+            jobs,
             snapshot_coll,
             lease,
             conn,
@@ -123,7 +131,7 @@ impl MongoEngine {
     /// # Errors
     /// [`EngineError::Query`] / [`EngineError::ConnectionLost`] when the listing fails.
     pub async fn snapshot(&self) -> Result<Snapshot, EngineError> {
-        let own = [self.history_name.as_str(), self.log_name.as_str(), self.snapshot_coll.name(), LOCK_COLLECTION];
+        let own = [self.history_name.as_str(), self.log_name.as_str(), self.snapshot_coll.name(), self.jobs_name.as_str(), LOCK_COLLECTION];
         crate::snapshot::take(&self.conn, &own).await
     }
 
@@ -135,7 +143,7 @@ impl MongoEngine {
         self.conn.bulk_write = on && self.bulk_write_available;
     }
 
-    async fn create_if_missing(&self, name: &str) -> Result<(), EngineError> {
+    pub(crate) async fn create_if_missing(&self, name: &str) -> Result<(), EngineError> {
         if self.conn.collection_exists(name).await? {
             return Ok(());
         }
@@ -278,6 +286,10 @@ impl Engine for MongoEngine {
     }
 
     fn scratch(&mut self) -> Option<&mut dyn ScratchAdmin> {
+        Some(self)
+    }
+
+    fn jobs(&mut self) -> Option<&mut dyn kiln_core::jobs::JobStore> {
         Some(self)
     }
 

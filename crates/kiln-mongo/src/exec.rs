@@ -236,7 +236,7 @@ fn remains(index: usize, effect: Effect) -> String {
 
 /// Commit, retrying while the server says the outcome is unknown (the
 /// transactions spec's `UnknownTransactionCommitResult`).
-async fn commit(session: &mut ClientSession) -> Result<(), mongodb::error::Error> {
+pub(crate) async fn commit(session: &mut ClientSession) -> Result<(), mongodb::error::Error> {
     let mut tries = 0;
     loop {
         match session.commit_transaction().await {

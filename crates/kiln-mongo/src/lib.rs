@@ -22,11 +22,14 @@
 
 #![warn(missing_docs)]
 
+mod backfill;
 mod command;
 mod conn;
 mod engine;
 mod exec;
 mod history;
+mod jobdoc;
+mod jobs;
 mod lock;
 mod proc;
 mod snapshot;

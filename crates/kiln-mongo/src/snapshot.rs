@@ -103,7 +103,8 @@ pub(crate) async fn take(conn: &Conn, own: &[&str]) -> Result<Snapshot, EngineEr
 /// [`EngineError::Query`].
 pub async fn schema_snapshot(cfg: &BackendConfig) -> Result<Snapshot, EngineError> {
     let conn = Conn::open(cfg).await?;
-    take(&conn, &[cfg.history_table.as_str(), cfg.log_table.as_str(), cfg.snapshot_table.as_str(), LOCK_COLLECTION]).await
+    let jobs = crate::jobdoc::jobs_collection(&cfg.history_table);
+    take(&conn, &[cfg.history_table.as_str(), cfg.log_table.as_str(), cfg.snapshot_table.as_str(), jobs.as_str(), LOCK_COLLECTION]).await
 }
 
 #[cfg(test)]

@@ -66,7 +66,8 @@ impl fmt::Display for CollectionStatus {
 /// or count as [`EngineError::Query`].
 pub async fn collection_status(cfg: &BackendConfig, extra: &[String], exact: bool) -> Result<Vec<CollectionStatus>, EngineError> {
     let conn = Conn::open(cfg).await?;
-    let own = [cfg.history_table.as_str(), cfg.log_table.as_str(), cfg.snapshot_table.as_str(), LOCK_COLLECTION];
+    let jobs = crate::jobdoc::jobs_collection(&cfg.history_table);
+    let own = [cfg.history_table.as_str(), cfg.log_table.as_str(), cfg.snapshot_table.as_str(), jobs.as_str(), LOCK_COLLECTION];
     let specs: Vec<Document> = conn
         .db
         .run_cursor_command(doc! { "listCollections": 1, "authorizedCollections": true })
