@@ -4,7 +4,7 @@
 //! One document per part, `_id: "<version>:<part>"` (a string: unique, and
 //! readable in mongosh), with `version` (64-bit integer) and `part` (32-bit
 //! integer) beside it for sorting and for the per-version operator commands.
-//! The other fields mirror [`Job`]: `name, parts, state, spec, batch,
+//! The other fields mirror [`Job`]: `name, parts, state, spec, batch_size,
 //! pause_ms, max_rows_per_sec, range_lo, range_hi, cursor, rows_done,
 //! rows_total, batches, attempts, lease_owner, lease_until, created_at,
 //! started_at, updated_at, finished_at, error`; times are BSON dates
@@ -91,7 +91,7 @@ pub(crate) fn to_doc(job: &Job) -> Result<Document, EngineError> {
         "parts": job.parts as i32,
         "state": job.state.as_str(),
         "spec": spec,
-        "batch": job.throttle.batch as i64,
+        "batch_size": job.throttle.batch as i64,
         "pause_ms": job.throttle.pause_ms.min(i64::MAX as u64) as i64,
         "max_rows_per_sec": job.throttle.max_rows_per_sec.map(|m| Bson::Int64(m.min(i64::MAX as u64) as i64)).unwrap_or(Bson::Null),
         "range_lo": opt_str(&job.range_lo),
@@ -160,7 +160,7 @@ pub(crate) fn from_doc(d: &Document) -> Result<Job, String> {
         parts: num(d, "parts").unwrap_or(1) as u32,
         state,
         throttle: Throttle {
-            batch: num(d, "batch").map(|b| b.clamp(1, u32::MAX as i64) as u32).unwrap_or_else(|| spec.batch()),
+            batch: num(d, "batch_size").map(|b| b.clamp(1, u32::MAX as i64) as u32).unwrap_or_else(|| spec.batch()),
             pause_ms: num(d, "pause_ms").unwrap_or(0).max(0) as u64,
             max_rows_per_sec: num(d, "max_rows_per_sec").map(|m| m.max(0) as u64),
         },

@@ -184,7 +184,7 @@ impl JobStore for MongoEngine {
             (JobControl::Throttle { batch, pause_ms, max_rows_per_sec }, None) => {
                 let mut set = doc! { "updated_at": now };
                 if let Some(b) = batch {
-                    set.insert("batch", *b as i64);
+                    set.insert("batch_size", *b as i64);
                 }
                 if let Some(p) = pause_ms {
                     set.insert("pause_ms", (*p).min(i64::MAX as u64) as i64);
