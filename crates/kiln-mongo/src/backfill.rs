@@ -216,16 +216,15 @@ pub(crate) async fn run_batch(engine: &mut MongoEngine, job: &Job, owner: &str, 
     let batch_filter = within(&filter, doc! { "$gte": first.clone(), "$lte": last.clone() });
     let statement_error = |message: String, transient: bool| BatchError::Statement { message, lo: lo.clone(), hi: hi.clone(), transient };
 
-    // 3. The progress, fenced by the lease and the old cursor. A part paused
-    // since the batch began still takes the batch (the worker then sees the
-    // pause in the part returned and stops, releasing its lease); a cancelled
-    // part does not, so no batch lands after `kiln down` cancelled the job
-    // (with transactions nothing of it is written; without, only its change).
+    // 3. The progress, fenced by the lease, the state and the old cursor: on
+    // a part an operator paused or cancelled since the batch began, the
+    // batch does not count (with transactions nothing of it is written;
+    // without, only its change) and the worker stops.
     let id = part_id(job.version, job.part)?;
     let fence = doc! {
         "_id": &id,
         "lease_owner": owner,
-        "state": { "$in": [JobState::Running.as_str(), JobState::Paused.as_str()] },
+        "state": JobState::Running.as_str(),
         "cursor": job.cursor.clone().map(Bson::String).unwrap_or(Bson::Null),
     };
     let progress = doc! {

@@ -10,9 +10,9 @@
 //! after the part's cursor, and only documents that still match the
 //! backfill's `filter`; it then applies the change to those documents
 //! (`updateMany`, or the aggregation pipeline written back on `_id`) and
-//! moves the cursor, fenced by the worker's lease and the old cursor. A part
-//! an operator paused meanwhile still takes that batch (the worker sees the
-//! pause in the part the batch returns, and stops); a cancelled one does not.
+//! moves the cursor, fenced by the worker's lease, the part still `running`
+//! and the old cursor: a pause or cancel stops the worker before the next
+//! batch counts.
 //!
 //! - **On a replica set or sharded cluster** the change and the cursor commit
 //!   in one multi-document transaction: a batch is done exactly once. If the
