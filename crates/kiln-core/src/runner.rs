@@ -49,12 +49,15 @@ pub struct Runner<'b> {
     observer: Arc<dyn Observer>,
     contract: Option<Arc<Contract>>,
     target: Option<String>,
+    /// `StepFinished` events held until their step is durable, each with the
+    /// session's durable-step count it needs (see [`Session::durable_steps`]).
+    held: std::collections::VecDeque<(u64, Event)>,
 }
 
 impl<'b> Runner<'b> {
     /// A runner over `backend`.
     pub fn new(engine: &'b mut dyn Engine, settings: RunnerSettings) -> Self {
-        Runner { backend: Session::new(engine), settings, observer: Arc::new(Silent), contract: None, target: None }
+        Runner { backend: Session::new(engine), settings, observer: Arc::new(Silent), contract: None, target: None, held: Default::default() }
     }
 
     /// Validate every migration of `up` against `contract` before it commits: a
@@ -83,6 +86,47 @@ impl<'b> Runner<'b> {
         // `--log-level debug` shows kiln's own decisions: lock, plan, each step's timing.
         tracing::debug!(target: "kiln", database = self.target.as_deref().unwrap_or(""), event = ?e);
         self.observer.on_targeted(self.target.as_deref(), &e);
+    }
+
+    /// Report a finished step once it is durable: a database server that
+    /// crashes right after can no longer undo what was reported as applied.
+    fn hold(&mut self, e: Event) {
+        let need = self.backend.finished_steps();
+        self.held.push_back((need, e));
+        self.release_held();
+    }
+
+    /// Emit every held event whose step is durable now.
+    fn release_held(&mut self) {
+        let durable = self.backend.durable_steps();
+        while self.held.front().is_some_and(|(need, _)| *need <= durable) {
+            let (_, e) = self.held.pop_front().expect("checked");
+            self.emit(e);
+        }
+    }
+
+    /// After the connection was lost: say which finished steps were never
+    /// confirmed on disk, instead of reporting them as applied.
+    fn unconfirmed_warning(&mut self) {
+        self.release_held();
+        let versions: Vec<String> = self
+            .held
+            .drain(..)
+            .filter_map(|(_, e)| match e {
+                Event::StepFinished { version, name, .. } => Some(format!("{version}_{name}")),
+                _ => None,
+            })
+            .collect();
+        if !versions.is_empty() {
+            self.emit(Event::Warning {
+                message: format!(
+                    "{} finished just before the connection was lost, but the database had not confirmed {} on disk; a server crash may have undone {}: `kiln status` shows what it kept",
+                    versions.join(", "),
+                    if versions.len() == 1 { "it" } else { "them" },
+                    if versions.len() == 1 { "it" } else { "them" }
+                ),
+            });
+        }
     }
 
     fn check_kinds(&self, local: &[Migration]) -> Result<(), RunError> {
@@ -270,7 +314,7 @@ impl<'b> Runner<'b> {
                     match result {
                         Ok(()) => {
                             let d = t.elapsed();
-                            this.emit(Event::StepFinished {
+                            this.hold(Event::StepFinished {
                                 direction: Direction::Up,
                                 version: m.version.text.clone(),
                                 name: m.description.clone(),
@@ -287,6 +331,7 @@ impl<'b> Runner<'b> {
                                         Some(format!("up: {} applied, backfill of {} not queued", done.len(), m.name())),
                                     );
                                     let _ = this.backend.log(&end).await;
+                                    this.unconfirmed_warning();
                                     return Err(e);
                                 }
                             }
@@ -296,7 +341,12 @@ impl<'b> Runner<'b> {
                 }
                 this.save_snapshot().await;
                 let end = this.log_entry(LogEvent::RunEnd, None, Some(p.batch), None, Some(format!("up: {} applied", done.len())));
-                this.backend.log(&end).await?; // also makes every commit of the run durable
+                if let Err(e) = this.backend.log(&end).await {
+                    // also makes every commit of the run durable
+                    this.unconfirmed_warning();
+                    return Err(e.into());
+                }
+                this.release_held();
                 Ok(RunReport { direction: Direction::Up, batch: Some(p.batch), steps: done, dry_run: false, duration_ms: 0 })
             }
             .await;
@@ -312,15 +362,12 @@ impl<'b> Runner<'b> {
         if !done.is_empty() {
             self.save_snapshot().await;
         }
+        let failed = |message: String| Event::StepFailed { direction: dir, version: m.version.text.clone(), name: m.description.clone(), message };
+        // The run-end commit is durable: it confirms the steps before the
+        // failure, which are reported (as applied) before the failure itself.
         match e {
             StepError::Invalid { violations, outcome } => {
                 let message = violations.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("; ");
-                self.emit(Event::StepFailed {
-                    direction: dir,
-                    version: m.version.text.clone(),
-                    name: m.description.clone(),
-                    message: message.clone(),
-                });
                 let fail = self.log_entry(
                     LogEvent::Failed,
                     Some((&m.version, &m.description)),
@@ -337,15 +384,11 @@ impl<'b> Runner<'b> {
                     Some(format!("{} done, stopped at {}: schema invalid", done.len(), m.name())),
                 );
                 let _ = self.backend.log(&end).await;
+                self.unconfirmed_warning();
+                self.emit(failed(message));
                 RunError::Invalid { version: m.version.clone(), file: m.display_path(), outcome, violations, done: done_versions }
             }
             StepError::Body(a) => {
-                self.emit(Event::StepFailed {
-                    direction: dir,
-                    version: m.version.text.clone(),
-                    name: m.description.clone(),
-                    message: a.error.to_string(),
-                });
                 let end = self.log_entry(
                     LogEvent::RunEnd,
                     None,
@@ -355,10 +398,13 @@ impl<'b> Runner<'b> {
                 );
                 // The failure itself is logged by the backend; this commit makes the run durable.
                 let _ = self.backend.log(&end).await;
+                self.unconfirmed_warning();
+                self.emit(failed(a.error.to_string()));
                 RunError::Migration { version: m.version.clone(), outcome: a.outcome, error: a.error, done: done_versions }
             }
             StepError::Engine(e) => {
-                self.emit(Event::StepFailed { direction: dir, version: m.version.text.clone(), name: m.description.clone(), message: e.to_string() });
+                self.unconfirmed_warning();
+                self.emit(failed(e.to_string()));
                 RunError::Engine(e)
             }
         }
@@ -545,7 +591,7 @@ impl<'b> Runner<'b> {
                     match this.backend.revert(m, a, &ctx).await {
                         Ok(()) => {
                             let d = t.elapsed();
-                            this.emit(Event::StepFinished {
+                            this.hold(Event::StepFinished {
                                 direction: Direction::Down,
                                 version: m.version.text.clone(),
                                 name: m.description.clone(),
@@ -558,7 +604,11 @@ impl<'b> Runner<'b> {
                 }
                 this.save_snapshot().await;
                 let end = this.log_entry(LogEvent::RunEnd, None, Some(batch), None, Some(format!("down: {} reverted", done.len())));
-                this.backend.log(&end).await?;
+                if let Err(e) = this.backend.log(&end).await {
+                    this.unconfirmed_warning();
+                    return Err(e.into());
+                }
+                this.release_held();
                 Ok(RunReport { direction: Direction::Down, batch: None, steps: done, dry_run: false, duration_ms: 0 })
             }
             .await;

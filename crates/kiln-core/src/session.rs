@@ -138,6 +138,17 @@ impl<'e> Session<'e> {
         }
     }
 
+    /// Successful steps of this session whose finish is durable (see
+    /// [`Stepper::durable_steps`]).
+    pub fn durable_steps(&self) -> u64 {
+        self.stepper.durable_steps()
+    }
+
+    /// Successful steps of this session so far.
+    pub fn finished_steps(&self) -> u64 {
+        self.stepper.finished_steps()
+    }
+
     /// Commit whatever the engine still holds.
     pub async fn flush(&mut self) -> Result<(), EngineError> {
         self.stepper.flush(Record::default()).await

@@ -103,20 +103,61 @@ pub enum Outcome {
     Remove,
 }
 
+/// How often a step's commit is made durable (PostgreSQL: a WAL flush) so
+/// that the steps before it can be reported as applied: a group commit by
+/// time, at most this long after a step finished.
+pub const DURABLE_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Runs steps over one engine, keeping a finish that the engine merges with
 /// the next intent ([`Capabilities::merge_finish`]).
+///
+/// It also counts how many successful steps are **durable** — their finish
+/// is in a commit marked [`Record::durable`] or in an earlier one — so the
+/// runner reports a migration as applied only once a crash of the database
+/// server can no longer undo it ([`Stepper::durable_steps`]).
 pub struct Stepper<'e> {
     engine: &'e mut dyn Engine,
     caps: Capabilities,
     /// A finish not yet committed (merge_finish engines only).
     pending: Option<Record>,
+    /// Steps that succeeded.
+    finished: u64,
+    /// Steps whose finish is covered by a durable commit.
+    durable: u64,
+    /// When the last durable commit returned.
+    last_durable: Instant,
 }
 
 impl<'e> Stepper<'e> {
     /// A stepper over `engine`.
     pub fn new(engine: &'e mut dyn Engine) -> Self {
         let caps = engine.capabilities();
-        Stepper { engine, caps, pending: None }
+        Stepper { engine, caps, pending: None, finished: 0, durable: 0, last_durable: Instant::now() }
+    }
+
+    /// Successful steps (of this stepper's life) whose finish is durable:
+    /// committed in a durable commit or before one. Grows monotonically; the
+    /// runner reports steps as applied up to this count.
+    pub fn durable_steps(&self) -> u64 {
+        self.durable
+    }
+
+    /// Successful steps (of this stepper's life).
+    pub fn finished_steps(&self) -> u64 {
+        self.finished
+    }
+
+    /// True when the next step's commit should be durable ([`DURABLE_EVERY`]).
+    fn durable_due(&self) -> bool {
+        self.last_durable.elapsed() >= DURABLE_EVERY
+    }
+
+    /// A commit covering the first `covers` finished steps returned.
+    fn committed(&mut self, durable: bool, covers: u64) {
+        if durable {
+            self.durable = self.durable.max(covers);
+            self.last_durable = Instant::now();
+        }
     }
 
     /// The engine, for everything that is not a step. Call [`Stepper::flush`]
@@ -152,7 +193,9 @@ impl<'e> Stepper<'e> {
         if record.is_empty() {
             return Ok(());
         }
-        self.engine.commit(&record).await.map_err(|e| match finished {
+        let covers = self.finished;
+        let durable = record.durable;
+        self.engine.commit(&record).await.map(|()| self.committed(durable, covers)).map_err(|e| match finished {
             Some(names) => {
                 annotate(e, &format!("recording {names} as finished (it stays recorded as running and blocks the next run until `kiln repair`)"))
             }
@@ -193,10 +236,14 @@ impl<'e> Stepper<'e> {
         match path(&self.caps, m) {
             Path::Atomic => {
                 self.flush(Record::default()).await?;
-                let record =
-                    Record { changes: vec![finish_change(step, recorded, outcome, 0)], events: vec![finish_event(step, outcome)], durable: false };
+                let durable = self.durable_due();
+                let record = Record { changes: vec![finish_change(step, recorded, outcome, 0)], events: vec![finish_event(step, outcome)], durable };
                 match self.engine.run_atomic(step, &record, check).await {
-                    Ok(()) => Ok(()),
+                    Ok(()) => {
+                        self.finished += 1;
+                        self.committed(durable, self.finished);
+                        Ok(())
+                    }
                     Err(AtomicFailure::Body(error)) => {
                         self.log_failure(step, &error, "rolled back").await;
                         Err(body_error(error, FailureOutcome::RolledBack))
@@ -225,6 +272,8 @@ impl<'e> Stepper<'e> {
         let mut record = self.pending.take().unwrap_or_default();
         let finished = finished_names(&record);
         record.changes.push(intent);
+        record.durable = self.durable_due();
+        let covers = self.finished;
         if let Err(e) = self.engine.commit(&record).await {
             let what = match finished {
                 Some(names) => format!("recording the start of {} (and {names} as finished, which stays recorded as running)", m.name()),
@@ -232,6 +281,7 @@ impl<'e> Stepper<'e> {
             };
             return Err(StepError::Engine(annotate(e, &what)));
         }
+        self.committed(record.durable, covers);
 
         // 2. The body, one statement at a time.
         for index in 0..step.body.len() {
@@ -255,8 +305,10 @@ impl<'e> Stepper<'e> {
         }
 
         // 4. The finish: now, or with the next intent.
-        let finish = Record { changes: vec![finish_change(step, recorded, outcome, ms)], events: vec![finish_event(step, outcome)], durable: false };
+        let durable = self.durable_due();
+        let finish = Record { changes: vec![finish_change(step, recorded, outcome, ms)], events: vec![finish_event(step, outcome)], durable };
         if self.caps.merge_finish {
+            self.finished += 1;
             self.pending = Some(finish);
         } else {
             self.engine.commit(&finish).await.map_err(|e| {
@@ -269,6 +321,8 @@ impl<'e> Stepper<'e> {
                     ),
                 )
             })?;
+            self.finished += 1;
+            self.committed(durable, self.finished);
         }
         Ok(())
     }

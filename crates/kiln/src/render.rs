@@ -61,9 +61,19 @@ impl kiln::Observer for Progress {
                 }
             }
             Event::StepFinished { direction, version, name, duration } => {
-                self.clear();
                 let verb = if *direction == Direction::Up { "applied " } else { "reverted" };
-                println!("  {} {version} {name} {}", verb.green(), format!("({} ms)", duration.as_millis()).dimmed());
+                let line = format!("  {} {version} {name} {}", verb.green(), format!("({} ms)", duration.as_millis()).dimmed());
+                // A step is reported once it is durable, possibly while the next
+                // one runs: print above that one's spinner, keeping it.
+                let guard = self.spinner.lock().unwrap_or_else(|p| p.into_inner());
+                match guard.as_ref() {
+                    Some(bar) if !bar.message().contains(&format!(" {version} {name}")) => bar.println(line),
+                    _ => {
+                        drop(guard);
+                        self.clear();
+                        println!("{line}");
+                    }
+                }
             }
             Event::Warning { message } => {
                 self.clear();

@@ -247,7 +247,7 @@ impl<'b> Runner<'b> {
                 match this.backend.contract(m, a, &ctx).await {
                     Ok(()) => {
                         let d = t.elapsed();
-                        this.emit(Event::StepFinished {
+                        this.hold(Event::StepFinished {
                             direction: Direction::Up,
                             version: m.version.text.clone(),
                             name: m.description.clone(),
@@ -260,7 +260,11 @@ impl<'b> Runner<'b> {
             }
             this.save_snapshot().await;
             let end = this.log_entry(LogEvent::RunEnd, None, Some(batch), None, Some(format!("contract: {} contracted", report.contracted.len())));
-            this.backend.log(&end).await?;
+            if let Err(e) = this.backend.log(&end).await {
+                this.unconfirmed_warning();
+                return Err(e.into());
+            }
+            this.release_held();
             Ok(report)
         }
         .await;
