@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod common;
+pub mod jobs_common;
 #[cfg(feature = "mysql")]
 pub mod mysql;
 #[cfg(feature = "postgres")]

@@ -51,11 +51,12 @@
 //! Modules: [`history`] (kiln's tables and [`HistoryStore::commit`]), [`lock`]
 //! (`GET_LOCK`), [`exec`] (body statements, implicit commits, error mapping),
 //! [`inspect`] (schema inspection and snapshots), [`scratch`] (`kiln verify`'s
-//! throw-away databases).
+//! throw-away databases), [`jobs`] (`kiln_jobs`, the backfill job store).
 
 mod exec;
 mod history;
 mod inspect;
+mod jobs;
 mod lock;
 mod scratch;
 mod stats;
@@ -66,12 +67,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use kiln_core::engine::{Capabilities, Engine, SchemaStore, ScratchAdmin};
+use kiln_core::jobs::JobStore;
 use kiln_core::url::DbUrl;
 use kiln_core::{BackendConfig, EngineError, Kind};
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError};
 use sqlx::{ConnectOptions, Connection, MySqlConnection};
 
-use crate::common::lock_key;
+use crate::common::{lock_key, quote_backtick};
+use crate::jobs_common::jobs_table_name;
 use history::Sql;
 use inspect::Server;
 
@@ -129,10 +132,12 @@ pub struct MysqlEngine {
     /// database's URL from (never shown; `target` is what messages use).
     url: DbUrl,
     /// kiln's own tables (history, log, snapshots), which `inspect` leaves out.
-    own_tables: [String; 3],
+    own_tables: [String; 4],
     /// The server, asked once, on the first inspection.
     server: Option<Server>,
     sql: Sql,
+    /// The backfill jobs table, quoted and qualified with the database.
+    jobs_table: String,
 }
 
 impl MysqlEngine {
@@ -175,7 +180,8 @@ impl MysqlEngine {
             history_name: cfg.history_table.clone(),
             snapshot_name: cfg.snapshot_table.clone(),
             url: cfg.url.clone(),
-            own_tables: [cfg.history_table.clone(), cfg.log_table.clone(), cfg.snapshot_table.clone()],
+            own_tables: [cfg.history_table.clone(), cfg.log_table.clone(), cfg.snapshot_table.clone(), jobs_table_name(&cfg.history_table)],
+            jobs_table: format!("{}.{}", quote_backtick(&database), quote_backtick(&jobs_table_name(&cfg.history_table))),
             server: None,
             sql: Sql::new(&database, &cfg.history_table, &cfg.log_table, &cfg.snapshot_table),
             database,
@@ -223,6 +229,10 @@ impl Engine for MysqlEngine {
     }
 
     fn scratch(&mut self) -> Option<&mut dyn ScratchAdmin> {
+        Some(self)
+    }
+
+    fn jobs(&mut self) -> Option<&mut dyn JobStore> {
         Some(self)
     }
 

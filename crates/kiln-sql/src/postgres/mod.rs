@@ -35,7 +35,8 @@
 //! Modules: `conn` (hosts, sockets, the connection task, driver errors),
 //! `tls` (`sslmode`, verifiers), `lock` ([`Locker`]), `history`
 //! ([`HistoryStore`]), `exec` ([`Executor`]: pipelines, body plans, statement
-//! errors), `inspect` ([`SchemaStore`]), `scratch` ([`ScratchAdmin`]).
+//! errors), `inspect` ([`SchemaStore`]), `scratch` ([`ScratchAdmin`]), `jobs`
+//! (`kiln_jobs`, the backfill job store).
 //!
 //! [`Locker`]: kiln_core::engine::Locker
 //! [`HistoryStore`]: kiln_core::engine::HistoryStore
@@ -45,6 +46,7 @@ mod conn;
 mod exec;
 mod history;
 mod inspect;
+mod jobs;
 mod lock;
 mod scratch;
 mod stats;
@@ -55,12 +57,14 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use kiln_core::engine::{Capabilities, Engine, SchemaStore, ScratchAdmin};
+use kiln_core::jobs::JobStore;
 use kiln_core::url::DbUrl;
 use kiln_core::{BackendConfig, EngineError, Kind};
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, Config};
 
 use crate::common::{lock_key, quote_double};
+use crate::jobs_common::jobs_table_name;
 use conn::{error_text, is_connection_loss, open};
 use history::RecordSql;
 use tls::{split_tls_params, TlsSetup};
@@ -91,6 +95,8 @@ pub struct PgBackend {
     snapshot_table: String,
     /// Raw names, for `to_regclass`-free existence checks and messages.
     history_raw: String,
+    /// The backfill jobs table (`kiln_jobs`), quoted and schema-qualified.
+    jobs_table: String,
     /// Raw names of kiln's own tables, which [`SchemaStore::inspect`] leaves out.
     own_tables: Vec<String>,
     /// The schema [`SchemaStore::inspect`] reports: the configured one, else the
@@ -195,7 +201,8 @@ impl PgBackend {
             log_table,
             snapshot_table: qualify(&cfg.snapshot_table),
             history_raw: cfg.history_table.clone(),
-            own_tables: vec![cfg.history_table.clone(), cfg.log_table.clone(), cfg.snapshot_table.clone()],
+            jobs_table: qualify(&jobs_table_name(&cfg.history_table)),
+            own_tables: vec![cfg.history_table.clone(), cfg.log_table.clone(), cfg.snapshot_table.clone(), jobs_table_name(&cfg.history_table)],
             inspect_schema: schema.clone(),
             client: Arc::new(opened.client),
             conn_task: opened.task,
@@ -243,6 +250,10 @@ impl Engine for PgBackend {
     }
 
     fn scratch(&mut self) -> Option<&mut dyn ScratchAdmin> {
+        Some(self)
+    }
+
+    fn jobs(&mut self) -> Option<&mut dyn JobStore> {
         Some(self)
     }
 

@@ -267,7 +267,7 @@ pub(super) fn ts(t: &DateTime<Utc>) -> String {
 }
 
 /// RFC 3339, or SQLite's own `YYYY-MM-DD HH:MM:SS[.fff]` (UTC) for adopted tables.
-fn parse_ts(s: &str) -> Option<DateTime<Utc>> {
+pub(super) fn parse_ts(s: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(s)
         .map(|d| d.with_timezone(&Utc))
         .ok()

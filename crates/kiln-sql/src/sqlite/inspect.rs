@@ -23,13 +23,13 @@ use super::history::ts;
 use super::SqliteEngine;
 
 /// The tables [`SchemaStore::inspect`] reports, as a CTE the three inspection
-/// queries share (`?1`–`?3`: kiln's own table names): tables of the `main`
+/// queries share (`?1`–`?4`: kiln's own table names): tables of the `main`
 /// database (not `temp`, not attached ones), ordinary or virtual; not views,
 /// not the shadow tables that back a virtual table (FTS5's `…_data`…, the
 /// virtual table's business), not `sqlite_%` internals such as
 /// `sqlite_sequence` and `sqlite_stat1`. `wr` says `WITHOUT ROWID`.
 const INSPECT_TABLES: &str = "WITH t AS (SELECT name, wr FROM pragma_table_list \
-    WHERE schema = 'main' AND type IN ('table', 'virtual') AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT IN (?1, ?2, ?3))";
+    WHERE schema = 'main' AND type IN ('table', 'virtual') AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT IN (?1, ?2, ?3, ?4))";
 
 /// One row per column in declaration order. `table_xinfo` rather than
 /// `table_info` so generated columns are included; `hidden = 1` marks the
@@ -98,7 +98,7 @@ impl SqliteEngine {
     /// transaction's uncommitted changes.
     pub(super) fn inspect_sync(&self) -> Result<Snapshot, EngineError> {
         let fail = |e: rusqlite::Error| self.query_err("inspecting the schema", e);
-        let own = params![self.own_tables[0], self.own_tables[1], self.own_tables[2]];
+        let own = params![self.own_tables[0], self.own_tables[1], self.own_tables[2], self.own_tables[3]];
         let mut snapshot = Snapshot::default();
         let mut facts: HashMap<String, TableFacts> = HashMap::new();
 

@@ -34,7 +34,8 @@
 //!
 //! Modules: [`history`] (kiln's tables, their SQL, [`HistoryStore`]),
 //! [`lock`] ([`Locker`]), [`journal`] (WAL), [`exec`] ([`Executor`]),
-//! [`inspect`] ([`SchemaStore`]), [`scratch`] ([`ScratchAdmin`]).
+//! [`inspect`] ([`SchemaStore`]), [`scratch`] ([`ScratchAdmin`]), [`jobs`]
+//! (`kiln_jobs`, the backfill job store).
 //!
 //! [`Executor::run_atomic`]: kiln_core::engine::Executor::run_atomic
 //! [`Executor::run_one`]: kiln_core::engine::Executor::run_one
@@ -48,6 +49,7 @@
 mod exec;
 mod history;
 mod inspect;
+mod jobs;
 mod journal;
 mod lock;
 mod scratch;
@@ -58,9 +60,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use kiln_core::engine::{Capabilities, Engine, Locker, SchemaStore, ScratchAdmin};
+use kiln_core::jobs::JobStore;
 use kiln_core::{BackendConfig, EngineError, Kind};
 use rusqlite::Connection;
 
+use crate::common::quote_double;
+use crate::jobs_common::jobs_table_name;
 use history::Sql;
 use journal::Journal;
 use lock::SidecarLock;
@@ -98,8 +103,12 @@ pub struct SqliteEngine {
     history_name: String,
     snapshot_name: String,
     /// kiln's own tables (history, log, snapshots), which [`SchemaStore::inspect`] leaves out.
-    own_tables: [String; 3],
+    own_tables: [String; 4],
     sql: Sql,
+    /// The backfill jobs table, quoted.
+    jobs_table: String,
+    /// Its name as it is, for existence checks.
+    jobs_name: String,
 }
 
 impl SqliteEngine {
@@ -174,7 +183,9 @@ impl SqliteEngine {
             location,
             history_name: cfg.history_table.clone(),
             snapshot_name: cfg.snapshot_table.clone(),
-            own_tables: [cfg.history_table.clone(), cfg.log_table.clone(), cfg.snapshot_table.clone()],
+            own_tables: [cfg.history_table.clone(), cfg.log_table.clone(), cfg.snapshot_table.clone(), jobs_table_name(&cfg.history_table)],
+            jobs_table: quote_double(&jobs_table_name(&cfg.history_table)),
+            jobs_name: jobs_table_name(&cfg.history_table),
             sql: Sql::new(&cfg.history_table, &cfg.log_table, &cfg.snapshot_table),
         })
     }
@@ -209,6 +220,10 @@ impl Engine for SqliteEngine {
     }
 
     fn scratch(&mut self) -> Option<&mut dyn ScratchAdmin> {
+        Some(self)
+    }
+
+    fn jobs(&mut self) -> Option<&mut dyn JobStore> {
         Some(self)
     }
 

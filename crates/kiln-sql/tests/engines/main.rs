@@ -15,7 +15,7 @@
 //! Modules: [`protocol`] (apply, revert, refusals, custom tables, baseline,
 //! the lock), [`contracts`] (snapshots and schema contracts), [`inspect`]
 //! (schema inspection and scratch databases), [`connect`] (URLs and
-//! connection errors).
+//! connection errors), [`jobs`] (backfill jobs on the SQL engines).
 
 /// `on!(scenario: postgres, mysql, sqlite, mongodb)`: one test per engine
 /// named, each calling `scenario(engine)` on a multi-threaded runtime.
@@ -35,5 +35,6 @@ macro_rules! on {
 mod connect;
 mod contracts;
 mod inspect;
+mod jobs;
 mod protocol;
 mod support;
