@@ -24,8 +24,13 @@ pub fn jobs_table_name(history: &str) -> String {
 }
 
 /// The columns of `kiln_jobs`, in the order every engine selects and inserts them.
+/// `cursor` is a plain name on PostgreSQL (non-reserved) and SQLite.
 pub const JOB_COLUMNS: &str = "version, part, name, parts, state, spec, batch_size, pause_ms, max_rows_per_sec, range_lo, range_hi, \
-     cursor_key, rows_done, rows_total, batches, attempts, lease_owner, lease_until, created_at, started_at, updated_at, finished_at, error";
+     cursor, rows_done, rows_total, batches, attempts, lease_owner, lease_until, created_at, started_at, updated_at, finished_at, error";
+
+/// [`JOB_COLUMNS`] for MySQL/MariaDB, where `CURSOR` is a reserved word.
+pub const JOB_COLUMNS_MYSQL: &str = "version, part, name, parts, state, spec, batch_size, pause_ms, max_rows_per_sec, range_lo, range_hi, \
+     `cursor`, rows_done, rows_total, batches, attempts, lease_owner, lease_until, created_at, started_at, updated_at, finished_at, error";
 
 /// The raw columns of one `kiln_jobs` row, as every SQL engine reads them
 /// (timestamps already converted from the engine's representation).

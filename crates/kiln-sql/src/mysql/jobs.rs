@@ -25,7 +25,7 @@ use super::{describe, error_number, is_connection_error, MysqlEngine};
 use crate::common::quote_backtick;
 use crate::jobs_common::{
     key_not_unique, no_key, no_table, quote_path, save_set, spec_json, split_offsets, split_path, sql_spec, state_list, walk_sql, RawJobRow,
-    JOB_COLUMNS,
+    JOB_COLUMNS_MYSQL,
 };
 
 type MyQuery<'q> = sqlx::query::Query<'q, MySql, MySqlArguments>;
@@ -63,7 +63,7 @@ fn raw_row(r: &MySqlRow) -> Result<RawJobRow, sqlx::Error> {
     })
 }
 
-/// Bind every column of `j`, in [`JOB_COLUMNS`] order.
+/// Bind every column of `j`, in [`JOB_COLUMNS_MYSQL`] order.
 fn bind_job<'q>(q: MyQuery<'q>, j: &Job) -> MyQuery<'q> {
     let naive = |t: Option<DateTime<Utc>>| t.map(|t| t.naive_utc());
     q.bind(j.version as i64)
@@ -122,7 +122,7 @@ impl MysqlEngine {
     }
 
     fn select_part(&self) -> String {
-        format!("SELECT {JOB_COLUMNS} FROM {} WHERE version = ? AND part = ?", self.jobs_table)
+        format!("SELECT {JOB_COLUMNS_MYSQL} FROM {} WHERE version = ? AND part = ?", self.jobs_table)
     }
 
     async fn rollback_quietly(&mut self) {
@@ -179,11 +179,10 @@ impl MysqlEngine {
         };
         let Some(row) = row else { return Ok(End::Rollback(BatchOutcome::Lost)) };
         let stored = self.to_job(&row, context)?;
-        if stored.lease_owner.as_deref() != Some(owner) || stored.cursor != job.cursor {
+        // Not this worker's any more, or paused/cancelled by an operator: the
+        // worker loop releases the lease (if still its own) and stops.
+        if stored.lease_owner.as_deref() != Some(owner) || stored.cursor != job.cursor || stored.state != JobState::Running {
             return Ok(End::Rollback(BatchOutcome::Lost));
-        }
-        if stored.state != JobState::Running {
-            return Ok(End::Rollback(BatchOutcome::Stopped(stored)));
         }
 
         let (table, key) = (quote_path(&spec.table, quote_backtick), quote_backtick(&spec.key));
@@ -219,8 +218,8 @@ impl MysqlEngine {
         };
 
         let advance = format!(
-            "UPDATE {} SET cursor_key = ?, rows_done = rows_done + ?, batches = batches + 1, lease_until = ?, updated_at = ? \
-             WHERE version = ? AND part = ? AND lease_owner = ? AND state = 'running' AND cursor_key <=> ?",
+            "UPDATE {} SET `cursor` = ?, rows_done = rows_done + ?, batches = batches + 1, lease_until = ?, updated_at = ? \
+             WHERE version = ? AND part = ? AND lease_owner = ? AND state = 'running' AND `cursor` <=> ?",
             self.jobs_table
         );
         let moved = q(advance)
@@ -273,7 +272,7 @@ impl JobStore for MysqlEngine {
                 max_rows_per_sec BIGINT NULL,
                 range_lo TEXT COLLATE utf8mb4_bin NULL,
                 range_hi TEXT COLLATE utf8mb4_bin NULL,
-                cursor_key TEXT COLLATE utf8mb4_bin NULL,
+                `cursor` TEXT COLLATE utf8mb4_bin NULL,
                 rows_done BIGINT NOT NULL,
                 rows_total BIGINT NULL,
                 batches BIGINT NOT NULL,
@@ -298,7 +297,7 @@ impl JobStore for MysqlEngine {
     async fn list_jobs(&mut self) -> Result<Vec<Job>, EngineError> {
         self.jobs_ready("read the jobs").await?;
         let context = format!("reading {}", self.jobs_table);
-        let rows = match q(format!("SELECT {JOB_COLUMNS} FROM {} ORDER BY version, part", self.jobs_table)).fetch_all(&mut self.conn).await {
+        let rows = match q(format!("SELECT {JOB_COLUMNS_MYSQL} FROM {} ORDER BY version, part", self.jobs_table)).fetch_all(&mut self.conn).await {
             Ok(rows) => rows,
             // ER_NO_SUCH_TABLE: no job was ever queued here.
             Err(e) if error_number(&e) == Some(1146) => return Ok(Vec::new()),
@@ -312,7 +311,7 @@ impl JobStore for MysqlEngine {
         let context = format!("queueing job {version} in {}", self.jobs_table);
         let delete = format!("DELETE FROM {} WHERE version = ?", self.jobs_table);
         let placeholders = vec!["?"; 23].join(", ");
-        let insert = format!("INSERT INTO {} ({JOB_COLUMNS}) VALUES ({placeholders})", self.jobs_table);
+        let insert = format!("INSERT INTO {} ({JOB_COLUMNS_MYSQL}) VALUES ({placeholders})", self.jobs_table);
         self.begin(&context).await?;
         let mut written = q(delete).bind(version as i64).execute(&mut self.conn).await.map(|_| ());
         for j in parts {

@@ -149,11 +149,10 @@ impl PgBackend {
         let row = self.client.query_typed_opt(&lock, &[(&version, Type::INT8), (&part, Type::INT4)]).await.map_err(|e| engine(&e))?;
         let Some(row) = row else { return Ok(End::Rollback(BatchOutcome::Lost)) };
         let stored = self.to_job(&row, &context)?;
-        if stored.lease_owner.as_deref() != Some(owner) || stored.cursor != job.cursor {
+        // Not this worker's any more, or paused/cancelled by an operator: the
+        // worker loop releases the lease (if still its own) and stops.
+        if stored.lease_owner.as_deref() != Some(owner) || stored.cursor != job.cursor || stored.state != JobState::Running {
             return Ok(End::Rollback(BatchOutcome::Lost));
-        }
-        if stored.state != JobState::Running {
-            return Ok(End::Rollback(BatchOutcome::Stopped(stored)));
         }
 
         let (table, key) = (quote_path(&spec.table, quote_double), quote_double(&spec.key));
@@ -178,8 +177,8 @@ impl PgBackend {
 
         let now = Utc::now();
         let advance = format!(
-            "UPDATE {} SET cursor_key = $1, rows_done = rows_done + $2, batches = batches + 1, lease_until = $3, updated_at = $4 \
-             WHERE version = $5 AND part = $6 AND lease_owner = $7 AND state = 'running' AND cursor_key IS NOT DISTINCT FROM $8 \
+            "UPDATE {} SET cursor = $1, rows_done = rows_done + $2, batches = batches + 1, lease_until = $3, updated_at = $4 \
+             WHERE version = $5 AND part = $6 AND lease_owner = $7 AND state = 'running' AND cursor IS NOT DISTINCT FROM $8 \
              RETURNING {JOB_COLUMNS}",
             self.jobs_table
         );
@@ -228,7 +227,7 @@ impl JobStore for PgBackend {
             ddl.push_str(&format!(
                 "CREATE TABLE IF NOT EXISTS {} (version BIGINT NOT NULL, part INTEGER NOT NULL, name TEXT NOT NULL, parts INTEGER NOT NULL, \
                  state VARCHAR(16) NOT NULL, spec TEXT NOT NULL, batch_size INTEGER NOT NULL, pause_ms BIGINT NOT NULL, max_rows_per_sec BIGINT, \
-                 range_lo TEXT, range_hi TEXT, cursor_key TEXT, rows_done BIGINT NOT NULL, rows_total BIGINT, batches BIGINT NOT NULL, \
+                 range_lo TEXT, range_hi TEXT, cursor TEXT, rows_done BIGINT NOT NULL, rows_total BIGINT, batches BIGINT NOT NULL, \
                  attempts INTEGER NOT NULL, lease_owner TEXT, lease_until TIMESTAMPTZ, created_at TIMESTAMPTZ NOT NULL, started_at TIMESTAMPTZ, \
                  updated_at TIMESTAMPTZ NOT NULL, finished_at TIMESTAMPTZ, error TEXT, PRIMARY KEY (version, part))",
                 self.jobs_table

@@ -133,11 +133,10 @@ impl SqliteEngine {
         let spec = sql_spec(&job.spec, "SQLite")?;
         let (version, part) = (job.version as i64, i64::from(job.part));
         let Some(stored) = self.read_part(version, part, context)? else { return Ok(End::Rollback(BatchOutcome::Lost)) };
-        if stored.lease_owner.as_deref() != Some(owner) || stored.cursor != job.cursor {
+        // Not this worker's any more, or paused/cancelled by an operator: the
+        // worker loop releases the lease (if still its own) and stops.
+        if stored.lease_owner.as_deref() != Some(owner) || stored.cursor != job.cursor || stored.state != JobState::Running {
             return Ok(End::Rollback(BatchOutcome::Lost));
-        }
-        if stored.state != JobState::Running {
-            return Ok(End::Rollback(BatchOutcome::Stopped(stored)));
         }
 
         let (table, key) = (quote_path(&spec.table, quote_double), quote_double(&spec.key));
@@ -176,8 +175,8 @@ impl SqliteEngine {
         };
 
         let advance = format!(
-            "UPDATE {} SET cursor_key = ?1, rows_done = rows_done + ?2, batches = batches + 1, lease_until = ?3, updated_at = ?4 \
-             WHERE version = ?5 AND part = ?6 AND lease_owner = ?7 AND state = 'running' AND cursor_key IS ?8",
+            "UPDATE {} SET cursor = ?1, rows_done = rows_done + ?2, batches = batches + 1, lease_until = ?3, updated_at = ?4 \
+             WHERE version = ?5 AND part = ?6 AND lease_owner = ?7 AND state = 'running' AND cursor IS ?8",
             self.jobs_table
         );
         let moved = self
@@ -213,7 +212,7 @@ impl JobStore for SqliteEngine {
                 max_rows_per_sec INTEGER,
                 range_lo TEXT,
                 range_hi TEXT,
-                cursor_key TEXT,
+                cursor TEXT,
                 rows_done INTEGER NOT NULL,
                 rows_total INTEGER,
                 batches INTEGER NOT NULL,
