@@ -36,6 +36,8 @@ enum App {
 struct Db {
     engine: Engine,
     url: String,
+    /// One MongoDB client for every write (it pools its connections).
+    client: Arc<tokio::sync::OnceCell<mongodb::Client>>,
 }
 
 impl Db {
@@ -59,8 +61,12 @@ impl Db {
         }
     }
 
+    fn new(engine: Engine, url: &str) -> Db {
+        Db { engine, url: url.to_string(), client: Default::default() }
+    }
+
     async fn mongo(&self) -> mongodb::Collection<mongodb::bson::Document> {
-        let client = mongodb::Client::with_uri_str(&self.url).await.unwrap();
+        let client = self.client.get_or_init(|| async { mongodb::Client::with_uri_str(&self.url).await.unwrap() }).await;
         client.default_database().unwrap().collection("users")
     }
 
@@ -234,7 +240,7 @@ fn migrations(p: &Project) {
 async fn worked_example(engine: Engine) {
     let p = Project::new(engine).await;
     migrations(&p);
-    let db = Db { engine, url: p.db.url.clone() };
+    let db = Db::new(engine, &p.db.url);
     p.kiln(&["up", "--to", "0001"]).ok();
     db.seed().await;
     let next_id = Arc::new(AtomicU64::new(SEED + 1));
@@ -326,7 +332,7 @@ async fn worked_example_mongodb() {
 async fn rollback_before_contract_and_the_one_command_path() {
     let p = Project::new(Engine::Postgres).await;
     migrations(&p);
-    let db = Db { engine: Engine::Postgres, url: p.db.url.clone() };
+    let db = Db::new(Engine::Postgres, &p.db.url);
     p.kiln(&["up", "--to", "0001"]).ok();
     db.seed().await;
     p.kiln(&["up"]).ok();
