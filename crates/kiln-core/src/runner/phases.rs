@@ -106,6 +106,10 @@ impl<'b> Runner<'b> {
 
     /// Queue the backfill of `m`, just expanded. Called under the lock.
     pub(super) async fn queue_backfill(&mut self, m: &Migration, spec: &Backfill) -> Result<(), RunError> {
+        // An engine keeping a step's finish open for the next commit (MySQL)
+        // cannot write a job beside it: commit the finish first, so the
+        // expand is recorded before its job is queued.
+        self.backend.flush().await?;
         let name = m.name();
         let store = self.job_store()?;
         let queued = async {
@@ -324,6 +328,7 @@ impl<'b> Runner<'b> {
     /// down` of an expanded migration), and wait — up to the lease — until no
     /// worker holds a part, so no batch runs against what the rollback drops.
     pub(super) async fn cancel_for_rollback(&mut self, version: u64) -> Result<(), RunError> {
+        self.backend.flush().await?;
         let Some(store) = self.backend.engine().jobs() else {
             return Ok(());
         };
