@@ -361,15 +361,11 @@ impl JobStore for SqliteEngine {
 
     async fn run_batch(&mut self, job: &Job, owner: &str, until: DateTime<Utc>) -> Result<BatchOutcome, BatchError> {
         let context = format!("running a batch of job {} part {}", job.version, job.part);
+        // A busy database (another worker's batch past the busy timeout) is
+        // an engine error, which the worker loop retries.
         if let Err(e) = self.begin(false) {
             self.end();
-            let transient = matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked));
-            let err = self.query_err(format!("starting {context}"), e);
-            return Err(if transient {
-                BatchError::Statement { message: err.to_string(), lo: "?".into(), hi: "?".into(), transient }
-            } else {
-                err.into()
-            });
+            return Err(self.query_err(format!("starting {context}"), e).into());
         }
         let result = match self.batch_in_tx(job, owner, until, &context) {
             Ok(End::Commit(batch)) => match self.conn.execute_batch("COMMIT") {
