@@ -348,3 +348,48 @@ async fn leases_keep_parts_apart_until_they_expire(engine: Engine) {
     }
     assert_eq!(visits(&case).await, vec!["1:1000"]);
 }
+
+on!(text_keys_walk_in_key_order: postgres, mysql, sqlite);
+async fn text_keys_walk_in_key_order(engine: Engine) {
+    let case = EngineCase::new(engine).await;
+    let fill = match engine {
+        Engine::Postgres => "INSERT INTO tags (code) SELECT 'k' || lpad(g::text, 4, '0') FROM generate_series(1, 300) g".to_string(),
+        Engine::Mysql => {
+            let d = "(SELECT 0 d UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL SELECT 4 UNION ALL SELECT 5 \
+                     UNION ALL SELECT 6 UNION ALL SELECT 7 UNION ALL SELECT 8 UNION ALL SELECT 9)";
+            format!(
+                "INSERT INTO tags (code) SELECT CONCAT('k', LPAD(i, 4, '0')) FROM (SELECT a.d + 10 * b.d + 100 * c.d AS i FROM {d} a, {d} b, {d} c) s \
+                 WHERE i BETWEEN 1 AND 300"
+            )
+        }
+        _ => "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 300) INSERT INTO tags (code) SELECT 'k' || substr('0000' || i, -4) FROM s"
+            .to_string(),
+    };
+    case.db
+        .sql(&format!("CREATE TABLE tags (code VARCHAR(20) NOT NULL PRIMARY KEY, n INT NOT NULL DEFAULT 0); {fill}; INSERT INTO tags (code) VALUES ('o''brien')"))
+        .await
+        .unwrap();
+    let spec = Backfill::Sql(SqlBackfill {
+        file: "0009_tags.sql".into(),
+        table: "tags".into(),
+        key: "code".into(),
+        batch: 40,
+        parts: 3,
+        statement: Statement { sql: "UPDATE tags SET n = n + 1 WHERE code BETWEEN :lo AND :hi".into(), line: 2 },
+        remaining: Statement { sql: "SELECT count(*) FROM tags WHERE n = 0".into(), line: 3 },
+        remaining_derived: false,
+    });
+    let (mut a, mut b) = (connect(&case).await, connect(&case).await);
+    // Two processes creating the table at once both succeed.
+    let (x, y) = tokio::join!(jobs(&mut a).ensure_jobs(), jobs(&mut b).ensure_jobs());
+    x.unwrap();
+    y.unwrap();
+    let plan = enqueue(jobs(&mut a), &spec).await;
+    assert_eq!((plan.total, plan.bounds.clone()), (301, vec!["k0100".to_string(), "k0200".to_string()]));
+    let report = work_all(jobs(&mut a), &opts("worker-1"), None, &quiet).await.unwrap();
+    let mut done: Vec<_> = report.done.iter().map(|j| (j.part, j.rows_done, j.cursor.clone())).collect();
+    done.sort();
+    assert_eq!(done, vec![(0, 100, Some("k0100".into())), (1, 100, Some("k0200".into())), (2, 101, Some("o'brien".into()))]);
+    assert_eq!(case.strings("SELECT count(*) FROM tags WHERE n <> 1").await, vec!["0"]);
+    assert_eq!(jobs(&mut a).count_remaining(&spec).await.unwrap(), 0);
+}
