@@ -20,7 +20,7 @@ pub mod postgres;
 pub mod sqlite;
 pub mod stats;
 
-pub use stats::table_status;
+pub use stats::{table_status, StatusSession};
 
 use kiln_core::url::EngineKind;
 use kiln_core::{BackendConfig, Engine, EngineError};

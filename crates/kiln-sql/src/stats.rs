@@ -23,6 +23,145 @@ pub const EXACT_COUNT_LIMIT: u64 = 10_000;
 /// Row counts by table: `(rows, exact)`.
 pub(crate) type Counts = BTreeMap<String, (u64, bool)>;
 
+/// One read-only session kept open for repeated status reads (`kiln serve`):
+/// the migration history through [`StatusSession::engine`] and the per-table
+/// status through [`StatusSession::table_status`], on the same connection, so
+/// a status read costs no connection set-up.
+///
+/// A session whose database went away reports it as an error
+/// ([`EngineError::ConnectionLost`] on PostgreSQL and MySQL); the owner drops
+/// it and connects again. On SQLite, where there is no connection to lose,
+/// [`StatusSession::is_current`] says whether the file it opened is still the
+/// one at the path (a read before the first `up` sees a missing file as an
+/// empty in-memory database, which must not outlive the file's creation).
+pub struct StatusSession {
+    inner: Session,
+    /// SQLite only: the database file and its identity (device, inode) when opened.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    file: Option<(std::path::PathBuf, Option<(u64, u64)>)>,
+}
+
+enum Session {
+    #[cfg(feature = "postgres")]
+    Pg(crate::postgres::PgBackend),
+    #[cfg(feature = "mysql")]
+    My(crate::mysql::MysqlEngine),
+    #[cfg(feature = "sqlite")]
+    Lite(crate::sqlite::SqliteEngine),
+}
+
+/// (device, inode) of `path`, `None` when it does not exist.
+#[cfg(feature = "sqlite")]
+fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Some((meta.dev(), meta.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        Some((0, 0))
+    }
+}
+
+impl StatusSession {
+    /// Open a read-only session on the database named by `cfg` (creating
+    /// nothing, as every read does).
+    ///
+    /// # Errors
+    /// What the engine's `connect` returns; [`EngineError::BadUrl`] for a
+    /// URL that is not a SQL engine of this build.
+    pub async fn connect(cfg: &BackendConfig) -> Result<Self, EngineError> {
+        let cfg = BackendConfig { read_only: true, ..cfg.clone() };
+        match EngineKind::of(&cfg.url) {
+            #[cfg(feature = "postgres")]
+            Some(EngineKind::Postgres) => Ok(StatusSession { inner: Session::Pg(crate::postgres::PgBackend::connect(&cfg).await?), file: None }),
+            #[cfg(feature = "mysql")]
+            Some(EngineKind::Mysql) => Ok(StatusSession { inner: Session::My(crate::mysql::MysqlEngine::connect(&cfg).await?), file: None }),
+            #[cfg(feature = "sqlite")]
+            Some(EngineKind::Sqlite) => {
+                // The identity is taken before opening: a file created or
+                // replaced meanwhile makes the session look stale, never current.
+                let path = crate::sqlite::sqlite_file(&cfg)?;
+                let file = path.map(|p| {
+                    let identity = file_identity(&p);
+                    (p, identity)
+                });
+                Ok(StatusSession { inner: Session::Lite(crate::sqlite::SqliteEngine::connect(&cfg).await?), file })
+            }
+            Some(other) => Err(EngineError::BadUrl { url: cfg.url.redacted(), message: format!("{other:?} is not a SQL engine of this build") }),
+            None => Err(EngineKind::parse(&cfg.url).expect_err("no engine")),
+        }
+    }
+
+    /// The engine, for the history (`Runner::status`).
+    pub fn engine(&mut self) -> &mut dyn kiln_core::Engine {
+        match &mut self.inner {
+            #[cfg(feature = "postgres")]
+            Session::Pg(e) => e,
+            #[cfg(feature = "mysql")]
+            Session::My(e) => e,
+            #[cfg(feature = "sqlite")]
+            Session::Lite(e) => e,
+        }
+    }
+
+    /// Whether the session still reads the database at its URL: always on
+    /// PostgreSQL and MySQL (a lost connection shows as an error instead); on
+    /// SQLite, whether the file is the one that was opened (it may have been
+    /// created, deleted or replaced since).
+    pub fn is_current(&self) -> bool {
+        match &self.file {
+            #[cfg(feature = "sqlite")]
+            Some((path, identity)) => file_identity(path) == *identity,
+            _ => true,
+        }
+    }
+
+    /// Every table with its row count and indexes, as [`table_status`] reads them.
+    ///
+    /// # Errors
+    /// A failing catalog query or count as [`EngineError::Query`]; a lost
+    /// connection as [`EngineError::ConnectionLost`].
+    pub async fn table_status(&mut self) -> Result<Vec<ObjectStatus>, EngineError> {
+        match &mut self.inner {
+            #[cfg(feature = "postgres")]
+            Session::Pg(e) => {
+                let snapshot = e.inspect().await?;
+                let counts = e.row_counts(&snapshot.objects.keys().cloned().collect::<Vec<_>>()).await?;
+                Ok(merge(snapshot, counts))
+            }
+            #[cfg(feature = "mysql")]
+            Session::My(e) => {
+                let snapshot = e.inspect().await?;
+                let counts = e.row_counts(&snapshot.objects.keys().cloned().collect::<Vec<_>>()).await?;
+                Ok(merge(snapshot, counts))
+            }
+            #[cfg(feature = "sqlite")]
+            Session::Lite(e) => {
+                let snapshot = e.inspect().await?;
+                let counts = e.row_counts(&snapshot.objects.keys().cloned().collect::<Vec<_>>())?;
+                Ok(merge(snapshot, counts))
+            }
+        }
+    }
+
+    /// Close the connection.
+    pub async fn close(self) {
+        let engine: Box<dyn kiln_core::Engine> = match self.inner {
+            #[cfg(feature = "postgres")]
+            Session::Pg(e) => Box::new(e),
+            #[cfg(feature = "mysql")]
+            Session::My(e) => Box::new(e),
+            #[cfg(feature = "sqlite")]
+            Session::Lite(e) => Box::new(e),
+        };
+        let _ = engine.close().await;
+    }
+}
+
 /// Status of every table of the database named by `cfg` (kiln's own tables
 /// excluded), sorted by name. Opens its own read-only connection.
 ///
@@ -30,32 +169,10 @@ pub(crate) type Counts = BTreeMap<String, (u64, bool)>;
 /// [`EngineError::Connect`] when the server cannot be reached; a failing
 /// catalog query or count as [`EngineError::Query`].
 pub async fn table_status(cfg: &BackendConfig) -> Result<Vec<ObjectStatus>, EngineError> {
-    let cfg = BackendConfig { read_only: true, ..cfg.clone() };
-    match EngineKind::of(&cfg.url) {
-        #[cfg(feature = "postgres")]
-        Some(EngineKind::Postgres) => {
-            let mut e = crate::postgres::PgBackend::connect(&cfg).await?;
-            let snapshot = e.inspect().await?;
-            let counts = e.row_counts(&snapshot.objects.keys().cloned().collect::<Vec<_>>()).await?;
-            Ok(merge(snapshot, counts))
-        }
-        #[cfg(feature = "mysql")]
-        Some(EngineKind::Mysql) => {
-            let mut e = crate::mysql::MysqlEngine::connect(&cfg).await?;
-            let snapshot = e.inspect().await?;
-            let counts = e.row_counts(&snapshot.objects.keys().cloned().collect::<Vec<_>>()).await?;
-            Ok(merge(snapshot, counts))
-        }
-        #[cfg(feature = "sqlite")]
-        Some(EngineKind::Sqlite) => {
-            let mut e = crate::sqlite::SqliteEngine::connect(&cfg).await?;
-            let snapshot = e.inspect().await?;
-            let counts = e.row_counts(&snapshot.objects.keys().cloned().collect::<Vec<_>>())?;
-            Ok(merge(snapshot, counts))
-        }
-        Some(other) => Err(EngineError::BadUrl { url: cfg.url.redacted(), message: format!("{other:?} is not a SQL engine of this build") }),
-        None => Err(EngineKind::parse(&cfg.url).expect_err("no engine")),
-    }
+    let mut session = StatusSession::connect(cfg).await?;
+    let r = session.table_status().await;
+    session.close().await;
+    r
 }
 
 fn merge(snapshot: kiln_core::schema::Snapshot, counts: Counts) -> Vec<ObjectStatus> {

@@ -26,8 +26,15 @@ fn main() -> ExitCode {
     render::init_color(cli.global.color);
     init_logging(cli.global.log_level.as_deref());
     // One thread is enough for a migration run and starts fastest; tasks that
-    // must run beside it (lock heartbeats) are cooperative.
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    // must run beside it (lock heartbeats) are cooperative. `kiln serve`
+    // answers many clients at once: it gets a worker per core.
+    let serve = matches!(cli.cmd, cli::Cmd::Serve(_));
+    let built = if serve {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    };
+    let rt = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

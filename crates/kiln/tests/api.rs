@@ -343,3 +343,89 @@ fn kiln_serve_needs_a_token_and_serves() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["steps"].as_array().unwrap().len(), 3);
 }
+
+/// The migrations are cached between status reads, but a file added after the
+/// server started shows up (within the re-check interval), and so does an
+/// edited one (its checksum changes: a changed applied migration).
+#[tokio::test]
+async fn status_sees_a_migration_file_added_after_the_server_started() {
+    let db = TestDb::new(Engine::Sqlite).await;
+    let srv = start(&db.url, ApiOptions::new(TOKEN), Duration::from_secs(10)).await;
+    let st = http(srv.addr, "GET", "/migrations/status", None, b"").await.json();
+    assert_eq!(st["summary"]["pending"], 3);
+    let r = http(srv.addr, "POST", "/migrations/run", Some(TOKEN), b"").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    std::fs::write(srv._dir.path().join("0004_later.sql"), "CREATE TABLE later (id INTEGER PRIMARY KEY);\n").unwrap();
+    let t0 = std::time::Instant::now();
+    let seen = loop {
+        let st = http(srv.addr, "GET", "/migrations/status", None, b"").await.json();
+        if states(&st).len() == 4 || t0.elapsed() > Duration::from_secs(10) {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(states(&seen), pairs(&[("0001", "applied"), ("0002", "applied"), ("0003", "applied"), ("0004", "pending")]));
+    assert_eq!(seen["summary"]["pending"], 1);
+    assert!(t0.elapsed() < kiln::api::RECHECK_INTERVAL + Duration::from_secs(3), "took {:?}", t0.elapsed());
+
+    // Applied through the API, the new file's table is listed too.
+    let r = http(srv.addr, "POST", "/migrations/run", Some(TOKEN), b"").await;
+    assert_eq!((r.status, r.json()["steps"].as_array().unwrap().len()), (200, 1), "{}", r.body);
+    let st = http(srv.addr, "GET", "/migrations/status", None, b"").await.json();
+    assert_eq!(st["summary"]["applied"], 4);
+    assert!(st["objects"].as_array().unwrap().iter().any(|o| o["name"] == "later"), "{}", st["objects"]);
+
+    // A removed file is noticed as well (the history still has it).
+    std::fs::remove_file(srv._dir.path().join("0004_later.sql")).unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        let st = http(srv.addr, "GET", "/migrations/status", None, b"").await.json();
+        let row = st["migrations"].as_array().unwrap().iter().find(|m| m["version"] == "0004").cloned().expect("still in the history");
+        if row["state"] != "applied" {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "the removed file was not noticed: {row}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The status reads reuse one connection; when the database ends it (a
+/// restart, `pg_terminate_backend`), the next read connects again and answers.
+#[tokio::test]
+async fn status_reconnects_after_the_database_dropped_its_connection() {
+    let db = TestDb::new(Engine::Postgres).await;
+    let srv = start(&db.url, ApiOptions::new(TOKEN), Duration::from_secs(10)).await;
+    let r = http(srv.addr, "POST", "/migrations/run", Some(TOKEN), b"").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let kiln_sessions = || async {
+        db.query_strings(
+            "SELECT pid::text FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name LIKE 'kiln %'",
+        )
+        .await
+        .unwrap()
+    };
+
+    let first = http(srv.addr, "GET", "/migrations/status", None, b"").await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let pids = kiln_sessions().await;
+    assert_eq!(pids.len(), 1, "one kept session: {pids:?}");
+    let again = http(srv.addr, "GET", "/migrations/status", None, b"").await;
+    assert_eq!(again.json(), first.json());
+    assert_eq!(kiln_sessions().await, pids, "the same connection is reused");
+
+    // The server ends the session, as a restart would.
+    db.sql(&format!("SELECT pg_terminate_backend({})", pids[0])).await.unwrap();
+    for _ in 0..100 {
+        if kiln_sessions().await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = http(srv.addr, "GET", "/migrations/status", None, b"").await;
+    assert_eq!(after.status, 200, "reconnected: {}", after.body);
+    assert_eq!(after.json(), first.json());
+    let new_pids = kiln_sessions().await;
+    assert_eq!(new_pids.len(), 1, "{new_pids:?}");
+    assert_ne!(new_pids, pids, "a new connection");
+}

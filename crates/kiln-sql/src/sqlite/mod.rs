@@ -235,6 +235,14 @@ impl Engine for SqliteEngine {
     }
 }
 
+/// The database file `cfg.url` names (`None` for `sqlite::memory:`).
+pub(crate) fn sqlite_file(cfg: &BackendConfig) -> Result<Option<PathBuf>, EngineError> {
+    match parse_url(cfg.url.expose(), &cfg.url.redacted())?.0 {
+        Location::File(p) => Ok(Some(p)),
+        Location::Memory => Ok(None),
+    }
+}
+
 fn parse_url(url: &str, shown: &str) -> Result<(Location, Journal), EngineError> {
     let lower = url.to_ascii_lowercase();
     let rest = ["sqlite3://", "sqlite://", "sqlite3:", "sqlite:"]

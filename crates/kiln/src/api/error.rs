@@ -23,7 +23,7 @@ use crate::Error;
 
 /// An error response: an HTTP status and the [`ErrorReport`] sent as
 /// `{"error": …}`.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct ApiError {
     /// The HTTP status.
     pub status: StatusCode,

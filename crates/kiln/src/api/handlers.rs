@@ -78,28 +78,8 @@ pub(crate) async fn health() -> Json<Health> {
         (status = 500, description = "Unreadable migration files or a failing query", body = ErrorBody),
     ),
     security((), ("bearer" = [])))]
-pub(crate) async fn status(State(s): State<Shared>) -> Result<Json<StatusResponse>, ApiError> {
-    let (rows, objects) = tokio::join!(s.kiln.status(), objects(&s.kiln));
-    let rows = rows?;
-    let objects = objects?;
-    let mut summary = Summary::default();
-    for r in &rows {
-        match r.state.as_str() {
-            "applied" | "baseline" => summary.applied += 1,
-            "pending" => summary.pending += 1,
-            "failed" | "running" => summary.failed += 1,
-            _ => {}
-        }
-    }
-    let groups: BTreeSet<String> = rows.iter().filter_map(|r| r.group.clone()).collect();
-    Ok(Json(StatusResponse {
-        database: s.kiln.backend.url.redacted(),
-        engine: engine_name(&s.kiln.backend.url).into(),
-        groups: groups.into_iter().collect(),
-        summary,
-        migrations: rows,
-        objects,
-    }))
+pub(crate) async fn status(State(s): State<Shared>) -> Response {
+    super::status::respond(s).await
 }
 
 #[utoipa::path(post, path = "/migrations/run", tag = "kiln",
@@ -205,34 +185,12 @@ async fn run(kiln: &Kiln, group: Option<String>, dry_run: bool) -> Result<RunRep
     Ok(r?)
 }
 
-fn engine_name(url: &kiln_core::url::DbUrl) -> &'static str {
+pub(crate) fn engine_name(url: &kiln_core::url::DbUrl) -> &'static str {
     match url.engine() {
         Some(EngineKind::Postgres) => "postgres",
         Some(EngineKind::Mysql) => "mysql",
         Some(EngineKind::Sqlite) => "sqlite",
         Some(EngineKind::Mongodb) => "mongodb",
         None => "unknown",
-    }
-}
-
-/// Every table or collection with its counts and indexes.
-async fn objects(kiln: &Kiln) -> Result<Vec<ObjectStatus>, Error> {
-    match EngineKind::of(&kiln.backend.url) {
-        #[cfg(feature = "mongodb")]
-        Some(EngineKind::Mongodb) => {
-            let cols = kiln_mongo::collection_status(&kiln.backend, &[], false).await?;
-            Ok(cols
-                .into_iter()
-                .map(|c| ObjectStatus {
-                    name: c.name,
-                    exists: c.exists,
-                    rows: c.documents,
-                    exact: c.exact,
-                    index_count: c.indexes.len(),
-                    indexes: c.indexes,
-                })
-                .collect())
-        }
-        _ => Ok(kiln_sql::table_status(&kiln.backend).await?),
     }
 }

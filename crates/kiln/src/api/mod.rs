@@ -25,6 +25,7 @@ mod error;
 mod handlers;
 mod openapi;
 mod serve;
+mod status;
 
 use std::fmt;
 use std::sync::Arc;
@@ -38,6 +39,7 @@ pub use error::ApiError;
 pub use handlers::{Health, RunRequest, StatusResponse, Summary};
 pub use openapi::openapi;
 pub use serve::{serve, ServeArgs, ServeError};
+pub use status::RECHECK_INTERVAL;
 
 /// Requests with a larger body are refused with 413 (`payload_too_large`).
 pub const DEFAULT_BODY_LIMIT: usize = 64 * 1024;
@@ -90,6 +92,8 @@ impl fmt::Debug for ApiOptions {
 pub(crate) struct AppState {
     pub(crate) kiln: Kiln,
     pub(crate) opts: ApiOptions,
+    /// The cached migrations, the kept session and the last status read.
+    pub(crate) status: status::StatusCache,
 }
 
 pub(crate) type Shared = Arc<AppState>;
@@ -108,7 +112,7 @@ pub(crate) type Shared = Arc<AppState>;
 /// | GET | `/` | the dashboard |
 pub fn router(kiln: Kiln, opts: ApiOptions) -> Router {
     let limit = opts.body_limit;
-    let state: Shared = Arc::new(AppState { kiln, opts });
+    let state: Shared = Arc::new(AppState { kiln, opts, status: status::StatusCache::new() });
     let reads = Router::new()
         .route("/migrations/status", get(handlers::status))
         .route("/ready", get(handlers::ready))
