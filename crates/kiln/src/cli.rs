@@ -534,7 +534,7 @@ async fn command(
             if *dry_run || !(*wait || *contract) {
                 return Ok(0);
             }
-            let unfinished = if *wait { crate::jobs_cli::wait_for_backfills(&mut runner, json).await? } else { vec![] };
+            let unfinished = if *wait { crate::jobs_cli::wait_for_backfills(&mut runner).await? } else { vec![] };
             let c = if *contract { Some(runner.contract(local, None).await?) } else { None };
             if json {
                 render::json(&serde_json::json!({ "up": r, "unfinished_jobs": unfinished, "contract": c }));

@@ -182,7 +182,8 @@ struct Reporter {
 impl kiln::jobs::JobProgress for Reporter {
     fn batch(&self, b: &Batch) {
         if self.json {
-            render::json(&serde_json::json!({
+            // One line per batch (JSON Lines), for `kiln worker --json`.
+            println!("{}", serde_json::json!({
                 "event": "batch", "version": b.job.version, "part": b.job.part, "lo": b.lo, "hi": b.hi,
                 "keys": b.keys, "changed": b.changed, "rows_done": b.job.rows_done, "rows_total": b.job.rows_total,
             }));
@@ -281,13 +282,14 @@ pub async fn worker(runner: &mut Runner<'_>, args: WorkerArgs, json: bool) -> Re
 
 /// `kiln up --wait`: run every queued backfill inline, then wait until no
 /// part is left running elsewhere. Returns the jobs that did not finish `done`.
-pub async fn wait_for_backfills(runner: &mut Runner<'_>, json: bool) -> Result<Vec<JobInfo>, CliError> {
+pub async fn wait_for_backfills(runner: &mut Runner<'_>) -> Result<Vec<JobInfo>, CliError> {
     let opts = WorkerOptions::new(owner());
     stop_on_signals(opts.stop.clone());
-    let progress = Reporter { json, every: Duration::from_secs(2), last: std::sync::Mutex::new(None) };
+    // Progress goes to stderr, also with --json (stdout holds the one report).
+    let progress = Reporter { json: false, every: Duration::from_secs(2), last: std::sync::Mutex::new(None) };
     loop {
         let r = runner.work(&opts, None, &progress).await?;
-        report_end(&r, json);
+        report_end(&r, false);
         let jobs = runner.jobs().await?;
         let infos = JobInfo::all(&jobs, chrono::Utc::now());
         let busy = infos.iter().any(|i| matches!(i.state, JobState::Queued | JobState::Running));
