@@ -568,8 +568,10 @@ impl JobInfo {
             (Some(r), Some(t), false) if r > 0.0 => Some(((t - rows_done).max(0) as f64 / r).ceil() as u64),
             _ => None,
         };
+        // The version as written in the file name (`0007`), when the name has it.
+        let version = first.name.split('_').next().filter(|t| t.parse::<u64>().ok() == Some(first.version)).map(str::to_string);
         Some(JobInfo {
-            version: first.version.to_string(),
+            version: version.unwrap_or_else(|| first.version.to_string()),
             name: first.name.clone(),
             state,
             target: first.spec.target().to_string(),

@@ -110,7 +110,7 @@ pub async fn jobs(runner: &mut Runner<'_>, cmd: Option<&JobsCmd>, json: bool) ->
     if json {
         render::json(&info);
     } else {
-        println!("{}_{}: {} — {}", info.version, info.name, info.state, info.progress());
+        println!("{}: {} — {}", info.name, info.state, info.progress());
     }
     Ok(0)
 }
@@ -183,10 +183,13 @@ impl kiln::jobs::JobProgress for Reporter {
     fn batch(&self, b: &Batch) {
         if self.json {
             // One line per batch (JSON Lines), for `kiln worker --json`.
-            println!("{}", serde_json::json!({
-                "event": "batch", "version": b.job.version, "part": b.job.part, "lo": b.lo, "hi": b.hi,
-                "keys": b.keys, "changed": b.changed, "rows_done": b.job.rows_done, "rows_total": b.job.rows_total,
-            }));
+            println!(
+                "{}",
+                serde_json::json!({
+                    "event": "batch", "version": b.job.version, "part": b.job.part, "lo": b.lo, "hi": b.hi,
+                    "keys": b.keys, "changed": b.changed, "rows_done": b.job.rows_done, "rows_total": b.job.rows_total,
+                })
+            );
             return;
         }
         let mut last = self.last.lock().expect("not poisoned");
@@ -196,7 +199,7 @@ impl kiln::jobs::JobProgress for Reporter {
         *last = Some(Instant::now());
         let info = JobInfo::of(std::slice::from_ref(&b.job), chrono::Utc::now());
         if let Some(i) = info {
-            eprintln!("  backfill {}_{} part {}: {}", i.version, i.name, b.job.part, i.progress());
+            eprintln!("  backfill {} part {}: {}", i.name, b.job.part, i.progress());
         }
     }
 }
@@ -223,12 +226,12 @@ fn stop_on_signals(stop: Arc<std::sync::atomic::AtomicBool>) {
 fn report_end(r: &WorkReport, json: bool) {
     for j in &r.done {
         if !json {
-            eprintln!("  backfill {}_{} part {}: done, {} rows in {} batches", j.version, j.name, j.part, j.rows_done, j.batches);
+            eprintln!("  backfill {} part {}: done, {} rows in {} batches", j.name, j.part, j.rows_done, j.batches);
         }
     }
     for j in &r.failed {
         if !json {
-            eprintln!("  backfill {}_{} part {}: FAILED: {}", j.version, j.name, j.part, j.error.as_deref().unwrap_or("?"));
+            eprintln!("  backfill {} part {}: FAILED: {}", j.name, j.part, j.error.as_deref().unwrap_or("?"));
         }
     }
 }

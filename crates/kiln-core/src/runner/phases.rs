@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::Runner;
 use crate::backend::RecordContext;
 use crate::error::{EngineError, PlanError, RunError};
-use crate::event::{Direction, Event};
+use crate::event::Direction;
 use crate::jobs::{parts_of, Backfill, Job, JobControl, JobInfo, JobProgress, JobState, JobStore, WorkReport, WorkerOptions};
 use crate::model::*;
 use crate::plan;
@@ -237,26 +237,14 @@ impl<'b> Runner<'b> {
             }
             let start = this.log_entry(LogEvent::RunStart, None, Some(batch), None, Some(format!("contract: {}", ready.len())));
             this.backend.log(&start).await?;
-            let total = ready.len();
-            for (i, (m, a)) in ready.into_iter().enumerate() {
-                this.emit(Event::StepStarted {
-                    direction: Direction::Up,
-                    version: m.version.text.clone(),
-                    name: m.description.clone(),
-                    index: i + 1,
-                    total,
-                });
+            // No step events: the report names what was contracted (a progress
+            // line would say "applied").
+            for (m, a) in ready {
                 let t = Instant::now();
                 let body = m.phases.as_ref().and_then(|p| p.contract.clone()).unwrap_or(Body::Sql { file: m.path.clone(), statements: vec![] });
                 match this.backend.contract(m, a, &ctx).await {
                     Ok(()) => {
                         let d = t.elapsed();
-                        this.hold(Event::StepFinished {
-                            direction: Direction::Up,
-                            version: m.version.text.clone(),
-                            name: m.description.clone(),
-                            duration: d,
-                        });
                         report.contracted.push(StepReport::of(m, &body, d.as_millis() as u64, false));
                     }
                     Err(e) => return Err(this.step_failed(Direction::Up, m, e, &report.contracted, batch).await),
