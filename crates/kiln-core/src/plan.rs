@@ -227,7 +227,9 @@ pub fn plan_down<'a>(local: &'a [Migration], applied: &'a [AppliedMigration], ta
             if !local.iter().any(|m| &m.version == v) && !applied.iter().any(|a| &a.version == v) && v.number != 0 {
                 problems.push(PlanError::UnknownVersion { version: v.to_string(), hint: "--to must name a migration, or 0 for all".into() });
             }
-            done.into_iter().filter(|a| a.version > *v).collect()
+            // `--to 0` means everything, a version-0 migration included
+            // (diesel's 00000000000000_diesel_initial_setup, a `0_initial`).
+            done.into_iter().filter(|a| v.number == 0 || a.version > *v).collect()
         }
     };
     let files: HashMap<u64, &Migration> = local.iter().map(|m| (m.version.number, m)).collect();
@@ -505,6 +507,17 @@ mod tests {
         let applied: Vec<_> = local.iter().map(|m| rec(m, 1, State::Applied)).collect();
         let e = plan_down(&local, &applied, &DownTarget::LastBatch).unwrap_err();
         assert!(matches!(e[0], PlanError::Irreversible { .. }));
+    }
+
+    #[test]
+    fn down_to_zero_reverts_version_zero_too() {
+        let local = vec![mig(0, true), mig(1, true), mig(2, true)];
+        let applied: Vec<_> = local.iter().map(|m| rec(m, 1, State::Applied)).collect();
+        let p = plan_down(&local, &applied, &DownTarget::To(Version::from_number(0))).unwrap();
+        let reverted: Vec<u64> = p.steps.iter().map(|(m, _)| m.version.number).collect();
+        assert_eq!(reverted, [2, 1, 0]);
+        let p = plan_down(&local, &applied, &DownTarget::To(Version::from_number(1))).unwrap();
+        assert_eq!(p.steps.len(), 1);
     }
 
     #[test]
