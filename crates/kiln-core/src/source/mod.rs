@@ -271,6 +271,9 @@ fn walk(root: &Path, dir: &Path, rules: &Rules, group: Option<&str>, scope: Scop
         entries.push((name, path, is_dir, is_file));
     }
     entries.sort();
+    // A directory of diesel migration folders: diesel ignores every entry that
+    // is not a folder (crates.io keeps a data `.sql` file there), and so does kiln.
+    let diesel_root = entries.iter().any(|(_, p, is_dir, _)| *is_dir && p.join("up.sql").is_file());
     let group_owned = group.map(str::to_string);
     // Pair .up.sql / .down.sql files by stem.
     let mut pairs: BTreeMap<String, (Option<PathBuf>, Option<PathBuf>)> = BTreeMap::new();
@@ -297,6 +300,10 @@ fn walk(root: &Path, dir: &Path, rules: &Rules, group: Option<&str>, scope: Scop
                 let g = group.map(str::to_string).unwrap_or_else(|| name.clone());
                 walk(root, &path, rules, Some(&g), scope, depth + 1, out);
             }
+            continue;
+        }
+        if diesel_root {
+            tracing::debug!(file = %rel.display(), "not a migration: a file beside diesel migration folders, which diesel ignores");
             continue;
         }
         // Extensions are matched in any case (`0001_x.SQL` from a Windows

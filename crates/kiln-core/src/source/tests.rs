@@ -284,3 +284,20 @@ fn errors_never_echo_a_whole_huge_value() {
     assert!(e.len() < 2_000, "{} bytes", e.len());
     assert!(e.contains("bytes in all"), "{}", &e[..e.len().min(2_000)]);
 }
+
+#[test]
+fn loose_files_beside_diesel_folders_are_ignored_as_diesel_does() {
+    // crates.io keeps a data file in its diesel migrations root.
+    let d = dir_with(&[
+        ("2019-02-26-002946_create_user/up.sql", "create table u (id int);"),
+        ("2019-02-26-002946_create_user/down.sql", "drop table u;"),
+        ("dump-db.sql", "COPY crates FROM stdin;"),
+        ("README.md", "notes"),
+    ]);
+    let found = load(&d).unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].version.number, 20190226002946);
+    // Without diesel folders, the same loose file breaks the naming rule.
+    let d = dir_with(&[("0001_a.sql", "select 1;"), ("dump-db.sql", "COPY crates FROM stdin;")]);
+    assert!(matches!(load(&d), Err(SourceError::BadName { .. })));
+}
