@@ -870,17 +870,12 @@ pub async fn work_all(
 }
 
 /// Replace `:lo` and `:hi` in a backfill statement with SQL literals: the
-/// key as a number when it is one, else a quoted string. Occurrences inside
-/// string literals, quoted identifiers and `::` casts are left alone.
+/// key as a quoted string, which every SQL engine compares as the column's
+/// type (an integer key `'42'` as 42; a text key `'0010'` stays text, where an
+/// unquoted 0010 would be a number). Occurrences inside string literals,
+/// quoted identifiers and `::` casts are left alone.
 pub fn bind_range(sql: &str, lo: &str, hi: &str) -> String {
-    let lit = |v: &str| {
-        let numeric = !v.is_empty() && v.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()) && v != "-";
-        if numeric {
-            v.to_string()
-        } else {
-            format!("'{}'", v.replace('\'', "''"))
-        }
-    };
+    let lit = |v: &str| format!("'{}'", v.replace('\'', "''"));
     let (lo, hi) = (lit(lo), lit(hi));
     let b = sql.as_bytes();
     let mut out = String::with_capacity(sql.len() + 16);
@@ -1035,8 +1030,8 @@ mod tests {
     #[test]
     fn bind_range_replaces_placeholders_outside_quotes() {
         let s = "UPDATE t SET a = ':lo', b = c::text WHERE id BETWEEN :lo AND :hi AND x = :hidden";
-        assert_eq!(bind_range(s, "5", "9"), "UPDATE t SET a = ':lo', b = c::text WHERE id BETWEEN 5 AND 9 AND x = :hidden");
-        assert_eq!(bind_range("k >= :lo and k <= :hi", "a'b", "-3"), "k >= 'a''b' and k <= -3");
+        assert_eq!(bind_range(s, "5", "9"), "UPDATE t SET a = ':lo', b = c::text WHERE id BETWEEN '5' AND '9' AND x = :hidden");
+        assert_eq!(bind_range("k >= :lo and k <= :hi", "a'b", "0010"), "k >= 'a''b' and k <= '0010'");
         assert!(uses_range("WHERE id BETWEEN :lo AND :hi"));
         assert!(!uses_range("WHERE id > :lo"));
         assert!(!uses_range("WHERE id > ':lo' AND id < ':hi'"));

@@ -352,6 +352,43 @@ impl Kiln {
         Ok(r?)
     }
 
+    /// Every backfill job (zero-downtime migrations), as `kiln jobs` lists them.
+    ///
+    /// # Errors
+    /// An unreachable database.
+    pub async fn jobs(&self) -> Result<Vec<jobs::JobInfo>, Error> {
+        let mut b = connect(&BackendConfig { read_only: true, ..self.backend.clone() }).await?;
+        let r = self.runner(b.as_mut(), None).jobs().await;
+        let _ = b.close().await;
+        Ok(jobs::JobInfo::all(&r?, chrono::Utc::now()))
+    }
+
+    /// Pause, resume, cancel, retry or throttle the backfill job of `version`
+    /// (`kiln jobs pause|resume|cancel|retry|throttle`).
+    ///
+    /// # Errors
+    /// Refused when there is no such job or the change does not apply to its
+    /// state; an unreachable database.
+    pub async fn control_job(&self, version: &Version, control: &jobs::JobControl) -> Result<jobs::JobInfo, Error> {
+        let mut b = connect(&self.backend).await?;
+        let r = self.runner(b.as_mut(), None).control_job(version, control).await;
+        let _ = b.close().await;
+        Ok(r?)
+    }
+
+    /// Contract the expanded migration `version` (`kiln contract`): refused
+    /// until its backfill is done and its remaining count is 0.
+    ///
+    /// # Errors
+    /// As [`Runner::contract`].
+    pub async fn contract_migration(&self, version: &Version) -> Result<ContractReport, Error> {
+        let local = self.load()?;
+        let mut b = connect(&self.backend).await?;
+        let r = self.runner(b.as_mut(), None).contract(&local, Some(version)).await;
+        let _ = b.close().await;
+        Ok(r?)
+    }
+
     /// Load the migration files (with a `[tenants]` fleet: the public-scoped
     /// ones; [`fleet::Fleet`] runs the others).
     ///

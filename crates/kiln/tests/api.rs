@@ -429,3 +429,36 @@ async fn status_reconnects_after_the_database_dropped_its_connection() {
     assert_eq!(new_pids.len(), 1, "{new_pids:?}");
     assert_ne!(new_pids, pids, "a new connection");
 }
+
+/// Zero-downtime jobs through the API: `GET /jobs` shows the queued backfill
+/// and the status row carries its progress; `POST /jobs/{id}/pause` needs the
+/// token, then pauses it; an unknown action is a 404 naming the actions.
+#[tokio::test]
+async fn jobs_are_listed_and_controlled() {
+    let db = TestDb::new(Engine::Sqlite).await;
+    let s = start(&db.url, ApiOptions::new(TOKEN), Duration::from_secs(5)).await;
+    std::fs::write(
+        s._dir.path().join("0004_backfill.sql"),
+        "-- kiln:expand\nALTER TABLE users ADD COLUMN handle VARCHAR(200);\n\
+         -- kiln:backfill table=users key=id batch=2\nUPDATE users SET handle = email WHERE id BETWEEN :lo AND :hi AND handle IS NULL;\n\
+         -- kiln:rollback\nALTER TABLE users DROP COLUMN handle;\n",
+    )
+    .unwrap();
+    let run = http(s.addr, "POST", "/migrations/run", Some(TOKEN), b"").await;
+    assert_eq!(run.status, 200, "{}", run.body);
+    let jobs = http(s.addr, "GET", "/jobs", None, b"").await;
+    assert_eq!(jobs.status, 200, "{}", jobs.body);
+    let j = &jobs.json()["jobs"][0];
+    assert_eq!((j["version"].as_str(), j["state"].as_str(), j["rows_total"].as_i64()), (Some("0004"), Some("queued"), Some(3)), "{j}");
+    let status = http(s.addr, "GET", "/migrations/status", None, b"").await.json();
+    let row = status["migrations"].as_array().unwrap().iter().find(|m| m["version"] == "0004").unwrap().clone();
+    assert_eq!((row["state"].as_str(), row["job"]["rows_total"].as_i64()), (Some("expanded"), Some(3)), "{row}");
+    let denied = http(s.addr, "POST", "/jobs/0004/pause", None, b"").await;
+    assert_eq!(denied.status, 401, "{}", denied.body);
+    let paused = http(s.addr, "POST", "/jobs/0004/pause", Some(TOKEN), b"").await;
+    assert_eq!((paused.status, paused.json()["state"].as_str()), (200, Some("paused")), "{}", paused.body);
+    let again = http(s.addr, "POST", "/jobs/0004/pause", Some(TOKEN), b"").await;
+    assert_eq!(again.status, 409, "pausing a paused job changes nothing: {}", again.body);
+    let unknown = http(s.addr, "POST", "/jobs/0004/explode", Some(TOKEN), b"").await;
+    assert_eq!((unknown.status, unknown.code()), (404, "unknown_action".to_string()), "{}", unknown.body);
+}

@@ -174,6 +174,60 @@ fn parse_body(body: &[u8]) -> Result<RunRequest, ApiError> {
     }
 }
 
+/// `GET /jobs`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobsResponse {
+    /// Every backfill job of a zero-downtime migration, by version.
+    pub jobs: Vec<kiln_core::jobs::JobInfo>,
+}
+
+#[utoipa::path(get, path = "/jobs", tag = "kiln",
+    responses(
+        (status = 200, description = "Every backfill job: state, progress (done/total, rows/s, ETA), workers, throttle, last error", body = JobsResponse),
+        (status = 401, description = "Missing or wrong token (when reads are protected)", body = ErrorBody),
+        (status = 503, description = "The database is down", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])))]
+pub(crate) async fn jobs(State(s): State<Shared>) -> Result<Json<JobsResponse>, ApiError> {
+    Ok(Json(JobsResponse { jobs: s.kiln.jobs().await? }))
+}
+
+#[utoipa::path(post, path = "/jobs/{id}/{action}", tag = "kiln",
+    params(
+        ("id" = String, Path, description = "The job's id: its migration's version"),
+        ("action" = String, Path, description = "`pause`, `resume`, `cancel` or `retry`"),
+    ),
+    responses(
+        (status = 200, description = "The job after the change", body = kiln_core::jobs::JobInfo),
+        (status = 401, description = "Missing or wrong token: nothing was changed", body = ErrorBody),
+        (status = 404, description = "Unknown action (`unknown_action`)", body = ErrorBody),
+        (status = 409, description = "No such job, or the change does not apply to its state", body = ErrorBody),
+        (status = 503, description = "The database is down", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(crate) async fn job_action(
+    State(s): State<Shared>,
+    Path((id, action)): Path<(String, String)>,
+) -> Result<Json<kiln_core::jobs::JobInfo>, ApiError> {
+    use kiln_core::jobs::JobControl;
+    let control = match action.as_str() {
+        "pause" => JobControl::Pause,
+        "resume" => JobControl::Resume,
+        "cancel" => JobControl::Cancel,
+        "retry" => JobControl::Retry,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_action",
+                format!("unknown job action {other:?}: pause, resume, cancel or retry"),
+            ))
+        }
+    };
+    let version = kiln_core::Version::parse_arg(&id)
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "bad_version", format!("{id:?} is not a job id (a migration version such as 0007)")))?;
+    Ok(Json(s.kiln.control_job(&version, &control).await?))
+}
+
 /// `up` of every pending migration (or of one group's), as `kiln up [--group G]`.
 async fn run(kiln: &Kiln, group: Option<String>, dry_run: bool) -> Result<RunReport, Error> {
     let contract = kiln.contract()?;

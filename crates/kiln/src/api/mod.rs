@@ -108,6 +108,8 @@ pub(crate) type Shared = Arc<AppState>;
 /// | POST | `/migrations/run/{group}` | apply one group's pending migrations (bearer token) |
 /// | GET | `/health` | liveness: answers without touching the database |
 /// | GET | `/ready` | 200 when nothing is pending or failed, else 503 |
+/// | GET | `/jobs` | backfill jobs of zero-downtime migrations: state, progress, rows/s, ETA |
+/// | POST | `/jobs/{id}/{action}` | pause, resume, cancel or retry a job (bearer token) |
 /// | GET | `/openapi.json` | the OpenAPI 3.1 document, generated from this code |
 /// | GET | `/` | the dashboard |
 pub fn router(kiln: Kiln, opts: ApiOptions) -> Router {
@@ -116,11 +118,13 @@ pub fn router(kiln: Kiln, opts: ApiOptions) -> Router {
     let reads = Router::new()
         .route("/migrations/status", get(handlers::status))
         .route("/ready", get(handlers::ready))
+        .route("/jobs", get(handlers::jobs))
         .route("/openapi.json", get(openapi::serve_document))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::reads));
     let writes = Router::new()
         .route("/migrations/run", post(handlers::run_all))
         .route("/migrations/run/{group}", post(handlers::run_group))
+        .route("/jobs/{id}/{action}", post(handlers::job_action))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::writes));
     Router::new()
         .route("/", get(handlers::dashboard))
