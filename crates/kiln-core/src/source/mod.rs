@@ -272,7 +272,8 @@ fn walk(root: &Path, dir: &Path, rules: &Rules, group: Option<&str>, scope: Scop
     }
     entries.sort();
     // A directory of diesel migration folders: diesel ignores every entry that
-    // is not a folder (crates.io keeps a data `.sql` file there), and so does kiln.
+    // is not a folder (crates.io keeps a data `.sql` file there), and so does
+    // kiln for a file there whose name is not a migration's.
     let diesel_root = entries.iter().any(|(_, p, is_dir, _)| *is_dir && p.join("up.sql").is_file());
     let group_owned = group.map(str::to_string);
     // Pair .up.sql / .down.sql files by stem.
@@ -302,9 +303,13 @@ fn walk(root: &Path, dir: &Path, rules: &Rules, group: Option<&str>, scope: Scop
             }
             continue;
         }
-        if diesel_root {
-            tracing::debug!(file = %rel.display(), "not a migration: a file beside diesel migration folders, which diesel ignores");
-            continue;
+        if diesel_root && !is_dir {
+            let stem = name.split('.').next().unwrap_or(&name);
+            let stem = stem.trim_end_matches(".up").trim_end_matches(".down");
+            if rules.check(stem, false, &rel).is_err() || split_version(stem).is_none() {
+                tracing::debug!(file = %rel.display(), "not a migration: a file beside diesel migration folders that breaks the naming rule, which diesel ignores");
+                continue;
+            }
         }
         // Extensions are matched in any case (`0001_x.SQL` from a Windows
         // tool is a migration, not a file to skip in silence); the stem keeps its case.

@@ -281,27 +281,36 @@ pub(super) fn sql_single(stem: &str, rel: &Path, raw: &str, opts: &LoadOptions, 
     let (version, description) = version_of(stem, rel)?;
     let text = strip_bom(raw);
     let (mut directives, header_end) = parse_header(text, rel, 1)?;
-    if text.lines().any(|l| section_marker(l).is_some()) {
+    let (up, down, phases) = if text.lines().any(|l| section_marker(l).is_some()) {
         let split = |t: &str, line: usize| sql_section(t, line, rel, opts);
         let (up, down, phases) = sql_phased(rel, text, header_end, &split)?;
-        if directives.group.is_none() {
-            directives.group = group.map(str::to_string);
-        }
-        if scope == Scope::Tenant {
-            directives.scope = Scope::Tenant;
-        }
-        return Ok(Migration {
-            version,
-            description,
-            path: rel.to_path_buf(),
-            kind: Kind::Sql,
-            checksum: Checksum::of_parts(&[raw]),
-            directives,
-            up,
-            down,
-            phases: Some(Box::new(phases)),
-        });
+        (up, down, Some(Box::new(phases)))
+    } else {
+        let (up, down) = up_down(text, header_end, rel, opts)?;
+        (up, down, None)
+    };
+    if directives.group.is_none() {
+        directives.group = group.map(str::to_string);
     }
+    if scope == Scope::Tenant {
+        directives.scope = Scope::Tenant;
+    }
+    Ok(Migration {
+        version,
+        description,
+        path: rel.to_path_buf(),
+        kind: Kind::Sql,
+        checksum: Checksum::of_parts(&[raw]),
+        directives,
+        up,
+        down,
+        phases,
+    })
+}
+
+/// The `-- kiln:up` / `-- kiln:down` sections of a single-file migration
+/// (none: the whole body is up, irreversible).
+fn up_down(text: &str, header_end: usize, rel: &Path, opts: &LoadOptions) -> Result<(Body, Option<Body>), SourceError> {
     // Find section markers.
     let mut up_range: Option<(usize, usize)> = None; // byte start, line
     let mut down_range: Option<(usize, usize)> = None;
@@ -345,7 +354,7 @@ pub(super) fn sql_single(stem: &str, rel: &Path, raw: &str, opts: &LoadOptions, 
         }
         pos += line.len();
     }
-    let (up, down) = match up_range {
+    Ok(match up_range {
         None => (sql_body(text, header_end, rel, opts)?, None),
         Some((start, line)) => {
             let up = sql_section(&text[start..up_end], line, rel, opts)?;
@@ -355,23 +364,6 @@ pub(super) fn sql_single(stem: &str, rel: &Path, raw: &str, opts: &LoadOptions, 
             };
             (up, down)
         }
-    };
-    if directives.group.is_none() {
-        directives.group = group.map(str::to_string);
-    }
-    if scope == Scope::Tenant {
-        directives.scope = Scope::Tenant;
-    }
-    Ok(Migration {
-        version,
-        description,
-        path: rel.to_path_buf(),
-        kind: Kind::Sql,
-        checksum: Checksum::of_parts(&[raw]),
-        directives,
-        up,
-        down,
-        phases: None,
     })
 }
 
