@@ -729,21 +729,24 @@ pub async fn work_part(store: &mut dyn JobStore, mut job: Job, opts: &WorkerOpti
             Ok(BatchOutcome::Batch(b)) => {
                 retries = 0;
                 progress.batch(&b);
+                // A short batch of the last part reached the end of the table
+                // as it is now: done. Otherwise a job would chase rows written
+                // faster than it converts them, forever; rows written in the
+                // old shape after this are what the remaining count before
+                // contract is for.
+                let at_end = job.range_hi.is_none() && b.keys < i64::from(job.throttle.batch);
                 job = b.job;
-                throttle(store, &mut job, opts, started, rows_at_start).await?;
+                if !at_end {
+                    throttle(store, &mut job, opts, started, rows_at_start).await?;
+                    continue;
+                }
+                if job.state != JobState::Running {
+                    continue;
+                }
+                return finish_done(store, job, opts).await;
             }
             Ok(BatchOutcome::Exhausted) => {
-                let mut done = job.clone();
-                done.state = JobState::Done;
-                done.finished_at = Some(Utc::now());
-                done.lease_owner = None;
-                done.lease_until = None;
-                done.error = None;
-                return Ok(match store.save_job(&done, &opts.owner).await? {
-                    Some(j) if j.state == JobState::Done => PartEnd::Done(j),
-                    Some(j) => PartEnd::Stopped(j),
-                    None => PartEnd::Lost,
-                });
+                return finish_done(store, job, opts).await;
             }
             // The part is no longer running for this worker: an operator paused
             // or cancelled it (the lease is still ours: release it, so nobody
@@ -783,6 +786,21 @@ pub async fn work_part(store: &mut dyn JobStore, mut job: Job, opts: &WorkerOpti
             }
         }
     }
+}
+
+/// Record a part done (its walk reached the end) and release its lease.
+async fn finish_done(store: &mut dyn JobStore, job: Job, opts: &WorkerOptions) -> Result<PartEnd, EngineError> {
+    let mut done = job;
+    done.state = JobState::Done;
+    done.finished_at = Some(Utc::now());
+    done.lease_owner = None;
+    done.lease_until = None;
+    done.error = None;
+    Ok(match store.save_job(&done, &opts.owner).await? {
+        Some(j) if j.state == JobState::Done => PartEnd::Done(j),
+        Some(j) => PartEnd::Stopped(j),
+        None => PartEnd::Lost,
+    })
 }
 
 /// Sleep for the throttle: the pause between batches, and long enough that

@@ -268,7 +268,10 @@ async fn worked_example(engine: Engine) {
     assert_eq!(row["job"]["state"], "done", "{row}");
     // Make sure the straggler wrote after the job finished.
     let before = straggler.writes.load(Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while straggler.writes.load(Ordering::SeqCst) < before + 3 {
+        assert!(!straggler.task.is_finished(), "the V1 straggler stopped writing (it panicked)");
+        assert!(std::time::Instant::now() < deadline, "the V1 straggler wrote nothing for 120 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let refused = p.kiln(&["contract", "0002"]);
