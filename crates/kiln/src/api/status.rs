@@ -46,6 +46,11 @@ use crate::{Error, Kiln};
 /// How often, at most, the migrations directory is checked for changes.
 pub const RECHECK_INTERVAL: Duration = Duration::from_millis(500);
 
+/// A status read taking longer than this (a database that stopped answering
+/// without closing the connection) is abandoned with a 503, and its session
+/// dropped, so the requests queued behind it are not held forever.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The shared state of status reads (one per router).
 pub(crate) struct StatusCache {
     /// Requests seen so far: a request's ticket is its arrival number.
@@ -127,7 +132,21 @@ pub(crate) async fn respond(state: Arc<AppState>) -> Response {
             let handle = tokio::runtime::Handle::current();
             let st = state.clone();
             let joined = tokio::task::spawn_blocking(move || {
-                let answer = handle.block_on(read(&st.kiln, &mut reader));
+                let answer = handle.block_on(async {
+                    let timed = tokio::time::timeout(READ_TIMEOUT, read(&st.kiln, &mut reader)).await;
+                    match timed {
+                        Ok(answer) => answer,
+                        Err(_) => {
+                            // Mid-query: the session cannot be trusted any more.
+                            reader.session = None;
+                            Err(ApiError::new(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "connection_lost",
+                                format!("the database is down or unreachable: no answer to the status read within {READ_TIMEOUT:?}"),
+                            ))
+                        }
+                    }
+                });
                 reader.last = Some((started, answer.clone()));
                 answer
             })
