@@ -30,7 +30,9 @@ async fn events(env: &Env, event: &str) -> Vec<Document> {
     env.docs("kiln_log").await.into_iter().filter(|d| d.get_str("event").ok() == Some(event)).collect()
 }
 
-/// Freezes the thread it is called on (all of runner A) once, after `after` finished.
+/// Freezes the thread it is called on (all of runner A) once, between
+/// migrations: when the one after `after` is about to start (a step is
+/// reported finished only once durable, so its own event may come later).
 struct FreezeAfter {
     after: String,
     frozen: Mutex<bool>,
@@ -39,9 +41,10 @@ struct FreezeAfter {
 
 impl Observer for FreezeAfter {
     fn on_event(&self, event: &Event) {
-        if let Event::StepFinished { version, .. } = event {
+        if let Event::StepStarted { index, .. } = event {
             let mut f = self.frozen.lock().unwrap();
-            if *version == self.after && !*f {
+            let next = self.after.parse::<usize>().unwrap() + 1;
+            if *index == next && !*f {
                 *f = true;
                 let (lock, cv) = &*self.unfreeze;
                 let mut go = lock.lock().unwrap();
