@@ -46,7 +46,8 @@ SQL
 }
 
 load_start() { rm -f "$work/stop"; "$PGLOAD" "$URL" --rate "$RATE" --clients 4 --max-id "$1" --stop-file "$work/stop" > "$work/load.json" & LOAD_PID=$!; sleep 1; }
-load_stop() { touch "$work/stop"; wait "$LOAD_PID"; cat "$work/load.json"; }
+# Not in $( ): `wait` works only in the shell that started the load.
+load_stop() { touch "$work/stop"; wait "$LOAD_PID"; LOAD=$(cat "$work/load.json"); }
 now() { date +%s.%N; }
 field() { python3 -c "import json,sys; print(json.load(open('$1'))['$2'])"; }
 
@@ -54,13 +55,13 @@ summary=()
 for n in "${ROWS[@]}"; do
   echo "== $n rows"
   fresh "$n"
-  load_start "$n"; sleep "$IDLE_SECS"; idle=$(load_stop)
+  load_start "$n"; sleep "$IDLE_SECS"; load_stop; idle=$LOAD
   echo "idle live load: $idle"
 
   psql -q "$URL" -c "ALTER TABLE users ADD COLUMN display_name text" >/dev/null
   load_start "$n"
   t0=$(now); psql -q "$URL" -c "UPDATE users SET display_name = full_name" >/dev/null; t1=$(now)
-  upd=$(load_stop)
+  load_stop; upd=$LOAD
   upd_rate=$(python3 -c "print(round($n/($t1-$t0)))")
   echo "one UPDATE: $(python3 -c "print(round($t1-$t0,1))") s, $upd_rate rows/s; live load: $upd"
 
@@ -68,7 +69,7 @@ for n in "${ROWS[@]}"; do
   "$KILN" --url "$URL" --dir "$work/migrations" up >/dev/null
   load_start "$n"
   t0=$(now); /usr/bin/time -f '%M' -o "$work/rss" "$KILN" --url "$URL" --dir "$work/migrations" worker --once 2>"$work/worker.log"; t1=$(now)
-  bf=$(load_stop)
+  load_stop; bf=$LOAD
   bf_rate=$(python3 -c "print(round($n/($t1-$t0)))")
   rss=$(( $(tail -1 "$work/rss") / 1024 ))
   left=$(psql -qAt "$URL" -c "SELECT count(*) FROM users WHERE display_name IS DISTINCT FROM full_name")
