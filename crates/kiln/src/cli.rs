@@ -448,6 +448,9 @@ async fn fleet_command(cmd: &Cmd, cfg: &Config, json: bool) -> Result<Option<i32
     };
     let observer: Arc<dyn kiln::Observer> = Arc::new(kiln::event::Silent);
     match cmd {
+        Cmd::Up { wait: true, .. } | Cmd::Up { contract: true, .. } => Err(CliError::Usage(
+            "--wait and --contract run the zero-downtime phases of one database; with a `[tenants]` fleet run `kiln up`, then `kiln worker` and `kiln contract VERSION` (they act on the public database)".into(),
+        )),
         Cmd::Up { to: None, dry_run, group, fleet, fail_fast, concurrency, .. } => {
             let mut lib = kiln::Kiln::from_config(cfg).observer(observer);
             if let Some(g) = group {

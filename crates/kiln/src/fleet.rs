@@ -139,7 +139,17 @@ impl<'a> Fleet<'a> {
     /// Bad files, naming the file.
     pub fn load(&self) -> Result<(Vec<Migration>, Vec<Migration>), crate::Error> {
         let all = self.kiln.load_unscoped()?;
-        Ok(all.into_iter().partition(|m| m.directives.scope == Scope::Public))
+        let (public, tenant): (Vec<Migration>, Vec<Migration>) = all.into_iter().partition(|m| m.directives.scope == Scope::Public);
+        // Backfill jobs in tenant databases would have no worker: `kiln worker`
+        // serves one database. Refuse rather than queue work nobody runs.
+        let phased: Vec<String> = tenant.iter().filter(|m| m.phases.is_some()).map(|m| m.display_path()).collect();
+        if !phased.is_empty() {
+            return Err(crate::Error::Run(kiln_core::RunError::Plan(vec![kiln_core::PlanError::Refused(format!(
+                "{}: zero-downtime migrations (expand/backfill/contract) run on the public database only for now; a tenant-scoped one would queue backfill jobs that no `kiln worker` serves. Nothing was run",
+                phased.join(", ")
+            ))])));
+        }
+        Ok((public, tenant))
     }
 
     /// Apply pending migrations: the public database first, then the tenants

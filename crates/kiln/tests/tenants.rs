@@ -211,3 +211,23 @@ async fn mysql_database_per_tenant() {
 async fn mongodb_database_per_tenant() {
     database_per_tenant(Engine::Mongodb).await;
 }
+
+/// Zero-downtime migrations are not honoured per tenant yet: a tenant-scoped one
+/// is refused before anything runs (its backfill would have no worker), and
+/// `up --wait` / `--contract` over a fleet are usage errors.
+#[tokio::test]
+async fn zero_downtime_is_refused_where_no_worker_would_serve_it() {
+    let p = Project::new(Engine::Sqlite).await;
+    fleet(&p, &["a", "b"], "url = \"sqlite://tenants/{tenant}.db\"");
+    let wait = p.kiln(&["up", "--wait"]);
+    wait.fails_with(2);
+    assert!(wait.stderr.contains("--wait and --contract"), "{}", wait.stderr);
+    p.write(
+        "tenant/0003_backfill.sql",
+        "-- kiln:expand\nALTER TABLE t_users ADD COLUMN n INT;\n-- kiln:backfill table=t_users key=id\nUPDATE t_users SET n = 1 WHERE id BETWEEN :lo AND :hi AND n IS NULL;\n",
+    );
+    let r = p.kiln(&["up"]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("tenant/0003_backfill.sql") && r.stderr.contains("public database only"), "{}", r.stderr);
+    assert!(tables(&sqlite_tenant(&p, "a")).is_empty(), "nothing ran on any tenant");
+}
