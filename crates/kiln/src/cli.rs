@@ -569,7 +569,8 @@ async fn command(
             }
             let args =
                 crate::jobs_cli::WorkerArgs { once: *once, lease, only: job.as_deref().map(parse_version).transpose()?, idle: dur("idle", idle)? };
-            crate::jobs_cli::worker(&mut runner, args, json).await
+            drop(runner);
+            crate::jobs_cli::worker(lib, backend, args, json).await
         }
         Cmd::Down { steps, to, dry_run } => {
             let t = match (steps, to) {

@@ -248,10 +248,41 @@ pub struct WorkerArgs {
     pub idle: Duration,
 }
 
+/// True for errors after which a new connection may succeed (the database
+/// restarted, a network blip): the worker reconnects instead of exiting.
+fn connection_lost(e: &kiln::RunError) -> bool {
+    matches!(e, kiln::RunError::Engine(kiln::EngineError::ConnectionLost { .. } | kiln::EngineError::Connect { .. }))
+}
+
+/// Connect again, backing off from 1 s to 10 s, until it works or the worker
+/// is stopped (`None`).
+async fn reconnect(lib: &kiln::Kiln, opts: &WorkerOptions) -> Option<Box<dyn kiln::Engine>> {
+    let mut delay = Duration::from_secs(1);
+    while !opts.stop.load(Ordering::Relaxed) {
+        match kiln::connect(lib.backend_config()).await {
+            Ok(e) => {
+                eprintln!("kiln worker: reconnected");
+                return Some(e);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "kiln worker: still cannot reach the database");
+                let end = Instant::now() + delay;
+                while Instant::now() < end && !opts.stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    None
+}
+
 /// `kiln worker`: claim and run backfill parts until stopped (SIGTERM/SIGINT
 /// finish the current batch and release the lease), or with `--once` until
-/// nothing is left to claim.
-pub async fn worker(runner: &mut Runner<'_>, args: WorkerArgs, json: bool) -> Result<i32, CliError> {
+/// nothing is left to claim. A lost connection (the database restarted) is
+/// re-established with back-off; a part this worker held is continued from
+/// its cursor once its lease expires.
+pub async fn worker(lib: &kiln::Kiln, first: &mut dyn kiln::Engine, args: WorkerArgs, json: bool) -> Result<i32, CliError> {
     let mut opts = WorkerOptions::new(owner());
     opts.lease = args.lease;
     stop_on_signals(opts.stop.clone());
@@ -265,10 +296,28 @@ pub async fn worker(runner: &mut Runner<'_>, args: WorkerArgs, json: bool) -> Re
         );
     }
     let mut failed = 0;
+    let mut owned: Option<Box<dyn kiln::Engine>> = None;
     loop {
-        let r = runner.work(&opts, only, &progress).await?;
-        report_end(&r, json);
-        failed += r.failed.len();
+        let engine: &mut dyn kiln::Engine = match owned.as_mut() {
+            Some(e) => e.as_mut(),
+            None => &mut *first,
+        };
+        let r = lib.runner(engine, None).work(&opts, only, &progress).await;
+        match r {
+            Ok(r) => {
+                report_end(&r, json);
+                failed += r.failed.len();
+            }
+            Err(e) if connection_lost(&e) => {
+                eprintln!("kiln worker: lost the database ({e}); reconnecting");
+                match reconnect(lib, &opts).await {
+                    Some(e) => owned = Some(e),
+                    None => break,
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        }
         if args.once || opts.stop.load(Ordering::Relaxed) {
             break;
         }
@@ -279,6 +328,9 @@ pub async fn worker(runner: &mut Runner<'_>, args: WorkerArgs, json: bool) -> Re
         if opts.stop.load(Ordering::Relaxed) {
             break;
         }
+    }
+    if let Some(e) = owned {
+        let _ = e.close().await;
     }
     Ok(if failed > 0 { 1 } else { 0 })
 }
