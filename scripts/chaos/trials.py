@@ -101,8 +101,11 @@ def panicked(tr, p, who):
 
 
 def first_line(p):
+    """The error line of a run's output (else its first line): warnings printed
+    before it (a lease takeover) must not hide it."""
     text = (p.errtext() or p.out()).strip().splitlines()
-    return text[0][:300] if text else "(no output)"
+    errors = [l for l in text if l.startswith("error")]
+    return (errors or text or ["(no output)"])[0][:300]
 
 
 def invariants(tr, t, n, interrupted_ok, check_lock=True, once=True):
@@ -151,7 +154,14 @@ def recover(ctx, tr, t, mig, n, interrupted):
     """Do what an operator does after a crash (undo the interrupted body by
     hand, `kiln repair`), run `kiln up` to the end, and check every migration
     ran exactly once."""
-    for v in interrupted:
+    # As an operator does, look again before repairing: a server may still
+    # apply a write the killed process had sent (MongoDB test server: an
+    # intent arriving after the first look), which then shows as `running`.
+    time.sleep(0.5)
+    late = sorted(v for v, s in t.history().items() if s == "running" and v not in interrupted)
+    if late:
+        tr.metrics["late_running"] = tr.metrics.get("late_running", 0) + len(late)
+    for v in sorted(set(interrupted) | set(late)):
         t.undo_by_hand(v)
         p = kiln(ctx, t, mig, "repair", str(v), "--reason", "chaos: undone by hand", lock_timeout=90)
         panicked(tr, p, f"repair {v}")
