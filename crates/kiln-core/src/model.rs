@@ -238,6 +238,21 @@ pub struct Directives {
     pub group: Option<String>,
 }
 
+impl Directives {
+    /// Complete the header's directives with where the file sits: its folder
+    /// is the group unless `group` says otherwise, and `tenant/` makes it
+    /// tenant-scoped.
+    pub fn placed(mut self, folder_group: Option<&str>, folder_scope: Scope) -> Directives {
+        if self.group.is_none() {
+            self.group = folder_group.map(str::to_string);
+        }
+        if folder_scope == Scope::Tenant {
+            self.scope = Scope::Tenant;
+        }
+        self
+    }
+}
+
 /// A migration as found on disk (or registered in code): what *should* be run.
 #[derive(Clone, Debug, Serialize)]
 pub struct Migration {

@@ -103,12 +103,7 @@ pub(super) fn commands_file(stem: &str, rel: &Path, raw: &str, json: bool, group
             (expand, rollback, Some(Box::new(crate::jobs::Phases { backfill, contract })))
         }
     };
-    if directives.group.is_none() {
-        directives.group = group.map(str::to_string);
-    }
-    if scope == Scope::Tenant {
-        directives.scope = Scope::Tenant;
-    }
+    let directives = directives.placed(group, scope);
     Ok(Migration {
         version,
         description,

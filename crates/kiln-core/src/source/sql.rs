@@ -81,13 +81,7 @@ pub(super) fn sql_pair(
         Some((rel_d, d)) => Some(sql_body(strip_bom(d), 0, rel_d, opts)?),
         None => None,
     };
-    let mut directives = directives;
-    if directives.group.is_none() {
-        directives.group = group.map(str::to_string);
-    }
-    if scope == Scope::Tenant {
-        directives.scope = Scope::Tenant;
-    }
+    let directives = directives.placed(group, scope);
     Ok(Migration {
         version,
         description,
@@ -280,7 +274,7 @@ pub(super) fn add_depends(d: &mut Directives, written: &str, rel: &Path, line: u
 pub(super) fn sql_single(stem: &str, rel: &Path, raw: &str, opts: &LoadOptions, group: Option<&str>, scope: Scope) -> Result<Migration, SourceError> {
     let (version, description) = version_of(stem, rel)?;
     let text = strip_bom(raw);
-    let (mut directives, header_end) = parse_header(text, rel, 1)?;
+    let (directives, header_end) = parse_header(text, rel, 1)?;
     let (up, down, phases) = if text.lines().any(|l| section_marker(l).is_some()) {
         let split = |t: &str, line: usize| sql_section(t, line, rel, opts);
         let (up, down, phases) = sql_phased(rel, text, header_end, &split)?;
@@ -289,12 +283,7 @@ pub(super) fn sql_single(stem: &str, rel: &Path, raw: &str, opts: &LoadOptions, 
         let (up, down) = up_down(text, header_end, rel, opts)?;
         (up, down, None)
     };
-    if directives.group.is_none() {
-        directives.group = group.map(str::to_string);
-    }
-    if scope == Scope::Tenant {
-        directives.scope = Scope::Tenant;
-    }
+    let directives = directives.placed(group, scope);
     Ok(Migration {
         version,
         description,
