@@ -389,8 +389,10 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
     let dir = cfg.dir.clone();
     let opts = kiln::load_options(&cfg.url, cfg.name_rule.clone());
     let fleet = cfg.tenants.is_some();
-    // `status` shows bad files as problems beside the rest; every other command refuses them.
-    let lenient = matches!(cli.cmd, Cmd::Status { .. });
+    // `status` shows bad files as problems beside the rest; `worker` and `jobs`
+    // do not use the files (a job carries its spec), so a bad file deployed
+    // beside them does not stop the backfills; every other command refuses them.
+    let lenient = matches!(cli.cmd, Cmd::Status { .. } | Cmd::Worker { .. } | Cmd::Jobs { .. });
     let loader = std::thread::spawn(move || match (lenient, fleet) {
         (true, _) => kiln::load_migrations_lenient(&dir, &opts, fleet),
         (false, true) => kiln::load_public_migrations(&dir, &opts).map(|m| (m, vec![])),

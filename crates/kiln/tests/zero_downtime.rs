@@ -373,6 +373,12 @@ async fn a_backfill_over_a_key_that_is_not_unique_is_refused() {
     p.kiln(&["up"]).ok();
     let jobs = p.kiln(&["jobs", "--json"]).json();
     assert_eq!(jobs["jobs"][0]["state"], "queued", "{jobs}");
+    // A broken file deployed later does not stop the backfill: a job carries
+    // its own spec. `up` still refuses it.
+    p.write("0003_broken.sql", "-- kiln:expand\nSELECT 1;\n-- kiln:backfill table=t\nUPDATE t SET b = a WHERE k BETWEEN :lo AND :hi;\n");
+    p.kiln(&["up"]).fails_with(2);
+    p.kiln(&["worker", "--once"]).ok();
+    assert_eq!(p.kiln(&["jobs", "--json"]).json()["jobs"][0]["state"], "done");
 }
 
 /// kill -9 of workers, 50 times during one backfill: the final data is exact.
