@@ -31,6 +31,7 @@ mod history;
 mod jobdoc;
 mod jobs;
 mod lock;
+pub mod names;
 mod proc;
 mod snapshot;
 mod status;

@@ -14,6 +14,7 @@ pub mod common;
 pub mod jobs_common;
 #[cfg(feature = "mysql")]
 pub mod mysql;
+pub mod names;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "sqlite")]

@@ -465,8 +465,11 @@ async fn fleet_command(cmd: &Cmd, cfg: &Config, json: bool) -> Result<Option<i32
                 dry_run: *dry_run,
                 concurrency: concurrency.map(usize::from),
             };
-            let live = render::FleetProgress::new(json, tenants.names.len());
-            let report = f.up(&opts, &|o| live.done(o)).await.map_err(lib_error)?;
+            let live = render::FleetProgress::new(json);
+            let report = f.up(&opts, &|e| live.event(e)).await.map_err(lib_error)?;
+            if !json && !report.targets.iter().any(|t| matches!(t.target, kiln::report::TargetName::Tenant(_))) && !opts.selection.public_only {
+                eprintln!("note: the fleet has no tenants ([tenants] {} gave none)", tenants.source.describe());
+            }
             render::fleet_report(&report, json);
             Ok(Some(if report.ok() { 0 } else { 1 }))
         }

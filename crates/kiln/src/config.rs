@@ -93,19 +93,78 @@ pub struct TenantsSection {
     pub url: Option<String>,
     /// Tenants migrated at a time.
     pub concurrency: Option<usize>,
-    /// Not built yet: refused with a clear message.
-    query: Option<toml::Value>,
-    /// Not built yet: refused with a clear message.
-    find: Option<toml::Value>,
-    /// Not built yet: refused with a clear message.
-    pattern: Option<toml::Value>,
+    /// SQL on the public database whose first column names the tenants.
+    pub query: Option<String>,
+    /// MongoDB: a find on a collection of the public database.
+    pub find: Option<FindSection>,
+    /// Databases (or PostgreSQL schemas) whose name matches this glob.
+    pub pattern: Option<String>,
+}
+
+/// `[tenants] find = { collection, field, filter }`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FindSection {
+    /// Collection of the public database (`client_configs`).
+    pub collection: String,
+    /// The field that names each tenant (a dotted path).
+    pub field: String,
+    /// Which documents (a query filter; every document when absent).
+    pub filter: Option<toml::Value>,
+}
+
+/// Where the tenant names come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TenantSource {
+    /// `list = […]`: these, in this order (validated when kiln.toml is read).
+    List(Vec<String>),
+    /// `query = "SELECT …"`: the first column of its rows, on the public database.
+    Query(String),
+    /// `find = {…}`: a field of the matching documents of a public collection.
+    Find {
+        /// Collection.
+        collection: String,
+        /// Field (dotted path).
+        field: String,
+        /// Filter, as JSON.
+        filter: serde_json::Value,
+    },
+    /// `pattern = "tenant_*"`: the databases (or schemas) whose name matches.
+    Pattern(String),
+}
+
+impl TenantSource {
+    /// How the source is written in kiln.toml, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            TenantSource::List(l) => format!("list of {}", l.len()),
+            TenantSource::Query(q) => format!("query {q:?}"),
+            TenantSource::Find { collection, field, filter } => format!("find on {collection} (field {field}, filter {filter})"),
+            TenantSource::Pattern(p) => format!("pattern {p:?}"),
+        }
+    }
+}
+
+/// Why `name` cannot be a tenant (`None` when it can): 1 to 63 ASCII letters,
+/// digits, `_` or `-`, so it names a database, a schema or a file safely on
+/// every engine.
+pub fn tenant_name_problem(name: &str) -> Option<String> {
+    let ok = !name.is_empty() && name.len() <= 63 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    (!ok).then(|| {
+        format!(
+            "tenant name {:?} cannot name a database or schema safely: use 1 to 63 ASCII letters, digits, `_` or `-`",
+            name.chars().take(80).collect::<String>()
+        )
+    })
 }
 
 /// The resolved fleet: tenant names and how to reach each.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Tenants {
-    /// Tenant names, in the configured order (validated: letters, digits, `_`, `-`; at most 63).
-    pub names: Vec<String>,
+    /// Where the tenant names come from (read when a command runs, except a `list`).
+    pub source: TenantSource,
+    /// The configuration file that declared the fleet (for messages).
+    pub declared_in: PathBuf,
     /// How a tenant is reached.
     pub placement: Placement,
     /// Tenants migrated at a time.
@@ -129,27 +188,51 @@ impl Tenants {
 
     fn from_section(t: TenantsSection, path: &Path) -> Result<Tenants, ConfigError> {
         let at = |m: String| ConfigError::Invalid(format!("{}: [tenants] {m}", path.display()));
-        for (key, set) in [("query", t.query.is_some()), ("find", t.find.is_some()), ("pattern", t.pattern.is_some())] {
-            if set {
-                return Err(at(format!(
-                    "`{key}` is not supported yet: list the tenants with `list = [\"acme\", \"globex\"]` (tenants from a query, a find or a name pattern are planned)"
-                )));
-            }
+        let given: Vec<&str> =
+            [("list", t.list.is_some()), ("query", t.query.is_some()), ("find", t.find.is_some()), ("pattern", t.pattern.is_some())]
+                .into_iter()
+                .filter_map(|(k, set)| set.then_some(k))
+                .collect();
+        if given.len() > 1 {
+            return Err(at(format!("set one source of tenant names, not {}", given.join(" and "))));
         }
-        let names = t.list.ok_or_else(|| at("needs `list = [\"acme\", …]` (the tenants of the fleet)".into()))?;
-        let mut seen = std::collections::HashSet::new();
-        for n in &names {
-            let ok = !n.is_empty() && n.len() <= 63 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-            if !ok {
-                return Err(at(format!(
-                    "tenant name {:?} cannot name a database or schema safely: use 1 to 63 ASCII letters, digits, `_` or `-`",
-                    n.chars().take(80).collect::<String>()
-                )));
+        let source = if let Some(names) = t.list {
+            let mut seen = std::collections::HashSet::new();
+            for n in &names {
+                if let Some(problem) = tenant_name_problem(n) {
+                    return Err(at(problem));
+                }
+                if !seen.insert(n.as_str()) {
+                    return Err(at(format!("tenant {n:?} is listed twice")));
+                }
             }
-            if !seen.insert(n.as_str()) {
-                return Err(at(format!("tenant {n:?} is listed twice")));
+            TenantSource::List(names)
+        } else if let Some(q) = t.query {
+            if q.trim().is_empty() {
+                return Err(at("`query` is empty: give the SQL whose first column names the tenants".into()));
             }
-        }
+            TenantSource::Query(q)
+        } else if let Some(f) = t.find {
+            if f.collection.is_empty() || f.field.is_empty() {
+                return Err(at("`find` needs a `collection` and a `field`".into()));
+            }
+            let filter = match f.filter {
+                None => serde_json::json!({}),
+                Some(v @ toml::Value::Table(_)) => serde_json::to_value(v).map_err(|e| at(format!("`find.filter`: {e}")))?,
+                Some(other) => return Err(at(format!("`find.filter` must be a table (a query document), not {other}"))),
+            };
+            TenantSource::Find { collection: f.collection, field: f.field, filter }
+        } else if let Some(p) = t.pattern {
+            if let Err(e) = glob::Pattern::new(&p) {
+                return Err(at(format!("`pattern` {p:?} is not a valid pattern: {e}")));
+            }
+            TenantSource::Pattern(p)
+        } else {
+            return Err(at(
+                "needs the tenants: `list = [\"acme\", …]`, `query = \"SELECT …\"`, `find = { collection, field }` or `pattern = \"tenant_*\"`"
+                    .into(),
+            ));
+        };
         let placement = match (t.schema, t.url) {
             (Some(s), None) if s.contains("{tenant}") => Placement::Schema(s),
             (None, Some(u)) if u.contains("{tenant}") => Placement::Url(u),
@@ -163,7 +246,7 @@ impl Tenants {
             Some(n) => n,
             None => default_concurrency(),
         };
-        Ok(Tenants { names, placement, concurrency })
+        Ok(Tenants { source, placement, concurrency, declared_in: path.to_path_buf() })
     }
 }
 
@@ -296,7 +379,7 @@ impl std::fmt::Debug for Config {
             .field("lock_timeout", &self.lock_timeout)
             .field("schema", &self.schema)
             .field("mongodb_database", &self.mongodb_database)
-            .field("tenants", &self.tenants.as_ref().map(|t| t.names.len()))
+            .field("tenants", &self.tenants.as_ref().map(|t| t.source.describe()))
             .finish_non_exhaustive()
     }
 }

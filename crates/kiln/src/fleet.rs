@@ -22,6 +22,7 @@ use kiln_core::report::{ErrorReport, FleetReport, TargetName, TargetOutcome, Tar
 use serde::Serialize;
 
 use crate::config::{Placement, Tenants};
+use crate::tenant_source::TenantList;
 use crate::{connect, BackendConfig, EngineError, Kiln, Migration, RunError, RunReport, Scope, UpTarget};
 
 /// Which databases of the fleet a command touches.
@@ -73,6 +74,21 @@ pub struct FleetOptions {
     pub concurrency: Option<usize>,
 }
 
+/// What a fleet `up` tells its caller as it goes (for live output).
+#[derive(Clone, Copy, Debug)]
+pub enum FleetEvent<'e> {
+    /// The tenants were read from their source: this many will be started
+    /// (names that cannot be tenants included; they fail at once).
+    Tenants {
+        /// Selected tenants.
+        count: usize,
+    },
+    /// A database's run starts.
+    Started(&'e TargetName),
+    /// A database's run ended.
+    Done(&'e TargetOutcome),
+}
+
 /// One line of `kiln status --tenants`.
 #[derive(Clone, Debug, Serialize)]
 pub struct TargetStatus {
@@ -115,12 +131,34 @@ impl TargetCheck {
 pub struct Fleet<'a> {
     kiln: &'a Kiln,
     tenants: &'a Tenants,
+    /// The tenant names, read from their source once per fleet.
+    list: tokio::sync::OnceCell<TenantList>,
 }
 
 impl<'a> Fleet<'a> {
     /// The fleet of `kiln` (the public database) with `tenants` from kiln.toml.
     pub fn new(kiln: &'a Kiln, tenants: &'a Tenants) -> Self {
-        Fleet { kiln, tenants }
+        Fleet { kiln, tenants, list: tokio::sync::OnceCell::new() }
+    }
+
+    /// The tenants, read from kiln.toml's source (a `list`, a `query`, a
+    /// `find`, a `pattern`) on first use and kept for this fleet's life.
+    ///
+    /// # Errors
+    /// The source cannot be read (see [`crate::tenant_source::read`]).
+    pub async fn tenant_list(&self) -> Result<&TenantList, crate::Error> {
+        Ok(self.list.get_or_try_init(|| crate::tenant_source::read(self.tenants, self.kiln.backend_config())).await?)
+    }
+
+    /// The selected tenants, and the selected names the source gave that
+    /// cannot be tenants (each reported as a failed tenant).
+    async fn selected(&self, selection: &Selection) -> Result<(Vec<String>, Vec<(String, String)>), crate::Error> {
+        let list = self.tenant_list().await?;
+        let mut known = list.names.clone();
+        known.extend(list.rejected.iter().map(|(n, _)| n.clone()));
+        let chosen = selection.tenant_names(&known).map_err(crate::config::ConfigError::Invalid)?;
+        let rejected = list.rejected.iter().filter(|(n, _)| chosen.contains(&n)).cloned().collect();
+        Ok((chosen.into_iter().filter(|n| list.names.contains(n)).cloned().collect(), rejected))
     }
 
     /// How to reach `target`.
@@ -153,26 +191,42 @@ impl<'a> Fleet<'a> {
     }
 
     /// Apply pending migrations: the public database first, then the tenants
-    /// `concurrency` at a time. `on_done` sees each target's outcome as soon
-    /// as it ends (for live output).
+    /// `concurrency` at a time. The tenants are read from their source after
+    /// the public database ran, so a public migration may create or fill the
+    /// table a `query` reads. `on_event` sees each target start and end as
+    /// it happens (for live output).
     ///
     /// # Errors
-    /// Only what stops the whole fleet before anything runs: bad files, an
-    /// unreadable schema file, an unknown tenant in the selection. Per-target
-    /// failures are in the report.
-    pub async fn up(&self, opts: &FleetOptions, on_done: &(dyn Fn(&TargetOutcome) + Sync)) -> Result<FleetReport, crate::Error> {
+    /// Only what stops the whole fleet: bad files, an unreadable schema file,
+    /// an unknown tenant in the selection, a tenant source that cannot be
+    /// read (after the public database ran). Per-target failures are in the
+    /// report.
+    pub async fn up(&self, opts: &FleetOptions, on_event: &(dyn Fn(FleetEvent<'_>) + Sync)) -> Result<FleetReport, crate::Error> {
         let started = Instant::now();
         let (public_migs, tenant_migs) = self.load()?;
         let contract = self.kiln.contract()?;
-        let names = opts.selection.tenant_names(&self.tenants.names).map_err(crate::config::ConfigError::Invalid)?;
+        if !opts.selection.tenants.is_empty() {
+            // Unknown names are refused before anything runs.
+            self.selected(&opts.selection).await?;
+        }
+        let on_done = |o: &TargetOutcome| on_event(FleetEvent::Done(o));
         let mut targets = Vec::new();
         let mut public_failed = false;
         if opts.selection.public() {
+            on_event(FleetEvent::Started(&TargetName::Public));
             let t0 = Instant::now();
             let cfg = self.backend(&TargetName::Public);
             let result = self.run_one(&cfg, &TargetName::Public, &public_migs, contract.clone(), opts.dry_run, true).await;
             public_failed = matches!(result, TargetResult::Failed { .. });
             let outcome = TargetOutcome { target: TargetName::Public, result, duration_ms: t0.elapsed().as_millis() as u64 };
+            on_done(&outcome);
+            targets.push(outcome);
+        }
+        let (names, rejected) = self.selected(&opts.selection).await?;
+        on_event(FleetEvent::Tenants { count: names.len() + rejected.len() });
+        for (name, why) in rejected {
+            on_event(FleetEvent::Started(&TargetName::Tenant(name.clone())));
+            let outcome = TargetOutcome { target: TargetName::Tenant(name), result: TargetResult::Failed { error: bad_name(why) }, duration_ms: 0 };
             on_done(&outcome);
             targets.push(outcome);
         }
@@ -187,6 +241,7 @@ impl<'a> Fleet<'a> {
                 let reason = if public_failed { "the public database failed" } else { "--fail-fast: another tenant failed" };
                 TargetResult::Skipped { reason: reason.into() }
             } else {
+                on_event(FleetEvent::Started(&target));
                 let r = self.run_one(&self.backend(&target), &target, tenant_migs, None, opts.dry_run, false).await;
                 if opts.fail_fast && matches!(r, TargetResult::Failed { .. }) {
                     stop.store(true, Ordering::SeqCst);
@@ -243,7 +298,7 @@ impl<'a> Fleet<'a> {
     pub async fn check(&self, selection: &Selection) -> Result<Vec<TargetCheck>, crate::Error> {
         let (public_migs, tenant_migs) = self.load()?;
         let contract = self.kiln.contract()?;
-        let targets = self.targets(selection, &public_migs, &tenant_migs)?;
+        let (targets, rejected) = self.targets(selection, &public_migs, &tenant_migs).await?;
         let contract = &contract;
         let mut out: Vec<TargetCheck> = stream::iter(targets.into_iter().map(|(target, migs)| async move {
             let cfg = BackendConfig { read_only: true, ..self.backend(&target) };
@@ -263,24 +318,27 @@ impl<'a> Fleet<'a> {
         .buffer_unordered(self.tenants.concurrency.max(1))
         .collect()
         .await;
+        out.extend(rejected.into_iter().map(|(n, why)| TargetCheck { target: TargetName::Tenant(n), report: None, error: Some(bad_name(why)) }));
         out.sort_by(|a, b| a.target.cmp(&b.target));
         Ok(out)
     }
 
     /// The selected databases, each with the migrations of its scope.
-    fn targets<'m>(
+    /// The selected names the source gave that cannot be tenants come back
+    /// apart, with why.
+    async fn targets<'m>(
         &self,
         selection: &Selection,
         public_migs: &'m [Migration],
         tenant_migs: &'m [Migration],
-    ) -> Result<Vec<(TargetName, &'m [Migration])>, crate::Error> {
-        let names = selection.tenant_names(&self.tenants.names).map_err(crate::config::ConfigError::Invalid)?;
+    ) -> Result<(Vec<(TargetName, &'m [Migration])>, Vec<(String, String)>), crate::Error> {
+        let (names, rejected) = self.selected(selection).await?;
         let mut targets: Vec<(TargetName, &[Migration])> = Vec::new();
         if selection.public() {
             targets.push((TargetName::Public, public_migs));
         }
-        targets.extend(names.into_iter().map(|n| (TargetName::Tenant(n.clone()), tenant_migs)));
-        Ok(targets)
+        targets.extend(names.into_iter().map(|n| (TargetName::Tenant(n), tenant_migs)));
+        Ok((targets, rejected))
     }
 
     /// Every target's migration counts (`kiln status --tenants`), read without
@@ -290,7 +348,7 @@ impl<'a> Fleet<'a> {
     /// Bad files.
     pub async fn status(&self, selection: &Selection) -> Result<Vec<TargetStatus>, crate::Error> {
         let (public_migs, tenant_migs) = self.load()?;
-        let targets = self.targets(selection, &public_migs, &tenant_migs)?;
+        let (targets, rejected) = self.targets(selection, &public_migs, &tenant_migs).await?;
         let mut out: Vec<TargetStatus> = stream::iter(targets.into_iter().map(|(target, migs)| async move {
             let cfg = BackendConfig { read_only: true, ..self.backend(&target) };
             let rows = async {
@@ -315,7 +373,20 @@ impl<'a> Fleet<'a> {
         .buffer_unordered(self.tenants.concurrency.max(1))
         .collect()
         .await;
+        out.extend(rejected.into_iter().map(|(n, why)| TargetStatus {
+            target: TargetName::Tenant(n),
+            applied: 0,
+            pending: 0,
+            failed: 0,
+            last_applied_at: None,
+            error: Some(bad_name(why)),
+        }));
         out.sort_by(|a, b| a.target.cmp(&b.target));
         Ok(out)
     }
+}
+
+/// The error of a name the tenant source gave that cannot be a tenant.
+fn bad_name(why: String) -> ErrorReport {
+    ErrorReport { code: "bad_tenant_name".into(), message: format!("{why}; nothing was run on it"), exit_code: 2, problems: vec![], failure: None }
 }

@@ -21,6 +21,7 @@
 pub mod api;
 pub mod config;
 pub mod fleet;
+pub mod tenant_source;
 pub mod verify;
 
 use std::path::PathBuf;

@@ -123,40 +123,114 @@ static COLOUR: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 /// also in a pipe; nothing with `--json`).
 pub struct FleetProgress {
     quiet: bool,
+    live: std::sync::Mutex<Live>,
+}
+
+/// The counts behind the live line of a fleet `up`.
+#[derive(Default)]
+struct Live {
     total: usize,
-    seen: std::sync::atomic::AtomicUsize,
+    ended: usize,
+    failed: usize,
+    running: usize,
+    tenants_started: Option<std::time::Instant>,
+    /// On a terminal: the line at the bottom (done / failed / running / left, rate, ETA).
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Live {
+    fn line(&self) -> String {
+        let left = self.total.saturating_sub(self.ended + self.running);
+        let mut s = format!("{}/{} done · {} failed · {} running · {} left", self.ended, self.total, self.failed, self.running, left);
+        if let Some(t0) = self.tenants_started {
+            let secs = t0.elapsed().as_secs_f64();
+            if self.ended > 0 && secs > 0.0 {
+                let rate = self.ended as f64 / secs;
+                let eta = (self.total - self.ended) as f64 / rate;
+                s.push_str(&format!(" · {rate:.1}/s · ETA {}s", eta.ceil() as u64));
+            }
+        }
+        s
+    }
 }
 
 impl FleetProgress {
-    pub fn new(json: bool, tenants: usize) -> Self {
-        FleetProgress { quiet: json, total: tenants, seen: Default::default() }
+    pub fn new(json: bool) -> Self {
+        FleetProgress { quiet: json, live: Default::default() }
     }
 
-    /// A target ended.
-    pub fn done(&self, o: &kiln::report::TargetOutcome) {
+    /// Something happened in the fleet run.
+    pub fn event(&self, e: kiln::fleet::FleetEvent<'_>) {
+        use kiln::fleet::FleetEvent;
         use kiln::report::{TargetName, TargetResult};
         if self.quiet {
             return;
         }
-        let n = if matches!(o.target, TargetName::Tenant(_)) {
-            format!("[{}/{}] ", self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1, self.total)
-        } else {
-            String::new()
-        };
-        match &o.result {
-            TargetResult::Done { report } if report.steps.is_empty() => {
-                println!("  {} {n}{}: up to date ({} ms)", "✓".green(), o.target, o.duration_ms)
+        let mut live = self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match e {
+            FleetEvent::Tenants { count } => {
+                live.total = count;
+                live.tenants_started = Some(std::time::Instant::now());
+                if count > 1 && std::io::IsTerminal::is_terminal(&std::io::stdout()) && colour() {
+                    let bar = indicatif::ProgressBar::new_spinner();
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template("  {spinner} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+                    );
+                    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+                    bar.set_message(live.line());
+                    live.bar = Some(bar);
+                }
             }
-            TargetResult::Done { report } => println!(
-                "  {} {n}{}: {} {} migration(s) ({} ms)",
-                "✓".green(),
-                o.target,
-                if report.dry_run { "would apply" } else { "applied" },
-                report.steps.len(),
-                o.duration_ms
-            ),
-            TargetResult::Failed { error } => println!("  {} {n}{}: {}", "✗".red().bold(), o.target, first_line(&error.message)),
-            TargetResult::Skipped { reason } => println!("  {} {n}{}: skipped, {reason}", "-".yellow(), o.target),
+            FleetEvent::Started(t) => {
+                if matches!(t, TargetName::Tenant(_)) {
+                    live.running += 1;
+                }
+            }
+            FleetEvent::Done(o) => {
+                let tenant = matches!(o.target, TargetName::Tenant(_));
+                let n = if tenant {
+                    live.ended += 1;
+                    if matches!(o.result, TargetResult::Failed { .. }) {
+                        live.failed += 1;
+                    }
+                    format!("[{}/{}] ", live.ended, live.total)
+                } else {
+                    String::new()
+                };
+                // A skipped tenant (fail-fast, the public database failed) never started.
+                let started = match &o.result {
+                    TargetResult::Skipped { reason } => reason.starts_with("running elsewhere"),
+                    _ => true,
+                };
+                if tenant && started {
+                    live.running = live.running.saturating_sub(1);
+                }
+                let line = match &o.result {
+                    TargetResult::Done { report } if report.steps.is_empty() => {
+                        format!("  {} {n}{}: up to date ({} ms)", "✓".green(), o.target, o.duration_ms)
+                    }
+                    TargetResult::Done { report } => format!(
+                        "  {} {n}{}: {} {} migration(s) ({} ms)",
+                        "✓".green(),
+                        o.target,
+                        if report.dry_run { "would apply" } else { "applied" },
+                        report.steps.len(),
+                        o.duration_ms
+                    ),
+                    TargetResult::Failed { error } => format!("  {} {n}{}: {}", "✗".red().bold(), o.target, first_line(&error.message)),
+                    TargetResult::Skipped { reason } => format!("  {} {n}{}: skipped, {reason}", "-".yellow(), o.target),
+                };
+                match &live.bar {
+                    Some(bar) => bar.println(line),
+                    None => println!("{line}"),
+                }
+            }
+        }
+        if let Some(bar) = &live.bar {
+            bar.set_message(live.line());
+            if live.ended >= live.total {
+                bar.finish_and_clear();
+            }
         }
     }
 }

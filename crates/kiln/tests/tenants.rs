@@ -140,7 +140,15 @@ async fn fleet_configuration_errors_are_clear() {
     let p = Project::new(Engine::Sqlite).await;
     p.add_create(1);
     for (toml, needle) in [
-        ("[tenants]\nquery = \"SELECT name FROM tenants\"\nschema = \"{tenant}\"\n", "`query` is not supported yet"),
+        (
+            "[tenants]\nquery = \"SELECT name FROM tenants\"\nlist = [\"a\"]\nschema = \"{tenant}\"\n",
+            "set one source of tenant names, not list and query",
+        ),
+        ("[tenants]\npattern = \"tenant_[\"\nschema = \"{tenant}\"\n", "is not a valid pattern"),
+        ("[tenants]\nfind = { collection = \"c\", field = \"f\", filter = 3 }\nschema = \"{tenant}\"\n", "must be a table"),
+        ("[tenants]\nfind = { collection = \"c\", field = \"f\" }\nurl = \"sqlite://t/{tenant}.db\"\n", "`find` reads a MongoDB collection"),
+        ("[tenants]\nquery = \"SELECT name FROM no_such_table\"\nurl = \"sqlite://t/{tenant}.db\"\n", "no_such_table"),
+        ("[tenants]\npattern = \"*\"\nurl = \"sqlite://t/{tenant}/app.db\"\n", "must be in the file name"),
         ("[tenants]\nlist = [\"a'; DROP TABLE x; --\"]\nschema = \"{tenant}\"\n", "cannot name a database or schema safely"),
         ("[tenants]\nlist = [\"a\"]\nschema = \"fixed\"\n", "must contain `{tenant}`"),
         ("[tenants]\nlist = [\"a\", \"a\"]\nschema = \"{tenant}\"\n", "listed twice"),
@@ -230,4 +238,147 @@ async fn zero_downtime_is_refused_where_no_worker_would_serve_it() {
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("tenant/0003_backfill.sql") && r.stderr.contains("public database only"), "{}", r.stderr);
     assert!(tables(&sqlite_tenant(&p, "a")).is_empty(), "nothing ran on any tenant");
+}
+
+/// The tenants of a PostgreSQL fleet come from a query on the public
+/// database, read after the public migrations ran (they create and fill the
+/// registry): inactive rows are left out, a hostile name fails on its own
+/// without reaching SQL, and a tenant added later is picked up by the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_tenants_from_a_query_and_from_a_pattern() {
+    let p = Project::new(Engine::Postgres).await;
+    std::fs::write(
+        p.root.path().join("kiln.toml"),
+        "[tenants]\nquery = \"SELECT name FROM public.registry WHERE active ORDER BY name\"\nschema = \"shop_{tenant}\"\n",
+    )
+    .unwrap();
+    p.write(
+        "0001_registry.sql",
+        "CREATE TABLE public.registry (name text, active bool);\nINSERT INTO public.registry VALUES ('acme', true), ('globex', true), ('gone', false), ('x\"; DROP TABLE public.registry; --', true);\n",
+    );
+    p.write("tenant/0002_users.sql", "CREATE TABLE t_users (id INT);\n");
+    let r = p.kiln(&["up", "--json"]);
+    r.fails_with(1);
+    let v = r.json();
+    let by_name = |n: &str| v["targets"].as_array().unwrap().iter().find(|t| t["target"]["name"] == n).cloned();
+    assert_eq!(by_name("acme").unwrap()["status"], "done", "{}", r.stdout);
+    assert_eq!(by_name("globex").unwrap()["status"], "done");
+    assert!(by_name("gone").is_none(), "inactive tenants are not selected");
+    let hostile = v["targets"].as_array().unwrap().iter().find(|t| t["status"] == "failed").unwrap().clone();
+    assert_eq!(hostile["error"]["code"], "bad_tenant_name", "{hostile}");
+    assert!(hostile["target"]["name"].as_str().unwrap().contains("DROP TABLE"));
+    assert_eq!(p.db.query_strings("SELECT count(*)::text FROM public.registry").await.unwrap(), ["4"], "the name never reached SQL");
+    let schemas = p.db.query_strings("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'shop\\_%' ORDER BY 1").await.unwrap();
+    assert_eq!(schemas, ["shop_acme", "shop_globex"]);
+    // A new tenant is migrated by the next run; the others are up to date.
+    p.db.sql("UPDATE public.registry SET active = true WHERE name = 'gone'; DELETE FROM public.registry WHERE name LIKE 'x%'").await.unwrap();
+    let again = p.kiln(&["up", "--json"]);
+    again.ok();
+    let ran: Vec<String> = again.json()["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| !t["report"]["steps"].as_array().unwrap().is_empty())
+        .map(|t| t["target"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ran, ["gone"]);
+    // The same fleet found by its schemas' names.
+    std::fs::write(p.root.path().join("kiln.toml"), "[tenants]\npattern = \"shop_*\"\nschema = \"shop_{tenant}\"\n").unwrap();
+    let st = p.kiln(&["status", "--tenants", "--json"]);
+    st.ok();
+    let names: Vec<String> =
+        st.json()["targets"].as_array().unwrap().iter().filter_map(|t| t["target"]["name"].as_str().map(str::to_string)).collect();
+    assert_eq!(names, ["acme", "globex", "gone"], "{}", st.stdout);
+    p.kiln(&["check"]).ok();
+    // A query that fails names the source and changes nothing.
+    std::fs::write(p.root.path().join("kiln.toml"), "[tenants]\nquery = \"SELECT name FROM public.nope\"\nschema = \"shop_{tenant}\"\n").unwrap();
+    let bad = p.kiln(&["status", "--tenants"]);
+    bad.fails_with(2);
+    assert!(bad.stderr.contains("cannot read the tenants") && bad.stderr.contains("public.nope"), "{}", bad.stderr);
+}
+
+/// MongoDB: tenants from a find on `client_configs` (the field naming each
+/// tenant's database), then the same fleet found by a database-name pattern.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_tenants_from_a_find_and_from_a_pattern() {
+    let p = Project::new(Engine::Mongodb).await;
+    let template = p.db.url.replacen(&format!("/{}", p.db.name), &format!("/{}_{{tenant}}", p.db.name), 1);
+    std::fs::write(
+        p.root.path().join("kiln.toml"),
+        format!(
+            "[tenants]\nfind = {{ collection = \"client_configs\", field = \"tenant.db\", filter = {{ active = true }} }}\nurl = \"{template}\"\n"
+        ),
+    )
+    .unwrap();
+    p.write(
+        "0001_registry.yaml",
+        "up:\n  - insert: client_configs\n    documents:\n      - { _id: 1, tenant: { db: acme }, active: true }\n      - { _id: 2, tenant: { db: globex }, active: true }\n      - { _id: 3, tenant: { db: old }, active: false }\n      - { _id: 4, active: true }\n",
+    );
+    p.write("tenant/0002_conversations.yaml", "up:\n  - create: conversations\n");
+    let r = p.kiln(&["up", "--json"]);
+    r.fails_with(1);
+    let v = r.json();
+    let status: Vec<(String, String)> = v["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["target"]["name"].as_str().unwrap_or("public").to_string(), t["status"].as_str().unwrap().to_string()))
+        .collect();
+    assert!(status.contains(&("acme".into(), "done".into())) && status.contains(&("globex".into(), "done".into())), "{status:?}");
+    assert!(status.contains(&("#3".into(), "failed".into())), "the document without the field fails on its own: {status:?}");
+    assert!(!status.iter().any(|(n, _)| n == "old"));
+    std::fs::write(p.root.path().join("kiln.toml"), format!("[tenants]\npattern = \"{}_*\"\nurl = \"{template}\"\n", p.db.name)).unwrap();
+    let st = p.kiln(&["status", "--tenants", "--json"]);
+    st.ok();
+    let names: Vec<String> =
+        st.json()["targets"].as_array().unwrap().iter().filter_map(|t| t["target"]["name"].as_str().map(str::to_string)).collect();
+    assert_eq!(names, ["acme", "globex"], "{}", st.stdout);
+    let client = mongodb::Client::with_uri_str(&p.db.url).await.unwrap();
+    for t in ["acme", "globex"] {
+        client.database(&format!("{}_{t}", p.db.name)).drop().await.unwrap();
+    }
+}
+
+/// MySQL: tenants from a query and from the server's database names; SQLite:
+/// from the files in the template's directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_and_sqlite_tenants_from_queries_and_patterns() {
+    let p = Project::new(Engine::Mysql).await;
+    let template = p.db.url.replacen(&format!("/{}", p.db.name), &format!("/{}_{{tenant}}", p.db.name), 1);
+    for t in ["a", "b"] {
+        p.db.sql(&format!("CREATE DATABASE `{}_{t}`", p.db.name)).await.unwrap();
+    }
+    p.write("0001_registry.sql", "CREATE TABLE registry (name VARCHAR(64));\nINSERT INTO registry VALUES ('a'), ('b');\n");
+    p.write("tenant/0002_users.sql", "CREATE TABLE t_users (id INT);\n");
+    std::fs::write(p.root.path().join("kiln.toml"), format!("[tenants]\nquery = \"SELECT name FROM registry\"\nurl = \"{template}\"\n")).unwrap();
+    p.kiln(&["up"]).ok();
+    std::fs::write(p.root.path().join("kiln.toml"), format!("[tenants]\npattern = \"{}_*\"\nurl = \"{template}\"\n", p.db.name)).unwrap();
+    let st = p.kiln(&["status", "--tenants", "--json"]);
+    st.ok();
+    let rows: Vec<(String, u64)> = st.json()["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| Some((t["target"]["name"].as_str()?.to_string(), t["applied"].as_u64().unwrap())))
+        .collect();
+    assert_eq!(rows, [("a".into(), 1), ("b".into(), 1)], "{}", st.stdout);
+    for t in ["a", "b"] {
+        p.db.sql(&format!("DROP DATABASE `{}_{t}`", p.db.name)).await.unwrap();
+    }
+
+    let lite = Project::new(Engine::Sqlite).await;
+    std::fs::create_dir_all(lite.root.path().join("tenants")).unwrap();
+    for t in ["north", "south"] {
+        std::fs::write(lite.root.path().join(format!("tenants/{t}.db")), "").unwrap();
+    }
+    std::fs::write(lite.root.path().join("tenants/notes.txt"), "not a tenant").unwrap();
+    std::fs::write(lite.root.path().join("kiln.toml"), "[tenants]\npattern = \"*.db\"\nurl = \"sqlite://tenants/{tenant}.db\"\n").unwrap();
+    lite.write("tenant/0002_users.sql", "CREATE TABLE t_users (id INT);\n");
+    let r = lite.kiln(&["up", "--json"]);
+    r.ok();
+    let names: Vec<String> =
+        r.json()["targets"].as_array().unwrap().iter().filter_map(|t| t["target"]["name"].as_str().map(str::to_string)).collect();
+    assert_eq!(names.len(), 2, "{}", r.stdout);
+    assert!(names.contains(&"north".to_string()) && names.contains(&"south".to_string()));
+    assert_eq!(tables(&sqlite_tenant(&lite, "north")), ["t_users"]);
 }

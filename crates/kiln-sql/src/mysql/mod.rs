@@ -58,6 +58,7 @@ mod history;
 mod inspect;
 mod jobs;
 mod lock;
+mod names;
 mod scratch;
 mod stats;
 

@@ -48,6 +48,7 @@ mod history;
 mod inspect;
 mod jobs;
 mod lock;
+mod names;
 mod scratch;
 mod stats;
 mod tls;

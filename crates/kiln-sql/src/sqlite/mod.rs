@@ -52,6 +52,7 @@ mod inspect;
 mod jobs;
 mod journal;
 mod lock;
+mod names;
 mod scratch;
 mod stats;
 
