@@ -382,3 +382,84 @@ async fn mysql_and_sqlite_tenants_from_queries_and_patterns() {
     assert!(names.contains(&"north".to_string()) && names.contains(&"south".to_string()));
     assert_eq!(tables(&sqlite_tenant(&lite, "north")), ["t_users"]);
 }
+
+/// A copy of `examples/<name>` in `p`'s directory, with `from → to` replaced in its kiln.toml.
+fn example(p: &Project, name: &str, replace: &[(&str, String)]) {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(name);
+    let mut stack = vec![src.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let path = e.unwrap().path();
+            let to = p.root.path().join(path.strip_prefix(&src).unwrap());
+            if path.is_dir() {
+                std::fs::create_dir_all(&to).unwrap();
+                stack.push(path);
+            } else {
+                std::fs::copy(&path, &to).unwrap();
+            }
+        }
+    }
+    let toml = p.root.path().join("kiln.toml");
+    let mut text = std::fs::read_to_string(&toml).unwrap();
+    for (from, to) in replace {
+        assert!(text.contains(from), "{from} in {name}/kiln.toml");
+        text = text.replace(from, to);
+    }
+    std::fs::write(toml, text).unwrap();
+}
+
+fn tenant_runs(r: &Run) -> Vec<(String, usize)> {
+    let mut v: Vec<(String, usize)> = r.json()["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| Some((t["target"]["name"].as_str()?.to_string(), t["report"]["steps"].as_array()?.len())))
+        .collect();
+    v.sort();
+    v
+}
+
+/// examples/tenants-postgres as its README runs it: the registry the public
+/// migration creates gives three tenants; activating a fourth migrates it alone.
+#[tokio::test]
+async fn the_postgres_tenants_example_runs() {
+    let p = Project::new(Engine::Postgres).await;
+    example(&p, "tenants-postgres", &[("postgres://postgres@127.0.0.1:5432/kiln_tenants_example", p.db.url.clone())]);
+    let r = kiln_cmd(p.root.path()).args(["up", "--json"]).output().map(output_to_run).unwrap();
+    r.ok();
+    assert_eq!(tenant_runs(&r), [("acme".into(), 2), ("globex".into(), 2), ("initech".into(), 2)], "{}", r.stdout);
+    p.db.sql("UPDATE public.tenants SET active = true WHERE slug = 'hooli'").await.unwrap();
+    let again = kiln_cmd(p.root.path()).args(["up", "--json"]).output().map(output_to_run).unwrap();
+    again.ok();
+    assert_eq!(tenant_runs(&again), [("acme".into(), 0), ("globex".into(), 0), ("hooli".into(), 2), ("initech".into(), 0)]);
+    let orders = p.db.query_strings("SELECT count(*)::text FROM information_schema.tables WHERE table_name = 'orders'").await.unwrap();
+    assert_eq!(orders, ["4"]);
+}
+
+/// examples/tenants-mongodb: the active clients of client_configs, each with
+/// the seed's indexes; the inactive one is left alone.
+#[tokio::test]
+async fn the_mongodb_tenants_example_runs() {
+    let p = Project::new(Engine::Mongodb).await;
+    let template = p.db.url.replacen(&format!("/{}", p.db.name), &format!("/{}_{{tenant}}", p.db.name), 1);
+    example(
+        &p,
+        "tenants-mongodb",
+        &[
+            ("mongodb://127.0.0.1:27017/chat_public?directConnection=true", p.db.url.clone()),
+            ("mongodb://127.0.0.1:27017/{tenant}?directConnection=true", template),
+        ],
+    );
+    let r = kiln_cmd(p.root.path()).args(["up", "--json"]).output().map(output_to_run).unwrap();
+    r.ok();
+    assert_eq!(tenant_runs(&r), [("chat_acme".into(), 3), ("chat_globex".into(), 3), ("chat_initech".into(), 3)], "{}", r.stdout);
+    let client = mongodb::Client::with_uri_str(&p.db.url).await.unwrap();
+    let messages = client.database(&format!("{}_chat_acme", p.db.name)).collection::<mongodb::bson::Document>("messages");
+    let names = messages.list_index_names().await.unwrap();
+    assert_eq!(names.len(), 13, "_id_ and the 12 seed indexes: {names:?}");
+    let public_config = client.database(&p.db.name).collection::<mongodb::bson::Document>("config").list_index_names().await.unwrap();
+    assert!(public_config.contains(&"idx_whatsapp_display_phone".to_string()), "{public_config:?}");
+    for t in ["chat_acme", "chat_globex", "chat_initech"] {
+        client.database(&format!("{}_{t}", p.db.name)).drop().await.unwrap();
+    }
+}
