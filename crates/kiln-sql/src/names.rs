@@ -71,3 +71,56 @@ pub async fn read_names(cfg: &BackendConfig, what: NameQuery<'_>) -> Result<Vec<
         _ => Err(EngineError::BadUrl { url: cfg.url.redacted(), message: "not a SQL database of this build".into() }),
     }
 }
+
+/// Create database `name` on the server `server` names (connected to its
+/// maintenance database) unless it exists: a tenant's database, when
+/// `[tenants] create = true`. The name is always quoted. Returns whether it
+/// was created (`false`: it existed, or another runner created it first).
+///
+/// # Errors
+/// What connecting returns; [`EngineError::Query`] when the server refuses
+/// (no privilege); [`EngineError::Refused`] on SQLite (a file is created by
+/// connecting).
+pub async fn create_database(server: &BackendConfig, name: &str) -> Result<bool, EngineError> {
+    let exists = |names: &[Option<String>]| names.iter().flatten().any(|n| n == name);
+    match EngineKind::parse(&server.url)? {
+        #[cfg(feature = "postgres")]
+        EngineKind::Postgres => {
+            let cfg = BackendConfig { schema: None, read_only: false, ..server.clone() };
+            let e = crate::postgres::PgBackend::connect(&cfg).await?;
+            let r = async {
+                if exists(&e.text_column(PG_DATABASES).await?) {
+                    return Ok(false);
+                }
+                match e.execute_plain(&format!("CREATE DATABASE {}", crate::common::quote_double(name))).await {
+                    Ok(()) => Ok(true),
+                    // Another runner created it between the look and the create.
+                    Err(err) => match e.text_column(PG_DATABASES).await {
+                        Ok(names) if exists(&names) => Ok(false),
+                        _ => Err(err),
+                    },
+                }
+            }
+            .await;
+            let _ = kiln_core::Engine::close(Box::new(e)).await;
+            r
+        }
+        #[cfg(feature = "mysql")]
+        EngineKind::Mysql => {
+            let mut e = crate::mysql::MysqlEngine::connect(&BackendConfig { read_only: false, ..server.clone() }).await?;
+            let r = async {
+                if exists(&e.text_column(MY_DATABASES).await?) {
+                    return Ok(false);
+                }
+                e.execute_plain(&format!("CREATE DATABASE IF NOT EXISTS {}", crate::common::quote_backtick(name))).await.map(|()| true)
+            }
+            .await;
+            let _ = kiln_core::Engine::close(Box::new(e)).await;
+            r
+        }
+        #[allow(unreachable_patterns)]
+        _ => Err(EngineError::Refused(
+            "only PostgreSQL and MySQL/MariaDB databases are created by kiln (MongoDB and SQLite create them on first use)".into(),
+        )),
+    }
+}

@@ -93,6 +93,8 @@ pub struct TenantsSection {
     pub url: Option<String>,
     /// Tenants migrated at a time.
     pub concurrency: Option<usize>,
+    /// Create a tenant's database when it is missing (PostgreSQL, MySQL; `url` placement).
+    pub create: Option<bool>,
     /// SQL on the public database whose first column names the tenants.
     pub query: Option<String>,
     /// MongoDB: a find on a collection of the public database.
@@ -165,6 +167,8 @@ pub struct Tenants {
     pub source: TenantSource,
     /// The configuration file that declared the fleet (for messages).
     pub declared_in: PathBuf,
+    /// Create a missing tenant database (`create = true`) instead of failing that tenant.
+    pub create: bool,
     /// How a tenant is reached.
     pub placement: Placement,
     /// Tenants migrated at a time.
@@ -246,7 +250,7 @@ impl Tenants {
             Some(n) => n,
             None => default_concurrency(),
         };
-        Ok(Tenants { source, placement, concurrency, declared_in: path.to_path_buf() })
+        Ok(Tenants { source, placement, concurrency, declared_in: path.to_path_buf(), create: t.create.unwrap_or(false) })
     }
 }
 

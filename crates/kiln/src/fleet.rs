@@ -272,6 +272,20 @@ impl<'a> Fleet<'a> {
         let cfg = BackendConfig { read_only: dry_run, ..cfg.clone() };
         let mut engine = match connect(&cfg).await {
             Ok(e) => e,
+            // A missing tenant database is created when kiln.toml asks for it, then connected to again.
+            Err(e @ EngineError::Connect { .. }) if self.tenants.create && !dry_run && matches!(target, TargetName::Tenant(_)) => {
+                let retried = match crate::tenant_source::create_database(cfg.url.expose(), &cfg).await {
+                    Ok(true) => connect(&cfg).await,
+                    Ok(false) => Err(e),
+                    Err(why) => {
+                        Err(EngineError::Connect { url: cfg.url.redacted(), message: format!("{e}; creating the database failed too: {why}") })
+                    }
+                };
+                match retried {
+                    Ok(engine) => engine,
+                    Err(e) => return TargetResult::Failed { error: ErrorReport::from(&RunError::Engine(e)) },
+                }
+            }
             Err(e) => return TargetResult::Failed { error: ErrorReport::from(&RunError::Engine(e)) },
         };
         let lock_timeout = if wait { None } else { Some(std::time::Duration::ZERO) };

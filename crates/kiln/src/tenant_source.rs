@@ -158,6 +158,24 @@ async fn pattern(tenants: &Tenants, public: &BackendConfig, glob: &str) -> Resul
     Ok(list)
 }
 
+/// Create the database of a tenant at `url` on its server when it is missing
+/// (`[tenants] create = true`): PostgreSQL and MySQL/MariaDB; MongoDB and
+/// SQLite create theirs on first use. Returns whether it was created.
+///
+/// # Errors
+/// Why it could not be created (no privilege, the server is unreachable).
+pub(crate) async fn create_database(url: &str, public: &BackendConfig) -> Result<bool, kiln_core::EngineError> {
+    let kind = EngineKind::of(url);
+    let admin = match kind {
+        Some(EngineKind::Postgres) => "postgres",
+        Some(EngineKind::Mysql) => "information_schema",
+        _ => return Ok(false),
+    };
+    let Some((head, db, tail)) = split_database(url) else { return Ok(false) };
+    let server = BackendConfig { url: format!("{head}{admin}{tail}").into(), schema: None, ..public.clone() };
+    kiln_sql::names::create_database(&server, db).await
+}
+
 async fn list_databases(server: &BackendConfig, kind: Option<EngineKind>) -> Result<Vec<String>, String> {
     let names = match kind {
         #[cfg(feature = "mongodb")]

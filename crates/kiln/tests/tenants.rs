@@ -203,7 +203,13 @@ async fn database_per_tenant(engine: Engine) {
     } else {
         r.fails_with(1);
         assert_eq!(status("c"), "failed", "c's database does not exist: {}", r.stdout);
-        for t in ["a", "b"] {
+        // Asked to, kiln creates the missing database and migrates it.
+        std::fs::write(p.root.path().join("kiln.toml"), format!("[tenants]\nlist = [{list}]\nurl = \"{template}\"\ncreate = true\n")).unwrap();
+        let again = p.kiln(&["up", "--json"]);
+        again.ok();
+        let c = again.json()["targets"].as_array().unwrap().iter().find(|t| t["target"]["name"] == "c").unwrap().clone();
+        assert_eq!(c["report"]["steps"].as_array().unwrap().len(), 1, "{c}");
+        for t in ["a", "b", "c"] {
             p.db.sql(&format!("DROP DATABASE `{}_{t}`", p.db.name)).await.unwrap();
         }
     }
@@ -461,5 +467,27 @@ async fn the_mongodb_tenants_example_runs() {
     assert!(public_config.contains(&"idx_whatsapp_display_phone".to_string()), "{public_config:?}");
     for t in ["chat_acme", "chat_globex", "chat_initech"] {
         client.database(&format!("{}_{t}", p.db.name)).drop().await.unwrap();
+    }
+}
+
+/// PostgreSQL, a database per tenant: missing databases fail their tenant,
+/// unless `create = true`, when kiln creates them (quoted) and migrates them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_creates_missing_tenant_databases_when_asked() {
+    let p = Project::new(Engine::Postgres).await;
+    let template = p.db.url.replacen(&format!("/{}", p.db.name), &format!("/{}_{{tenant}}", p.db.name), 1);
+    p.write("tenant/0001_users.sql", "CREATE TABLE t_users (id INT);\n");
+    std::fs::write(p.root.path().join("kiln.toml"), format!("[tenants]\nlist = [\"North-1\", \"south\"]\nurl = \"{template}\"\n")).unwrap();
+    let r = p.kiln(&["up", "--tenants-only"]);
+    r.fails_with(1);
+    assert!(r.stderr.contains("does not exist"), "{}", r.stderr);
+    std::fs::write(p.root.path().join("kiln.toml"), format!("[tenants]\nlist = [\"North-1\", \"south\"]\nurl = \"{template}\"\ncreate = true\n"))
+        .unwrap();
+    p.kiln(&["up", "--tenants-only"]).ok();
+    p.kiln(&["check", "--tenants-only"]).ok();
+    for t in ["North-1", "south"] {
+        let db = format!("{}_{t}", p.db.name);
+        assert_eq!(p.db.query_strings(&format!("SELECT datname::text FROM pg_database WHERE datname = '{db}'")).await.unwrap(), [db.clone()]);
+        p.db.sql(&format!("DROP DATABASE \"{db}\" WITH (FORCE)")).await.unwrap();
     }
 }

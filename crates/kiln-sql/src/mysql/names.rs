@@ -38,3 +38,13 @@ impl MysqlEngine {
         Ok(out)
     }
 }
+
+impl MysqlEngine {
+    /// Run one statement of kiln's own (`CREATE DATABASE`).
+    pub(crate) async fn execute_plain(&mut self, sql: &str) -> Result<(), EngineError> {
+        match sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string())).execute(&mut self.conn).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.err(format!("running {sql:?}"), e)),
+        }
+    }
+}

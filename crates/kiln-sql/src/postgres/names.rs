@@ -30,3 +30,13 @@ impl PgBackend {
         Ok(out)
     }
 }
+
+impl PgBackend {
+    /// Run one statement of kiln's own outside any transaction (`CREATE DATABASE`).
+    pub(crate) async fn execute_plain(&self, sql: &str) -> Result<(), EngineError> {
+        self.client
+            .batch_execute(sql)
+            .await
+            .map_err(|e| EngineError::Query { context: format!("running {sql:?} ({})", self.target), message: error_text(&e) })
+    }
+}
