@@ -487,7 +487,10 @@ async fn postgres_creates_missing_tenant_databases_when_asked() {
     p.kiln(&["check", "--tenants-only"]).ok();
     for t in ["North-1", "south"] {
         let db = format!("{}_{t}", p.db.name);
-        assert_eq!(p.db.query_strings(&format!("SELECT datname::text FROM pg_database WHERE datname = '{db}'")).await.unwrap(), [db.clone()]);
+        assert_eq!(
+            p.db.query_strings(&format!("SELECT datname::text FROM pg_database WHERE datname = '{db}'")).await.unwrap(),
+            std::slice::from_ref(&db)
+        );
         p.db.sql(&format!("DROP DATABASE \"{db}\" WITH (FORCE)")).await.unwrap();
     }
 }
