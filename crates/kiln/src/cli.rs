@@ -65,6 +65,16 @@ pub struct FleetArgs {
     pub tenant: Vec<String>,
 }
 
+impl Cmd {
+    /// `--tenant NAME` of a one-database command (down, redo, baseline, repair).
+    fn on_tenant(&self) -> Option<&str> {
+        match self {
+            Cmd::Down { tenant, .. } | Cmd::Redo { tenant } | Cmd::Baseline { tenant, .. } | Cmd::Repair { tenant, .. } => tenant.as_deref(),
+            _ => None,
+        }
+    }
+}
+
 impl FleetArgs {
     fn selection(&self) -> kiln::fleet::Selection {
         kiln::fleet::Selection { public_only: self.public_only, tenants_only: self.tenants_only, tenants: self.tenant.clone() }
@@ -173,9 +183,16 @@ pub enum Cmd {
         /// Print the plan and change nothing
         #[arg(long)]
         dry_run: bool,
+        /// Act on this tenant of the `[tenants]` fleet (its database or schema, its tenant-scoped migrations) instead of the public database
+        #[arg(long, value_name = "NAME")]
+        tenant: Option<String>,
     },
     /// Revert the last batch and apply it again (to rehearse a down while developing)
-    Redo,
+    Redo {
+        /// Act on this tenant of the `[tenants]` fleet (its database or schema, its tenant-scoped migrations) instead of the public database
+        #[arg(long, value_name = "NAME")]
+        tenant: Option<String>,
+    },
     /// Show every migration: version, name, state, batch, applied at, duration, checksum
     #[command(visible_alias = "list")]
     Status {
@@ -216,6 +233,9 @@ pub enum Cmd {
         /// Why (written to the event log)
         #[arg(long, default_value = "baseline of a database that existed before kiln")]
         reason: String,
+        /// Act on this tenant of the `[tenants]` fleet (its database or schema, its tenant-scoped migrations) instead of the public database
+        #[arg(long, value_name = "NAME")]
+        tenant: Option<String>,
     },
     /// Remove a migration from every future plan and rename its file to .retired
     Retire {
@@ -237,6 +257,9 @@ pub enum Cmd {
         /// Why (written to the event log)
         #[arg(long)]
         reason: String,
+        /// Act on this tenant of the `[tenants]` fleet (its database or schema, its tenant-scoped migrations) instead of the public database
+        #[arg(long, value_name = "NAME")]
+        tenant: Option<String>,
     },
     /// Fail (exit 1) on pending, failed or changed migrations, an invalid schema, or drift
     Check {
@@ -385,6 +408,13 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         return Ok(done);
     }
 
+    // `--tenant NAME` on a one-database command: that tenant's database or
+    // schema, with the tenant-scoped migrations.
+    let on_tenant = cli.cmd.on_tenant().is_some();
+    let cfg = match cli.cmd.on_tenant() {
+        Some(name) => tenant_config(cfg, name).await?,
+        None => cfg,
+    };
     // Read the files while the connection is being set up: both wait on I/O.
     let dir = cfg.dir.clone();
     let opts = kiln::load_options(&cfg.url, cfg.name_rule.clone());
@@ -394,6 +424,7 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
     // beside them does not stop the backfills; every other command refuses them.
     let lenient = matches!(cli.cmd, Cmd::Status { .. } | Cmd::Worker { .. } | Cmd::Jobs { .. });
     let loader = std::thread::spawn(move || match (lenient, fleet) {
+        _ if on_tenant => kiln::load_tenant_migrations(&dir, &opts).map(|m| (m, vec![])),
         (true, _) => kiln::load_migrations_lenient(&dir, &opts, fleet),
         (false, true) => kiln::load_public_migrations(&dir, &opts).map(|m| (m, vec![])),
         (false, false) => kiln::load_migrations(&dir, &opts).map(|m| (m, vec![])),
@@ -428,7 +459,8 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         let _ = backend.close().await;
         return result;
     }
-    let contract = lib.contract()?;
+    // The schema contract describes the public database.
+    let contract = if on_tenant { None } else { lib.contract()? };
     let result = command(&cli.cmd, &cfg, &lib, (&local, &problems), contract, backend.as_mut(), json).await;
     let _ = backend.close().await;
     result
@@ -492,6 +524,29 @@ async fn fleet_command(cmd: &Cmd, cfg: &Config, json: bool) -> Result<Option<i32
         }
         _ => Ok(None),
     }
+}
+
+/// The configuration of one tenant of the fleet, for a one-database command
+/// with `--tenant NAME`: its URL or schema, and no fleet (the command acts on
+/// that database alone).
+async fn tenant_config(mut cfg: Config, name: &str) -> Result<Config, CliError> {
+    let Some(tenants) = cfg.tenants.clone() else {
+        return Err(CliError::Usage("--tenant needs a `[tenants]` fleet in kiln.toml".into()));
+    };
+    let lib = kiln::Kiln::from_config(&cfg);
+    let fleet = kiln::fleet::Fleet::new(&lib, &tenants);
+    let list = fleet.tenant_list().await.map_err(lib_error)?;
+    if let Some((_, why)) = list.rejected.iter().find(|(n, _)| n == name) {
+        return Err(CliError::Usage(why.clone()));
+    }
+    if !list.names.iter().any(|n| n == name) {
+        return Err(CliError::Usage(format!("unknown tenant {name:?}; the fleet has: {}", list.names.join(", "))));
+    }
+    let b = fleet.backend(&kiln::report::TargetName::Tenant(name.to_string()));
+    cfg.url = b.url;
+    cfg.schema = b.schema;
+    cfg.tenants = None;
+    Ok(cfg)
 }
 
 fn lib_error(e: kiln::Error) -> CliError {
@@ -577,7 +632,7 @@ async fn command(
             drop(runner);
             crate::jobs_cli::worker(lib, backend, args, json).await
         }
-        Cmd::Down { steps, to, dry_run } => {
+        Cmd::Down { steps, to, dry_run, .. } => {
             let t = match (steps, to) {
                 (Some(n), _) => DownTarget::Steps(*n),
                 (None, Some(v)) => DownTarget::To(parse_version(v)?),
@@ -587,7 +642,7 @@ async fn command(
             render::run_report(&r, &target, json);
             Ok(0)
         }
-        Cmd::Redo => {
+        Cmd::Redo { .. } => {
             let down = runner.down(local, &DownTarget::LastBatch, false).await?;
             if !json {
                 render::run_report(&down, &target, false);
@@ -612,7 +667,7 @@ async fn command(
             render::status(&rows, problems, &view, cols.as_ref(), &target, json);
             Ok(0)
         }
-        Cmd::Baseline { migration, reason } => {
+        Cmd::Baseline { migration, reason, .. } => {
             let v = parse_version(migration)?;
             let r = runner.baseline(local, &v, Some(reason)).await?;
             render::admin(&r, json);
@@ -624,7 +679,7 @@ async fn command(
             render::admin(&r, json);
             Ok(0)
         }
-        Cmd::Repair { migration, mark_applied, reason } => {
+        Cmd::Repair { migration, mark_applied, reason, .. } => {
             let v = match migration {
                 Some(v) => Some(parse_version(v)?),
                 None => None,

@@ -87,6 +87,15 @@ pub fn load_public_migrations(dir: &std::path::Path, opts: &LoadOptions) -> Resu
     Ok(load_dir(dir, opts)?.into_iter().filter(|m| m.directives.scope == Scope::Public).collect())
 }
 
+/// The tenant-scoped migrations: what one tenant's database runs (a
+/// one-database command with `--tenant NAME`).
+///
+/// # Errors
+/// [`SourceError`] naming the file.
+pub fn load_tenant_migrations(dir: &std::path::Path, opts: &LoadOptions) -> Result<Vec<Migration>, SourceError> {
+    Ok(load_dir(dir, opts)?.into_iter().filter(|m| m.directives.scope == Scope::Tenant).collect())
+}
+
 fn refuse_tenant_scope(dir: &std::path::Path, local: Vec<Migration>) -> Result<Vec<Migration>, SourceError> {
     let tenant: Vec<&Migration> = local.iter().filter(|m| m.directives.scope == Scope::Tenant).collect();
     if let Some(first) = tenant.first() {

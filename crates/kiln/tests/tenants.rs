@@ -536,3 +536,40 @@ async fn a_fleet_run_killed_midway_is_finished_by_the_next_run() {
     let want: Vec<String> = names.iter().map(|n| format!("tenant_{n}")).collect();
     assert_eq!(runs, want, "every tenant migrated exactly once");
 }
+
+/// `down`, `repair` (and `redo`, `baseline`) with `--tenant NAME` act on that
+/// tenant alone, with the tenant-scoped migrations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn down_and_repair_act_on_one_tenant() {
+    let p = Project::new(Engine::Postgres).await;
+    fleet(&p, &["acme", "globex"], "schema = \"tenant_{tenant}\"");
+    p.kiln(&["up"]).ok();
+    let users = || p.db.query_strings("SELECT table_schema::text FROM information_schema.tables WHERE table_name = 't_users' ORDER BY 1");
+    assert_eq!(users().await.unwrap(), ["tenant_acme", "tenant_globex"]);
+    let down = p.kiln(&["down", "--tenant", "acme"]);
+    down.ok();
+    assert!(down.stdout.contains("0002"), "{}", down.stdout);
+    assert_eq!(users().await.unwrap(), ["tenant_globex"], "only acme reverted");
+    assert_eq!(p.db.objects("t_").await.unwrap(), ["t_public"], "the public database is untouched");
+    // A migration without a transaction fails half-way on globex only.
+    p.db.sql("CREATE TABLE tenant_globex.t_extra (id INT)").await.unwrap();
+    p.write("tenant/0003_extra.sql", "-- kiln:transaction off\n-- kiln:up\nCREATE TABLE t_extra2 (id INT);\nCREATE TABLE t_extra (id INT);\n");
+    let r = p.kiln(&["up"]);
+    r.fails_with(1);
+    assert!(r.stderr.contains("tenant globex"), "{}", r.stderr);
+    let blocked = p.kiln(&["up", "--tenant", "globex"]);
+    blocked.fails_with(1);
+    assert!(blocked.stderr.contains("repair"), "a failed migration blocks the tenant until repair: {}", blocked.stderr);
+    // Fixed by hand, then repaired on that tenant alone.
+    p.db.sql("DROP TABLE tenant_globex.t_extra2; DROP TABLE tenant_globex.t_extra").await.unwrap();
+    p.kiln(&["repair", "0003", "--tenant", "globex", "--reason", "cleaned up by hand"]).ok();
+    p.kiln(&["up"]).ok();
+    p.kiln(&["check"]).ok();
+    let unknown = p.kiln(&["down", "--tenant", "nope"]);
+    unknown.fails_with(2);
+    assert!(unknown.stderr.contains("acme, globex"), "{}", unknown.stderr);
+    std::fs::remove_file(p.root.path().join("kiln.toml")).unwrap();
+    let nofleet = p.kiln(&["repair", "--tenant", "acme", "--reason", "x"]);
+    nofleet.fails_with(2);
+    assert!(nofleet.stderr.contains("[tenants]"), "{}", nofleet.stderr);
+}
