@@ -299,9 +299,11 @@ pub enum Cmd {
         /// Print the differences and change nothing
         #[arg(long)]
         dry_run: bool,
-        /// Directory of index declarations [default: indexes/ beside the migrations directory]
+        /// Directory of index declarations [default: indexes/ beside the migrations directory; a fleet's tenants use its tenant/ folder]
         #[arg(long, value_name = "DIR")]
         indexes: Option<PathBuf>,
+        #[command(flatten)]
+        fleet: FleetArgs,
     },
 }
 
@@ -453,7 +455,7 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
     if let Cmd::Up { group: Some(g), .. } = &cli.cmd {
         lib = lib.group(g.clone());
     }
-    if let Cmd::Sync { prune, drop_migrated, dry_run, indexes } = &cli.cmd {
+    if let Cmd::Sync { prune, drop_migrated, dry_run, indexes, .. } = &cli.cmd {
         let opts = SyncArgs { prune: *prune, drop_migrated: *drop_migrated, dry_run: *dry_run, indexes: indexes.clone() };
         let result = sync(&cfg, &lib, &local, backend.as_mut(), opts, json).await;
         let _ = backend.close().await;
@@ -470,7 +472,7 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
 /// command is not a fleet command (it then acts on one database).
 async fn fleet_command(cmd: &Cmd, cfg: &Config, json: bool) -> Result<Option<i32>, CliError> {
     let fleet_flags = match cmd {
-        Cmd::Up { fleet, .. } | Cmd::Check { fleet } => fleet.used(),
+        Cmd::Up { fleet, .. } | Cmd::Check { fleet } | Cmd::Sync { fleet, .. } => fleet.used(),
         Cmd::Status { fleet, tenants, .. } => fleet.used() || *tenants,
         _ => false,
     };
@@ -514,6 +516,10 @@ async fn fleet_command(cmd: &Cmd, cfg: &Config, json: bool) -> Result<Option<i32
             let rows = f.check(&fleet.selection()).await.map_err(lib_error)?;
             render::fleet_check(&rows, json);
             Ok(Some(if rows.iter().all(|r| r.ok()) { 0 } else { 1 }))
+        }
+        Cmd::Sync { prune, drop_migrated, dry_run, indexes, fleet } => {
+            let a = SyncArgs { prune: *prune, drop_migrated: *drop_migrated, dry_run: *dry_run, indexes: indexes.clone() };
+            fleet_sync(cfg, tenants, &fleet.selection(), a, json).await.map(Some)
         }
         Cmd::Status { fleet, .. } if fleet_flags => {
             let lib = kiln::Kiln::from_config(cfg);
@@ -804,6 +810,112 @@ async fn sync(cfg: &Config, lib: &kiln::Kiln, local: &[Migration], backend: &mut
     })?;
     render::sync_report(&report, json);
     Ok(if report.refused() { 1 } else { 0 })
+}
+
+/// `kiln sync` over a fleet: the public database against `indexes/`, every
+/// tenant against `indexes/tenant/`, `concurrency` at a time, each under its
+/// own lock (a tenant whose lock is held elsewhere is skipped), one
+/// database's failure never stopping the others.
+#[cfg(feature = "mongodb")]
+async fn fleet_sync(
+    cfg: &Config,
+    tenants: &kiln::config::Tenants,
+    selection: &kiln::fleet::Selection,
+    a: SyncArgs,
+    json: bool,
+) -> Result<i32, CliError> {
+    use anstream::println;
+    use futures::StreamExt;
+    use kiln::report::TargetName;
+    use owo_colors::OwoColorize;
+    if kiln::url::EngineKind::of(&cfg.url) != Some(kiln::url::EngineKind::Mongodb) {
+        return Err(CliError::Usage("`kiln sync` manages declared MongoDB indexes; the database is not MongoDB".into()));
+    }
+    let dir = a.indexes.clone().unwrap_or_else(|| cfg.dir.parent().map(|p| p.join("indexes")).unwrap_or_else(|| PathBuf::from("indexes")));
+    let tenant_dir = dir.join("tenant");
+    let lib = kiln::Kiln::from_config(cfg);
+    let fleet = kiln::fleet::Fleet::new(&lib, tenants);
+    let (public_migs, tenant_migs) = fleet.load().map_err(lib_error)?;
+    let (targets, rejected) = fleet.select(selection).await.map_err(lib_error)?;
+    for (t, d) in [(targets.contains(&TargetName::Public), &dir), (targets.iter().any(|t| *t != TargetName::Public), &tenant_dir)] {
+        if t && !d.is_dir() {
+            return Err(CliError::Usage(format!(
+                "index declarations directory {} does not exist (the public database's are in indexes/, the tenants' in indexes/tenant/; or use --indexes DIR)",
+                d.display()
+            )));
+        }
+    }
+    let (a, lib, fleet, dir, tenant_dir) = (&a, &lib, &fleet, &dir, &tenant_dir);
+    let (public_migs, tenant_migs) = (&public_migs, &tenant_migs);
+    let mut rows: Vec<serde_json::Value> = futures::stream::iter(targets.into_iter().map(|target| async move {
+        let public = target == TargetName::Public;
+        let cfg = kiln::BackendConfig { read_only: a.dry_run, ..fleet.backend(&target) };
+        let (migs, d) = if public { (public_migs, dir) } else { (tenant_migs, tenant_dir) };
+        let r: Result<kiln_mongo::SyncReport, String> = async {
+            let mut engine = kiln::connect(&cfg).await.map_err(|e| e.to_string())?;
+            let wait = if public { None } else { Some(std::time::Duration::ZERO) };
+            let mut runner = lib.runner_for(engine.as_mut(), None, wait);
+            let applied: Vec<String> =
+                runner.status(migs).await.map_err(|e| e.to_string())?.into_iter().filter(|r| r.state == "applied").map(|r| r.version).collect();
+            let opts = kiln_mongo::SyncOptions {
+                prune: a.prune,
+                dry_run: a.dry_run,
+                migrated: migrated_indexes(migs.iter().filter(|m| applied.contains(&m.version.text))),
+                drop_migrated: a.drop_migrated,
+            };
+            let work = async { Ok(kiln_mongo::sync_indexes(&cfg, d, &opts).await) };
+            let r = if a.dry_run { work.await } else { runner.locked(work, |r| r.as_ref().map(|r| r.applied > 0).unwrap_or(true)).await };
+            drop(runner);
+            let _ = engine.close().await;
+            r.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+        }
+        .await;
+        (target, r)
+    }))
+    .buffer_unordered(tenants.concurrency.max(1))
+    .map(|(target, r)| {
+        let line = match &r {
+            Ok(rep) if rep.refused() => format!(
+                "  {} {target}: {} index(es) differ or are protected",
+                "✗".red().bold(),
+                rep.actions.iter().filter(|x| matches!(x, kiln_mongo::SyncAction::Differs { .. } | kiln_mongo::SyncAction::Protected { .. })).count()
+            ),
+            Ok(rep) => {
+                let changes = rep.actions.iter().filter(|x| x.is_change()).count();
+                let verb = if rep.dry_run { "would change" } else { "changed" };
+                format!("  {} {target}: {verb} {changes} index(es)", "✓".green())
+            }
+            Err(e) => format!("  {} {target}: {}", "✗".red().bold(), e.lines().next().unwrap_or_default()),
+        };
+        if !json {
+            println!("{line}");
+        }
+        match r {
+            Ok(rep) => serde_json::json!({ "target": target, "ok": !rep.refused(), "report": rep }),
+            Err(e) => serde_json::json!({ "target": target, "ok": false, "error": e }),
+        }
+    })
+    .collect()
+    .await;
+    for (name, why) in rejected {
+        if !json {
+            println!("  {} tenant {name}: {why}", "✗".red().bold());
+        }
+        rows.push(serde_json::json!({ "target": TargetName::Tenant(name), "ok": false, "error": why }));
+    }
+    let ok = rows.iter().all(|r| r["ok"] == true);
+    if json {
+        render::json(&serde_json::json!({ "ok": ok, "targets": rows }));
+    } else {
+        let failed = rows.iter().filter(|r| r["ok"] != true).count();
+        println!("Fleet sync: {} database(s), {failed} with problems.", rows.len());
+    }
+    Ok(if ok { 0 } else { 1 })
+}
+
+#[cfg(not(feature = "mongodb"))]
+async fn fleet_sync(_: &Config, _: &kiln::config::Tenants, _: &kiln::fleet::Selection, _: SyncArgs, _: bool) -> Result<i32, CliError> {
+    Err(CliError::Usage("this kiln was built without MongoDB support".into()))
 }
 
 /// The indexes the up bodies of `applied` create (`createIndexes`).

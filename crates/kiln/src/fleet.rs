@@ -150,6 +150,22 @@ impl<'a> Fleet<'a> {
         Ok(self.list.get_or_try_init(|| crate::tenant_source::read(self.tenants, self.kiln.backend_config())).await?)
     }
 
+    /// The selected databases (the public one first, then the tenants in
+    /// the source's order) and the selected names the source gave that
+    /// cannot be tenants, with why.
+    ///
+    /// # Errors
+    /// The source cannot be read; an unknown tenant was asked for.
+    pub async fn select(&self, selection: &Selection) -> Result<(Vec<TargetName>, Vec<(String, String)>), crate::Error> {
+        let (names, rejected) = self.selected(selection).await?;
+        let mut targets = Vec::new();
+        if selection.public() {
+            targets.push(TargetName::Public);
+        }
+        targets.extend(names.into_iter().map(TargetName::Tenant));
+        Ok((targets, rejected))
+    }
+
     /// The selected tenants, and the selected names the source gave that
     /// cannot be tenants (each reported as a failed tenant).
     async fn selected(&self, selection: &Selection) -> Result<(Vec<String>, Vec<(String, String)>), crate::Error> {

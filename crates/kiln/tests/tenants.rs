@@ -573,3 +573,70 @@ async fn down_and_repair_act_on_one_tenant() {
     nofleet.fails_with(2);
     assert!(nofleet.stderr.contains("[tenants]"), "{}", nofleet.stderr);
 }
+
+/// `kiln sync` over a MongoDB fleet: the public database against indexes/,
+/// every tenant against indexes/tenant/ (the seed's `config` collection has
+/// different indexes in each scope), with the fleet filters and --dry-run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_sync_over_a_mongodb_fleet() {
+    let p = Project::new(Engine::Mongodb).await;
+    let template = p.db.url.replacen(&format!("/{}", p.db.name), &format!("/{}_{{tenant}}", p.db.name), 1);
+    std::fs::write(p.root.path().join("kiln.toml"), format!("[tenants]\nlist = [\"a\", \"b\"]\nurl = \"{template}\"\n")).unwrap();
+    p.write("0001_public.yaml", "up:\n  - create: config\n");
+    p.write("tenant/0002_config.yaml", "up:\n  - create: config\n");
+    std::fs::create_dir_all(p.root.path().join("indexes/tenant")).unwrap();
+    std::fs::write(
+        p.root.path().join("indexes/config.yaml"),
+        "- { key: { id: 1 }, name: idx_config_id, unique: true }\n- { key: { whatsappPhone: 1 }, name: idx_whatsapp_display_phone }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        p.root.path().join("indexes/tenant/config.yaml"),
+        "- { key: { id: 1 }, name: idx_config_id, unique: true }\n- { key: { updatedAt: -1 }, name: idx_config_updated }\n",
+    )
+    .unwrap();
+    p.kiln(&["up"]).ok();
+    let client = mongodb::Client::with_uri_str(&p.db.url).await.unwrap();
+    let indexes = |db: String| {
+        let c = client.database(&db).collection::<mongodb::bson::Document>("config");
+        async move {
+            let mut v = c.list_index_names().await.unwrap();
+            v.sort();
+            v
+        }
+    };
+    let dry = p.kiln(&["sync", "--dry-run", "--json"]);
+    dry.ok();
+    assert_eq!(dry.json()["targets"].as_array().unwrap().len(), 3, "{}", dry.stdout);
+    assert_eq!(indexes(format!("{}_a", p.db.name)).await, ["_id_"], "a dry run changes nothing");
+    p.kiln(&["sync", "--tenant", "a"]).ok();
+    assert_eq!(indexes(format!("{}_a", p.db.name)).await, ["_id_", "idx_config_id", "idx_config_updated"]);
+    assert_eq!(indexes(format!("{}_b", p.db.name)).await, ["_id_"], "only tenant a");
+    assert_eq!(indexes(p.db.name.clone()).await, ["_id_"], "not the public database");
+    let all = p.kiln(&["sync"]);
+    all.ok();
+    assert!(all.stdout.contains("3 database(s), 0 with problems"), "{}", all.stdout);
+    assert_eq!(indexes(p.db.name.clone()).await, ["_id_", "idx_config_id", "idx_whatsapp_display_phone"]);
+    assert_eq!(indexes(format!("{}_b", p.db.name)).await, ["_id_", "idx_config_id", "idx_config_updated"]);
+    p.kiln(&["check"]).ok();
+    // A differing index on one tenant is that tenant's problem alone.
+    client.database(&format!("{}_b", p.db.name)).collection::<mongodb::bson::Document>("config").drop_index("idx_config_updated").await.unwrap();
+    client
+        .database(&format!("{}_b", p.db.name))
+        .run_command(mongodb::bson::doc! {"createIndexes": "config", "indexes": [{"key": {"updatedAt": 1}, "name": "idx_config_updated"}]})
+        .await
+        .unwrap();
+    let differs = p.kiln(&["sync", "--tenants-only", "--json"]);
+    differs.fails_with(1);
+    let bad: Vec<String> = differs.json()["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["ok"] != true)
+        .map(|t| t["target"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(bad, ["b"], "{}", differs.stdout);
+    for t in ["a", "b"] {
+        client.database(&format!("{}_{t}", p.db.name)).drop().await.unwrap();
+    }
+}
