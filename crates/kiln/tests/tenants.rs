@@ -640,3 +640,80 @@ async fn index_sync_over_a_mongodb_fleet() {
         client.database(&format!("{}_{t}", p.db.name)).drop().await.unwrap();
     }
 }
+
+/// 50 tenants with one broken one, on PostgreSQL (schemas), MySQL (databases
+/// kiln creates) and MongoDB (databases): 49 migrated, the broken one named,
+/// exit 1 — and the tenants really ran side by side (the sum of their run
+/// times is well above the wall time of the whole run).
+async fn fifty_tenants_one_broken(engine: Engine) {
+    let p = Project::new(engine).await;
+    let names: Vec<String> = (0..50).map(|i| format!("t{i:02}")).collect();
+    let list = names.iter().map(|t| format!("{t:?}")).collect::<Vec<_>>().join(", ");
+    let db_template = p.db.url.replacen(&format!("/{}", p.db.name), &format!("/{}_{{tenant}}", p.db.name), 1);
+    let placement = match engine {
+        Engine::Postgres => "schema = \"tenant_{tenant}\"".to_string(),
+        Engine::Mysql => format!("url = \"{db_template}\"\ncreate = true"),
+        _ => format!("url = \"{db_template}\""),
+    };
+    std::fs::write(p.root.path().join("kiln.toml"), format!("[tenants]\nlist = [{list}]\n{placement}\nconcurrency = 8\n")).unwrap();
+    let client = if engine == Engine::Mongodb { Some(mongodb::Client::with_uri_str(&p.db.url).await.unwrap()) } else { None };
+    match engine {
+        Engine::Mongodb => {
+            p.write("tenant/0001_users.yaml", "up:\n  - create: t_users\n  - insert: t_users\n    documents: [ { _id: 1 } ]\n");
+            // t13 already holds the document the migration inserts: duplicate key (11000).
+            let t13 = client.as_ref().unwrap().database(&format!("{}_t13", p.db.name));
+            t13.collection::<mongodb::bson::Document>("t_users").insert_one(mongodb::bson::doc! {"_id": 1}).await.unwrap();
+        }
+        Engine::Postgres => {
+            p.write("tenant/0001_users.sql", "CREATE TABLE t_users (id INT);\nINSERT INTO t_users VALUES (1);\n");
+            p.db.sql("CREATE SCHEMA tenant_t13; CREATE TABLE tenant_t13.t_users (id INT)").await.unwrap();
+        }
+        _ => {
+            p.write("tenant/0001_users.sql", "CREATE TABLE t_users (id INT);\nINSERT INTO t_users VALUES (1);\n");
+            p.db.sql(&format!("CREATE DATABASE `{}_t13`", p.db.name)).await.unwrap();
+            p.db.sql(&format!("CREATE TABLE `{}_t13`.t_users (id INT)", p.db.name)).await.unwrap();
+        }
+    }
+    let r = p.kiln(&["up", "--tenants-only", "--json"]);
+    r.fails_with(1);
+    let v = r.json();
+    let targets = v["targets"].as_array().unwrap();
+    let failed: Vec<&str> = targets.iter().filter(|t| t["status"] == "failed").map(|t| t["target"]["name"].as_str().unwrap()).collect();
+    assert_eq!(failed, ["t13"], "{}", r.stdout);
+    assert_eq!(targets.iter().filter(|t| t["status"] == "done").count(), 49);
+    let busy: u64 = targets.iter().map(|t| t["duration_ms"].as_u64().unwrap()).sum();
+    let wall = v["duration_ms"].as_u64().unwrap().max(1);
+    assert!(busy as f64 > 2.0 * wall as f64, "tenants overlap: {busy} ms of tenant runs in {wall} ms");
+    let text = p.kiln(&["up", "--tenants-only"]);
+    text.fails_with(1);
+    assert!(text.stderr.contains("tenant t13"), "{}", text.stderr);
+    match engine {
+        Engine::Mongodb => {
+            let c = client.unwrap();
+            for n in &names {
+                c.database(&format!("{}_{n}", p.db.name)).drop().await.unwrap();
+            }
+        }
+        Engine::Mysql => {
+            for n in &names {
+                p.db.sql(&format!("DROP DATABASE IF EXISTS `{}_{n}`", p.db.name)).await.unwrap();
+            }
+        }
+        _ => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_tenants_one_broken_on_postgres() {
+    fifty_tenants_one_broken(Engine::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_tenants_one_broken_on_mysql() {
+    fifty_tenants_one_broken(Engine::Mysql).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_tenants_one_broken_on_mongodb() {
+    fifty_tenants_one_broken(Engine::Mongodb).await;
+}
