@@ -129,6 +129,9 @@ pub enum AdminChange {
         name: String,
         /// `failed` or `running`.
         was: State,
+        /// The state recorded now: `applied`, or `expanded` for a
+        /// zero-downtime migration (its backfill is queued).
+        now: State,
     },
     /// An applied migration's recorded checksum realigned with its file.
     Checksum {
@@ -151,7 +154,7 @@ impl fmt::Display for AdminChange {
             AdminChange::Retired { version, name, was } => write!(f, "{version} {name}: {was} -> retired"),
             AdminChange::Renamed { from, to } => write!(f, "renamed {from} to {to}"),
             AdminChange::Removed { version, name, was } => write!(f, "{version} {name}: {was} entry removed; it is pending again"),
-            AdminChange::MarkedApplied { version, name, was } => write!(f, "{version} {name}: {was} -> applied (completed by hand)"),
+            AdminChange::MarkedApplied { version, name, was, now } => write!(f, "{version} {name}: {was} -> {now} (completed by hand)"),
             AdminChange::Checksum { version, name, from, to } => write!(f, "{version} {name}: checksum {} -> {}", short(from), short(to)),
         }
     }

@@ -787,15 +787,23 @@ impl<'b> Runner<'b> {
                     match a.state {
                         State::Failed | State::Running => {
                             if mark_applied {
-                                let mut e = AppliedMigration { state: State::Applied, error: None, ..a.clone() };
+                                // A zero-downtime migration completed by hand has
+                                // completed its expand: it is `expanded`, and its
+                                // backfill is queued below, as `up` would have.
+                                let state = if file.is_some_and(|m| m.phases.is_some()) { State::Expanded } else { State::Applied };
+                                let mut e = AppliedMigration { state, error: None, ..a.clone() };
                                 if let Some(m) = file {
                                     e.checksum = m.checksum.clone();
                                 }
                                 this.backend.put_history(std::slice::from_ref(&e), None).await?;
+                                if state == State::Expanded {
+                                    this.queue_missing(local, std::slice::from_ref(&e)).await?;
+                                }
                                 changes.push(AdminChange::MarkedApplied {
                                     version: plan::recorded_version(a).to_string(),
                                     name: name.clone(),
                                     was: a.state,
+                                    now: state,
                                 });
                             } else {
                                 this.backend.delete_history(a.version.number, None).await?;
@@ -808,7 +816,11 @@ impl<'b> Runner<'b> {
                             let detail = format!(
                                 "{} -> {}; recorded error: {}",
                                 a.state,
-                                if mark_applied { "applied" } else { "removed" },
+                                match (mark_applied, file.is_some_and(|m| m.phases.is_some())) {
+                                    (true, true) => "expanded",
+                                    (true, false) => "applied",
+                                    _ => "removed",
+                                },
                                 a.error.as_ref().map(|e| e.message.as_str()).unwrap_or("none")
                             );
                             let log = this.log_entry(LogEvent::Repair, Some((&a.version, &name)), Some(a.batch), Some(&reason), Some(detail));

@@ -381,6 +381,34 @@ async fn a_backfill_over_a_key_that_is_not_unique_is_refused() {
     assert_eq!(p.kiln(&["jobs", "--json"]).json()["jobs"][0]["state"], "done");
 }
 
+/// A zero-downtime migration whose expand failed half-way (MySQL: DDL
+/// commits at once) and was completed by hand: `repair --mark-applied`
+/// records it `expanded`, not `applied`, and queues its backfill, so the
+/// worker and contract go on as after a normal expand. (Before the fix it
+/// was recorded `applied` with no job, and contract could never run.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_mark_applied_of_a_zero_downtime_migration_leaves_it_expanded() {
+    let p = Project::new(Engine::Mysql).await;
+    p.write("0001_t.sql", "CREATE TABLE t (k INT PRIMARY KEY, a TEXT, b TEXT);\nINSERT INTO t VALUES (1, 'x', NULL), (2, 'y', NULL);\n");
+    p.write(
+        "0002_copy.sql",
+        "-- kiln:expand\nALTER TABLE t ADD COLUMN c INT;\nALTER TABLE no_such_table ADD COLUMN d INT;\n-- kiln:backfill table=t key=k\nUPDATE t SET b = a WHERE k BETWEEN :lo AND :hi AND b IS NULL;\n-- kiln:contract\nALTER TABLE t DROP COLUMN a;\n-- kiln:rollback\nALTER TABLE t DROP COLUMN c;\n",
+    );
+    p.kiln(&["up"]).fails_with(1);
+    assert_eq!(p.state_of("0002"), "failed");
+    // Completed by hand: the second statement's intent does not apply.
+    let r = p.kiln(&["repair", "0002", "--mark-applied", "--reason", "completed the expand by hand"]);
+    r.ok();
+    assert!(r.stdout.contains("failed -> expanded"), "{}", r.stdout);
+    assert_eq!(p.state_of("0002"), "expanded");
+    let jobs = p.kiln(&["jobs", "--json"]).json();
+    assert_eq!(jobs["jobs"][0]["state"], "queued", "{jobs}");
+    p.kiln(&["worker", "--once"]).ok();
+    p.kiln(&["contract", "0002"]).ok();
+    assert_eq!(p.state_of("0002"), "contracted");
+    assert_eq!(p.db.query_strings("SELECT b FROM t ORDER BY k").await.unwrap(), ["x", "y"]);
+}
+
 /// kill -9 of workers, 50 times during one backfill: the final data is exact.
 /// The batch statement is deliberately *not* idempotent (`n = n + 1`): each
 /// row ends at exactly 1 only if no batch is lost or committed twice.
