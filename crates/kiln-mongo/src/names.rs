@@ -62,6 +62,20 @@ pub async fn read_names(cfg: &BackendConfig, what: &NameQuery) -> Result<Vec<Opt
     }
 }
 
+/// Drop the database `cfg` names (`kiln db drop`). Returns whether it existed.
+///
+/// # Errors
+/// What connecting returns; [`EngineError::Query`] when the server refuses.
+pub async fn drop_database(cfg: &BackendConfig) -> Result<bool, EngineError> {
+    let conn = Conn::open(cfg).await?;
+    let names = conn.client.list_database_names().await.map_err(|e| conn.engine_error("listing the databases", &e))?;
+    if !names.contains(&conn.db_name) {
+        return Ok(false);
+    }
+    conn.db.drop().await.map_err(|e| conn.engine_error(format!("dropping database {}", conn.db_name), &e))?;
+    Ok(true)
+}
+
 /// The string (or integer, as text) at a dotted path.
 fn value_at(d: &Document, path: &str) -> Option<String> {
     let mut cur = d;

@@ -124,3 +124,45 @@ pub async fn create_database(server: &BackendConfig, name: &str) -> Result<bool,
         )),
     }
 }
+
+/// Drop database `name` on the server `server` names (connected to its
+/// maintenance database), if it exists. `force` (PostgreSQL 13+) ends the
+/// other sessions on it first; without it, a database in use is refused by
+/// the server. Returns whether it existed.
+///
+/// # Errors
+/// What connecting returns; [`EngineError::Query`] when the server refuses.
+pub async fn drop_database(server: &BackendConfig, name: &str, force: bool) -> Result<bool, EngineError> {
+    let exists = |names: &[Option<String>]| names.iter().flatten().any(|n| n == name);
+    match EngineKind::parse(&server.url)? {
+        #[cfg(feature = "postgres")]
+        EngineKind::Postgres => {
+            let e = crate::postgres::PgBackend::connect(&BackendConfig { schema: None, read_only: false, ..server.clone() }).await?;
+            let r = async {
+                if !exists(&e.text_column(PG_DATABASES).await?) {
+                    return Ok(false);
+                }
+                let with = if force { " WITH (FORCE)" } else { "" };
+                e.execute_plain(&format!("DROP DATABASE IF EXISTS {}{with}", crate::common::quote_double(name))).await.map(|()| true)
+            }
+            .await;
+            let _ = kiln_core::Engine::close(Box::new(e)).await;
+            r
+        }
+        #[cfg(feature = "mysql")]
+        EngineKind::Mysql => {
+            let mut e = crate::mysql::MysqlEngine::connect(&BackendConfig { read_only: false, ..server.clone() }).await?;
+            let r = async {
+                if !exists(&e.text_column(MY_DATABASES).await?) {
+                    return Ok(false);
+                }
+                e.execute_plain(&format!("DROP DATABASE IF EXISTS {}", crate::common::quote_backtick(name))).await.map(|()| true)
+            }
+            .await;
+            let _ = kiln_core::Engine::close(Box::new(e)).await;
+            r
+        }
+        #[allow(unreachable_patterns)]
+        _ => Err(EngineError::Refused("only PostgreSQL and MySQL/MariaDB databases are dropped on a server".into())),
+    }
+}

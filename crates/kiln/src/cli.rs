@@ -94,6 +94,22 @@ pub enum Layout {
     Pair,
 }
 
+/// `kiln db …`
+#[derive(Subcommand, Debug)]
+pub enum DbCmd {
+    /// Create the configured database unless it exists
+    Create,
+    /// Drop the configured database and everything in it (needs --yes)
+    Drop {
+        /// Yes, destroy it
+        #[arg(long, short = 'y')]
+        yes: bool,
+        /// PostgreSQL: end the other sessions on it first (DROP DATABASE … WITH (FORCE))
+        #[arg(long)]
+        force: bool,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Write kiln.toml and create the migrations directory
@@ -222,6 +238,11 @@ pub enum Cmd {
         /// With --collections: count documents exactly instead of estimating
         #[arg(long, requires = "collections")]
         exact: bool,
+    },
+    /// Create or drop the configured database itself (PostgreSQL, MySQL: on the server; SQLite: the file; MongoDB: drop)
+    Db {
+        #[command(subcommand)]
+        cmd: DbCmd,
     },
     /// Serve the HTTP API and the status dashboard (token from KILN_API_TOKEN or --token-file)
     Serve(kiln::api::ServeArgs),
@@ -381,6 +402,13 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
             return Ok(0);
         }
         Cmd::Init { force } => return scaffold::init(g, *force, json),
+        Cmd::Db { cmd } => {
+            let cfg = Config::load(&overrides)?;
+            return match cmd {
+                DbCmd::Create => crate::db_cmd::run(&cfg, false, false, false, json).await,
+                DbCmd::Drop { yes, force } => crate::db_cmd::run(&cfg, true, *yes, *force, json).await,
+            };
+        }
         Cmd::Serve(args) => {
             return match kiln::api::serve(&Config::load(&overrides)?, args).await {
                 Ok(()) => Ok(0),
@@ -740,7 +768,9 @@ async fn command(
             render::verify(&r, json);
             Ok(if r.ok { 0 } else { 1 })
         }
-        Cmd::Init { .. } | Cmd::Create { .. } | Cmd::Sync { .. } | Cmd::Completions { .. } | Cmd::Serve(_) => unreachable!("handled before"),
+        Cmd::Init { .. } | Cmd::Create { .. } | Cmd::Db { .. } | Cmd::Sync { .. } | Cmd::Completions { .. } | Cmd::Serve(_) => {
+            unreachable!("handled before")
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 #![allow(clippy::result_large_err)]
 
 mod cli;
+mod db_cmd;
 mod jobs_cli;
 mod render;
 mod scaffold;

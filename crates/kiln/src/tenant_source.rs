@@ -100,7 +100,7 @@ impl<'a> Template<'a> {
 }
 
 /// `scheme://authority/` + database + `?query`: the three parts of a server URL.
-fn split_database(url: &str) -> Option<(&str, &str, &str)> {
+pub fn split_database(url: &str) -> Option<(&str, &str, &str)> {
     let after_scheme = url.find("://")? + 3;
     let slash = after_scheme + url[after_scheme..].find('/')?;
     let end = url[slash + 1..].find('?').map_or(url.len(), |q| slash + 1 + q);
