@@ -12,22 +12,56 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// A migration version: the leading number of its file name, compared as a number.
+/// A migration version: the leading number of its file name. Two versions are
+/// the same version when their numbers are equal (`001` and `1`), and `Ord`
+/// compares numbers; the order a set is *applied* in is its tool's
+/// ([`Version::order`], [`Version::order_key`]).
 ///
 /// The original digits are kept for display so `0001` stays `0001` and a diesel
 /// version `2019-02-26-002946` is shown as `20190226002946`.
 #[derive(Clone, Debug, Eq, Serialize, Deserialize)]
 pub struct Version {
-    /// The numeric value; versions compare by this alone.
+    /// The numeric value; equality and `Ord` use this alone.
     pub number: u64,
     /// The digits as written in the file name (dashes removed).
     pub text: String,
+    /// How the tool whose layout the file follows orders versions.
+    #[serde(default, skip)]
+    pub order: VersionOrder,
+}
+
+/// How a migration tool orders its versions, so a set written for it is
+/// applied in its order (issue 13: diesel compares version *strings*, so its
+/// 18-digit `2025-11-19-091444-0000` names sort before `2025-12-01-000000`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum VersionOrder {
+    /// By number: kiln, golang-migrate, sqlx, goose, refinery.
+    #[default]
+    Number,
+    /// By the digits as text (dashes removed): diesel.
+    Text,
 }
 
 impl Version {
     /// A version from its number, displayed without padding.
     pub fn from_number(number: u64) -> Self {
-        Version { number, text: number.to_string() }
+        Version { number, text: number.to_string(), order: VersionOrder::Number }
+    }
+
+    /// A version from its number and digits as written, ordered by number.
+    pub fn new(number: u64, text: impl Into<String>) -> Self {
+        Version { number, text: text.into(), order: VersionOrder::Number }
+    }
+
+    /// The key this version sorts by in its tool's order: the number, or the
+    /// digits as text. Keys of one [`VersionOrder`] compare as that tool
+    /// compares versions; a set of migrations is ordered with one kind only
+    /// (the loader sees to it).
+    pub fn order_key(&self) -> (u64, &str) {
+        match self.order {
+            VersionOrder::Number => (self.number, ""),
+            VersionOrder::Text => (0, &self.text),
+        }
     }
 
     /// Parse a version as typed by a user on the command line (`0007`, `7`,
@@ -39,7 +73,7 @@ impl Version {
             return None;
         }
         let number = digits.parse().ok()?;
-        Some(Version { number, text: digits })
+        Some(Version::new(number, digits))
     }
 }
 
@@ -555,5 +589,20 @@ mod tests {
         assert_eq!(Version::parse_arg("2019-02-26-002946").unwrap().number, 20190226002946);
         assert!(Version::parse_arg("abc").is_none());
         assert!(Version::parse_arg("").is_none());
+    }
+
+    #[test]
+    fn text_order_is_string_order() {
+        let t = |s: &str| Version { order: VersionOrder::Text, ..Version::parse_arg(s).unwrap() };
+        // diesel's new 18-digit names sort by string among its 14-digit ones.
+        let new = t("2025-11-19-091444-0000");
+        let later_old = t("2025-12-01-000000");
+        assert!(new.order_key() < later_old.order_key());
+        assert!(new > later_old, "Ord still compares numbers");
+        assert!(t("1").order_key() < t("10").order_key());
+        assert!(t("10").order_key() < t("2").order_key());
+        assert!(t("00000000000000").order_key() < t("20190226002946").order_key());
+        let n = |s: &str| Version::parse_arg(s).unwrap();
+        assert!(n("2").order_key() < n("10").order_key());
     }
 }

@@ -65,6 +65,42 @@ pub fn recorded_version(a: &AppliedMigration) -> Version {
     }
 }
 
+/// The order migrations apply in: the order of the files (the loader sorts
+/// them as their tool does, [`VersionOrder`]); a version with no file (a
+/// baseline marker, a removed file) falls among them by number.
+///
+/// Every comparison the planner makes about "before" and "after" (pending
+/// older than the newest applied, `--to`, dependencies, which to revert
+/// first, status rows) goes through [`ToolOrder::key`], so a diesel set is
+/// planned in diesel's order and a numbered set by number.
+pub struct ToolOrder {
+    position: HashMap<u64, usize>,
+    numbers: Vec<u64>,
+}
+
+impl ToolOrder {
+    /// The order of `local`, as loaded.
+    pub fn of(local: &[Migration]) -> Self {
+        let position = local.iter().enumerate().map(|(i, m)| (m.version.number, i)).collect();
+        let mut numbers: Vec<u64> = local.iter().map(|m| m.version.number).collect();
+        numbers.sort_unstable();
+        ToolOrder { position, numbers }
+    }
+
+    /// A total key: files by position; a version with no file just before
+    /// the file of the next higher number among them.
+    pub fn key(&self, v: &Version) -> (usize, u64) {
+        match self.position.get(&v.number) {
+            Some(&p) => (2 * p + 1, 0),
+            None => {
+                let next_higher = self.numbers.partition_point(|n| *n < v.number);
+                let at = self.numbers.get(next_higher).and_then(|n| self.position.get(n)).copied().unwrap_or(self.numbers.len());
+                (2 * at, v.number)
+            }
+        }
+    }
+}
+
 fn by_version(applied: &[AppliedMigration]) -> HashMap<u64, &AppliedMigration> {
     applied.iter().map(|a| (a.version.number, a)).collect()
 }
@@ -108,12 +144,13 @@ pub fn integrity_problems(local: &[Migration], applied: &[AppliedMigration]) -> 
 /// unknown migrations and dependencies on later versions.
 pub fn dependency_problems(local: &[Migration], applied: &[AppliedMigration]) -> Vec<PlanError> {
     let known: HashSet<u64> = local.iter().map(|m| m.version.number).chain(applied.iter().map(|a| a.version.number)).collect();
+    let order = ToolOrder::of(local);
     let mut problems = Vec::new();
     for m in local {
         for d in &m.directives.depends {
             if !known.contains(&d.version.number) {
                 problems.push(PlanError::UnknownDependency { file: m.display_path(), dependency: d.written.clone() });
-            } else if d.version >= m.version {
+            } else if order.key(&d.version) >= order.key(&m.version) {
                 problems.push(PlanError::LaterDependency { file: m.display_path(), dependency: d.written.clone() });
             }
         }
@@ -137,7 +174,8 @@ pub fn plan_up<'a>(local: &'a [Migration], applied: &[AppliedMigration], target:
     let mut problems = integrity_problems(local, applied);
     problems.extend(dependency_problems(local, applied));
     let recorded = by_version(applied);
-    let newest_done = applied.iter().filter(|a| a.state.is_done()).map(|a| &a.version).max();
+    let order = ToolOrder::of(local);
+    let newest_done = applied.iter().filter(|a| a.state.is_done()).map(|a| &a.version).max_by_key(|v| order.key(v));
 
     if let UpTarget::To(v) = target {
         if !local.iter().any(|m| &m.version == v) && !recorded.contains_key(&v.number) {
@@ -151,7 +189,7 @@ pub fn plan_up<'a>(local: &'a [Migration], applied: &[AppliedMigration], target:
             continue; // applied, baseline, retired, failed: not pending
         }
         if let UpTarget::To(v) = target {
-            if m.version > *v {
+            if order.key(&m.version) > order.key(v) {
                 continue;
             }
         }
@@ -161,7 +199,7 @@ pub fn plan_up<'a>(local: &'a [Migration], applied: &[AppliedMigration], target:
             }
         }
         if let Some(newest) = newest_done {
-            if m.version < *newest && !policy.allow_out_of_order {
+            if order.key(&m.version) < order.key(newest) && !policy.allow_out_of_order {
                 problems.push(PlanError::OutOfOrder {
                     version: m.version.clone(),
                     file: m.display_path(),
@@ -177,7 +215,7 @@ pub fn plan_up<'a>(local: &'a [Migration], applied: &[AppliedMigration], target:
     let planned: HashSet<u64> = steps.iter().map(|m| m.version.number).collect();
     for m in &steps {
         for d in &m.directives.depends {
-            if d.version >= m.version {
+            if order.key(&d.version) >= order.key(&m.version) {
                 continue; // reported above
             }
             let done = recorded.get(&d.version.number).map(|a| a.state.is_done()).unwrap_or(false);
@@ -215,8 +253,10 @@ pub fn plan_up<'a>(local: &'a [Migration], applied: &[AppliedMigration], target:
 pub fn plan_down<'a>(local: &'a [Migration], applied: &'a [AppliedMigration], target: &DownTarget) -> Result<DownPlan<'a>, Vec<PlanError>> {
     let mut problems: Vec<PlanError> = integrity_problems(local, applied).into_iter().filter(|p| matches!(p, PlanError::Blocked { .. })).collect();
     let mut done: Vec<&AppliedMigration> = applied.iter().filter(|a| a.state.is_done()).collect();
-    // Reverse order of application: newest batch first, within a batch newest version first.
-    done.sort_by(|a, b| b.batch.cmp(&a.batch).then(b.version.cmp(&a.version)));
+    // Reverse order of application: newest batch first, within a batch the
+    // last in the files' order first.
+    let order = ToolOrder::of(local);
+    done.sort_by(|a, b| b.batch.cmp(&a.batch).then(order.key(&b.version).cmp(&order.key(&a.version))));
     let chosen: Vec<&AppliedMigration> = match target {
         DownTarget::LastBatch => {
             let last = done.first().map(|a| a.batch);
@@ -229,7 +269,7 @@ pub fn plan_down<'a>(local: &'a [Migration], applied: &'a [AppliedMigration], ta
             }
             // `--to 0` means everything, a version-0 migration included
             // (diesel's 00000000000000_diesel_initial_setup, a `0_initial`).
-            done.into_iter().filter(|a| v.number == 0 || a.version > *v).collect()
+            done.into_iter().filter(|a| v.number == 0 || order.key(&a.version) > order.key(v)).collect()
         }
     };
     let files: HashMap<u64, &Migration> = local.iter().map(|m| (m.version.number, m)).collect();
@@ -315,9 +355,11 @@ pub struct StatusRow {
     pub job: Option<crate::jobs::JobInfo>,
 }
 
-/// Every migration, on disk or in the history, with its state; ordered by version.
+/// Every migration, on disk or in the history, with its state; in the order
+/// they apply ([`ToolOrder`]).
 pub fn status(local: &[Migration], applied: &[AppliedMigration]) -> Vec<StatusRow> {
-    let newest_done = applied.iter().filter(|a| a.state.is_done()).map(|a| a.version.number).max();
+    let order = ToolOrder::of(local);
+    let newest_done = applied.iter().filter(|a| a.state.is_done()).map(|a| order.key(&a.version)).max();
     let mut rows: BTreeMap<u64, StatusRow> = BTreeMap::new();
     for m in local {
         rows.insert(
@@ -335,7 +377,7 @@ pub fn status(local: &[Migration], applied: &[AppliedMigration]) -> Vec<StatusRo
                 applied_by: None,
                 checksum: Some(m.checksum.0.clone()),
                 checksum_ok: None,
-                out_of_order: newest_done.map(|n| m.version.number < n).unwrap_or(false),
+                out_of_order: newest_done.map(|n| order.key(&m.version) < n).unwrap_or(false),
                 reversible: m.down.is_some(),
                 error: None,
                 job: None,
@@ -379,7 +421,9 @@ pub fn status(local: &[Migration], applied: &[AppliedMigration]) -> Vec<StatusRo
         }
         row.error = a.error.clone();
     }
-    rows.into_values().collect()
+    let mut rows: Vec<StatusRow> = rows.into_values().collect();
+    rows.sort_by_key(|r| order.key(&Version::from_number(r.version_number)));
+    rows
 }
 
 #[cfg(test)]
@@ -389,7 +433,7 @@ mod tests {
 
     fn mig(v: u64, down: bool) -> Migration {
         Migration {
-            version: Version { number: v, text: format!("{v:04}") },
+            version: Version::new(v, format!("{v:04}")),
             description: format!("m{v}"),
             path: format!("{v:04}_m{v}.sql").into(),
             kind: Kind::Sql,
@@ -533,6 +577,60 @@ mod tests {
         assert_eq!(rows[1].state, "pending");
         assert!(rows[1].out_of_order);
         assert_eq!(rows[2].state, "missing");
+    }
+
+    /// issue 13.1: diesel orders by version string; its 18-digit names
+    /// (`2025-11-19-091444-0000`) sort among the 14-digit ones as text.
+    #[test]
+    fn diesel_set_is_planned_in_diesel_order() {
+        let d = tempfile::tempdir().unwrap();
+        let folder = |name: &str| {
+            let p = d.path().join(name);
+            std::fs::create_dir_all(&p).unwrap();
+            std::fs::write(p.join("up.sql"), format!("create table t{} (id int);", name.len())).unwrap();
+            std::fs::write(p.join("down.sql"), "select 1;").unwrap();
+        };
+        for n in ["00000000000000_diesel_initial_setup", "2024-01-01-000000_old", "2025-11-19-091444-0000_new_style"] {
+            folder(n);
+        }
+        let names = |ms: &[&Migration]| ms.iter().map(|m| m.description.clone()).collect::<Vec<_>>();
+        let local = load_dir(d.path(), &LoadOptions::default()).unwrap();
+        let p = plan_up(&local, &[], &UpTarget::Latest, &Policy::default()).unwrap();
+        assert_eq!(names(&p.steps), ["diesel_initial_setup", "old", "new_style"]);
+        let applied: Vec<_> = local.iter().map(|m| rec(m, 1, State::Applied)).collect();
+
+        // A classic 14-digit folder dated after the 18-digit one comes after it
+        // in diesel's order: pending, not out of order.
+        folder("2025-12-01-000000_classic_later");
+        let local = load_dir(d.path(), &LoadOptions::default()).unwrap();
+        let all: Vec<&Migration> = local.iter().collect();
+        assert_eq!(names(&all), ["diesel_initial_setup", "old", "new_style", "classic_later"]);
+        let p = plan_up(&local, &applied, &UpTarget::Latest, &Policy::default()).unwrap();
+        assert_eq!(names(&p.steps), ["classic_later"]);
+        let rows = status(&local, &applied);
+        assert_eq!(rows.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["diesel_initial_setup", "old", "new_style", "classic_later"]);
+        assert!(!rows[3].out_of_order);
+
+        // `--to` the 18-digit version stops before the later classic one.
+        let to = Version::parse_arg("2025-11-19-091444-0000").unwrap();
+        let p = plan_up(&local, &applied[..2], &UpTarget::To(to.clone()), &Policy::default()).unwrap();
+        assert_eq!(names(&p.steps), ["new_style"]);
+
+        // down reverts in reverse diesel order; `--to` keeps what comes before.
+        let mut applied = applied;
+        applied.push(rec(&local[3], 2, State::Applied));
+        for a in &mut applied {
+            a.batch = 1;
+        }
+        let v = |p: DownPlan| p.steps.iter().map(|(m, _)| m.description.clone()).collect::<Vec<_>>();
+        assert_eq!(v(plan_down(&local, &applied, &DownTarget::Steps(2)).unwrap()), ["classic_later", "new_style"]);
+        assert_eq!(v(plan_down(&local, &applied, &DownTarget::To(to)).unwrap()), ["classic_later"]);
+
+        // An older classic folder added after the 18-digit one was applied is out of order, as its date says.
+        folder("2025-10-01-000000_late_arrival");
+        let local = load_dir(d.path(), &LoadOptions::default()).unwrap();
+        let e = plan_up(&local, &applied, &UpTarget::Latest, &Policy::default()).unwrap_err();
+        assert!(matches!(&e[0], PlanError::OutOfOrder { file, .. } if file.contains("late_arrival")), "{e:?}");
     }
 
     #[test]

@@ -142,7 +142,7 @@ pub(crate) fn migrate_mongo_version(file: &str) -> Option<Version> {
     if digits.is_empty() {
         return None;
     }
-    Some(Version { number: digits.parse().ok()?, text: digits })
+    Some(Version::new(digits.parse().ok()?, digits))
 }
 
 fn from_migrate_mongo(d: &Document, file: &str) -> Result<AppliedMigration, BadEntry> {

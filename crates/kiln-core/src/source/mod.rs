@@ -26,6 +26,43 @@ use read::read;
 pub use read::{read_bounded, read_text, MAX_FILE_BYTES};
 use sql::{load_diesel, sql_pair, sql_single};
 
+/// A Flyway/refinery versioned file and Flyway's undo file of one version,
+/// each with the stem kiln reads it by (`1_init`).
+#[derive(Default)]
+struct FlywayPair {
+    versioned: Option<(PathBuf, String)>,
+    undo: Option<(PathBuf, String)>,
+}
+
+/// A Flyway / refinery name: `V1__init`, `U1__init` (Flyway's undo), as
+/// `(kind, version, digits, description)`. `Err` for Flyway names kiln does
+/// not run (dotted versions, repeatable `R__` migrations), with the reason;
+/// `None` for anything else.
+fn flyway_name(stem: &str) -> Option<Result<(char, u64, String, String), String>> {
+    let first = stem.chars().next()?;
+    let kind = first.to_ascii_uppercase();
+    let (version, desc) = stem[first.len_utf8()..].split_once("__")?;
+    if kind == 'R' && version.is_empty() {
+        return Some(Err(
+            "a Flyway repeatable migration (R__…): kiln does not run repeatable migrations yet; run it with Flyway, or turn it into a versioned migration".into(),
+        ));
+    }
+    if !matches!(kind, 'V' | 'U') || version.is_empty() || !version.starts_with(|c: char| c.is_ascii_digit()) {
+        return None;
+    }
+    if !version.bytes().all(|b| b.is_ascii_digit()) {
+        if version.bytes().all(|b| b.is_ascii_digit() || b == b'.' || b == b'_') {
+            return Some(Err(format!(
+                "Flyway version {version:?} has parts (1.1, 1_1): kiln versions are whole numbers; rename it, e.g. V{}__{desc}.sql",
+                version.replace(['.', '_'], "")
+            )));
+        }
+        return None;
+    }
+    let number = version.parse().ok()?;
+    Some(Ok((kind, number, version.to_string(), desc.to_string())))
+}
+
 /// Deepest folder nesting kiln walks below the migrations directory.
 const MAX_DEPTH: usize = 16;
 
@@ -104,10 +141,11 @@ pub fn split_version(stem: &str) -> Option<(Version, String)> {
         return None;
     }
     let number: u64 = digits.parse().ok()?;
-    Some((Version { number, text: digits }, desc.to_string()))
+    Some((Version::new(number, digits), desc.to_string()))
 }
 
-/// Read every migration under `dir`, sorted by version.
+/// Read every migration under `dir`, in the order they apply: by version, as
+/// the tool whose layout they follow orders versions ([`VersionOrder`]).
 ///
 /// Files are read and parsed on several threads: a no-op `kiln up` must read
 /// and checksum every file, and that is most of its cost.
@@ -154,13 +192,28 @@ pub fn load_dir_lenient(dir: &Path, opts: &LoadOptions) -> Result<(Vec<Migration
             Err(e) => problems.push(e),
         }
     }
-    found.sort_by(|a, b| a.version.cmp(&b.version));
-    for w in found.windows(2) {
-        if w[0].version == w[1].version {
-            problems.push(SourceError::DuplicateVersion { version: w[1].version.clone(), first: w[0].path.clone(), second: w[1].path.clone() });
+    // A set is applied in its tool's order: one holding diesel folders in
+    // diesel's (version strings compared as text), every file of it included,
+    // so the order is one total order.
+    if found.iter().any(|m| m.version.order == VersionOrder::Text) {
+        for m in &mut found {
+            m.version.order = VersionOrder::Text;
         }
     }
-    found.dedup_by(|b, a| a.version == b.version);
+    found.sort_by(|a, b| a.version.order_key().cmp(&b.version.order_key()).then(a.version.number.cmp(&b.version.number)));
+    // One version number, one migration: kiln's history is keyed by it
+    // (`001` and `1` are the same version even where text order tells them apart).
+    let mut first_of: std::collections::HashMap<u64, PathBuf> = std::collections::HashMap::new();
+    found.retain(|m| match first_of.get(&m.version.number) {
+        Some(first) => {
+            problems.push(SourceError::DuplicateVersion { version: m.version.clone(), first: first.clone(), second: m.path.clone() });
+            false
+        }
+        None => {
+            first_of.insert(m.version.number, m.path.clone());
+            true
+        }
+    });
     if problems.iter().any(|p| matches!(p, SourceError::Dir { dir: d, .. } if d == dir)) {
         return Err(SourceError::collect(problems).expect("a problem"));
     }
@@ -170,10 +223,45 @@ pub fn load_dir_lenient(dir: &Path, opts: &LoadOptions) -> Result<(Vec<Migration
 /// One migration to read, found by [`walk`]: names are checked while walking,
 /// contents are read and parsed later, in parallel.
 enum Task {
-    Sql { stem: String, path: PathBuf, rel: PathBuf, group: Option<String>, scope: Scope },
-    Commands { stem: String, path: PathBuf, rel: PathBuf, json: bool, group: Option<String>, scope: Scope },
-    Pair { stem: String, up: PathBuf, down: Option<PathBuf>, rel_up: PathBuf, root: PathBuf, group: Option<String>, scope: Scope },
-    Diesel { path: PathBuf, rel: PathBuf, name: String, group: Option<String>, scope: Scope },
+    Sql {
+        stem: String,
+        path: PathBuf,
+        rel: PathBuf,
+        group: Option<String>,
+        scope: Scope,
+    },
+    Commands {
+        stem: String,
+        path: PathBuf,
+        rel: PathBuf,
+        json: bool,
+        group: Option<String>,
+        scope: Scope,
+    },
+    Pair {
+        stem: String,
+        up: PathBuf,
+        down: Option<PathBuf>,
+        rel_up: PathBuf,
+        root: PathBuf,
+        group: Option<String>,
+        scope: Scope,
+    },
+    Diesel {
+        path: PathBuf,
+        rel: PathBuf,
+        name: String,
+        group: Option<String>,
+        scope: Scope,
+    },
+    /// Prisma Migrate: `<timestamp>_<name>/migration.sql`, up only.
+    Prisma {
+        path: PathBuf,
+        rel: PathBuf,
+        name: String,
+        group: Option<String>,
+        scope: Scope,
+    },
 }
 
 impl Task {
@@ -200,6 +288,14 @@ impl Task {
                 sql_pair(stem, rel_up, &up_text, down_pair, opts, group.as_deref(), *scope, None)
             }
             Task::Diesel { path, rel, name, group, scope } => load_diesel(path, rel, name, opts, group.as_deref(), *scope),
+            Task::Prisma { path, rel, name, group, scope } => {
+                let rel_up = rel.join("migration.sql");
+                let text = read(&path.join("migration.sql"), &rel_up)?;
+                let mut m = sql_pair(name, &rel_up, &text, None, opts, group.as_deref(), *scope, Some(rel))?;
+                // Prisma applies its folders in the order of their names.
+                m.version.order = VersionOrder::Text;
+                Ok(m)
+            }
         }
     }
 }
@@ -278,6 +374,8 @@ fn walk(root: &Path, dir: &Path, rules: &Rules, group: Option<&str>, scope: Scop
     let group_owned = group.map(str::to_string);
     // Pair .up.sql / .down.sql files by stem.
     let mut pairs: BTreeMap<String, (Option<PathBuf>, Option<PathBuf>)> = BTreeMap::new();
+    // Flyway / refinery `V1__init.sql` with Flyway's undo `U1__init.sql`, by version.
+    let mut flyway: BTreeMap<u64, FlywayPair> = BTreeMap::new();
     for (name, path, is_dir, is_file) in entries {
         let rel = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
         let migration_like = [".sql", ".yaml", ".yml", ".json"].iter().any(|x| name.to_ascii_lowercase().ends_with(x));
@@ -293,6 +391,10 @@ fn walk(root: &Path, dir: &Path, rules: &Rules, group: Option<&str>, scope: Scop
             if path.join("up.sql").is_file() {
                 if out.check(rules.check(&name, true, &rel)) {
                     out.tasks.push(Task::Diesel { path, rel, name, group: group_owned.clone(), scope });
+                }
+            } else if path.join("migration.sql").is_file() && split_version(&name).is_some() {
+                if out.check(rules.check(&name, true, &rel)) {
+                    out.tasks.push(Task::Prisma { path, rel, name, group: group_owned.clone(), scope });
                 }
             } else if depth == 0 && (name == "public" || name == "tenant") {
                 let sc = if name == "tenant" { Scope::Tenant } else { Scope::Public };
@@ -315,7 +417,19 @@ fn walk(root: &Path, dir: &Path, rules: &Rules, group: Option<&str>, scope: Scop
         // tool is a migration, not a file to skip in silence); the stem keeps its case.
         let lower = name.to_ascii_lowercase();
         let stem_of = |ext: &str| lower.ends_with(ext).then(|| name[..name.len() - ext.len()].to_string());
-        if let Some(stem) = stem_of(".up.sql") {
+        if let Some(f) = stem_of(".sql").and_then(|stem| flyway_name(&stem)) {
+            match f {
+                Ok((kind, version, text, desc)) => {
+                    let e = flyway.entry(version).or_default();
+                    let slot = if kind == 'U' { &mut e.undo } else { &mut e.versioned };
+                    if let Some(first) = slot.replace((path.clone(), format!("{text}_{desc}"))) {
+                        let first = first.0.strip_prefix(root).unwrap_or(&first.0).to_path_buf();
+                        out.problems.push(SourceError::DuplicateVersion { version: Version::new(version, text), first, second: rel });
+                    }
+                }
+                Err(why) => out.problems.push(SourceError::Parse { file: rel, line: 1, message: why }),
+            }
+        } else if let Some(stem) = stem_of(".up.sql") {
             pairs.entry(stem).or_default().0 = Some(path);
         } else if let Some(stem) = stem_of(".down.sql") {
             pairs.entry(stem).or_default().1 = Some(path);
@@ -330,6 +444,20 @@ fn walk(root: &Path, dir: &Path, rules: &Rules, group: Option<&str>, scope: Scop
             }
         }
         // Anything else (README.md, .gitkeep, diesel.toml, …) is not a migration.
+    }
+    for (_, f) in flyway {
+        let Some((up, stem)) = f.versioned else {
+            let (undo, _) = f.undo.expect("one of the two exists");
+            let rel = undo.strip_prefix(root).unwrap_or(&undo).to_path_buf();
+            out.problems.push(SourceError::Parse {
+                file: rel,
+                line: 1,
+                message: "an undo migration with no versioned migration (V…__) of its version".into(),
+            });
+            continue;
+        };
+        let rel_up = up.strip_prefix(root).unwrap_or(&up).to_path_buf();
+        out.tasks.push(Task::Pair { stem, up, down: f.undo.map(|u| u.0), rel_up, root: root.to_path_buf(), group: group_owned.clone(), scope });
     }
     for (stem, (up, down)) in pairs {
         let Some(up) = up else {

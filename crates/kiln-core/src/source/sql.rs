@@ -52,6 +52,8 @@ pub(super) fn load_diesel(
         });
     }
     let mut m = sql_pair(name, &rel_up, &up, down, opts, group, scope, Some(rel))?;
+    // diesel orders versions as strings (its 18-digit names among 14-digit ones).
+    m.version.order = VersionOrder::Text;
     if no_tx {
         m.directives.transaction = TxMode::Off;
     }
@@ -71,7 +73,11 @@ pub(super) fn sql_pair(
 ) -> Result<Migration, SourceError> {
     let (version, description) = version_of(stem, rel_up)?;
     let up_text = strip_bom(up);
-    let (directives, body_start) = parse_header(up_text, rel_up, 1)?;
+    let (mut directives, body_start) = parse_header(up_text, rel_up, 1)?;
+    apply_foreign_no_transaction(&mut directives, up_text, rel_up)?;
+    if let Some((rel_d, d)) = &down {
+        apply_foreign_no_transaction(&mut directives, strip_bom(d), rel_d)?;
+    }
     let up_body = sql_body(up_text, body_start, rel_up, opts)?;
     let checksum = match &down {
         Some((_, d)) => Checksum::of_parts(&[up, d]),
@@ -132,12 +138,83 @@ fn sql_section(text: &str, first_line: usize, rel: &Path, opts: &LoadOptions) ->
             });
         }
     }
-    let statements = split_statements(text, first_line, opts.dialect).map_err(|e| SourceError::Parse {
-        file: rel.to_path_buf(),
-        line: e.line,
-        message: e.message,
-    })?;
+    let split = |t: &str, line: usize| {
+        split_statements(t, line, opts.dialect).map_err(|e| SourceError::Parse { file: rel.to_path_buf(), line: e.line, message: e.message })
+    };
+    // goose's and sql-migrate's `StatementBegin` … `StatementEnd`: the lines
+    // between are one statement, sent as written (its last `;` dropped).
+    let mut statements = Vec::new();
+    let mut seg_start = 0; // byte offset of the text not yet split
+    let mut seg_line = first_line;
+    let mut block: Option<(usize, usize)> = None; // (byte start, line) inside a block
+    let mut pos = 0;
+    for (i, l) in text.split_inclusive('\n').enumerate() {
+        let lineno = first_line + i;
+        match statement_block_marker(l) {
+            Some(true) => {
+                if block.is_some() {
+                    return Err(SourceError::Parse {
+                        file: rel.to_path_buf(),
+                        line: lineno,
+                        message: "a second StatementBegin before StatementEnd".into(),
+                    });
+                }
+                statements.extend(split(&text[seg_start..pos], seg_line)?);
+                block = Some((pos + l.len(), lineno + 1));
+            }
+            Some(false) => {
+                let Some((start, line)) = block.take() else {
+                    return Err(SourceError::Parse {
+                        file: rel.to_path_buf(),
+                        line: lineno,
+                        message: "StatementEnd without a StatementBegin before it".into(),
+                    });
+                };
+                let body = &text[start..pos];
+                let skipped = body.len() - body.trim_start().len();
+                let line = line + body[..skipped].matches('\n').count();
+                let sql = body.trim().trim_end_matches(';').trim_end().to_string();
+                if !sql.is_empty() {
+                    statements.push(Statement { sql, line });
+                }
+                seg_start = pos + l.len();
+                seg_line = lineno + 1;
+            }
+            None => {}
+        }
+        pos += l.len();
+    }
+    if let Some((_, line)) = block {
+        return Err(SourceError::Parse {
+            file: rel.to_path_buf(),
+            line: line - 1,
+            message: "StatementBegin without a StatementEnd; end the statement with `-- +goose StatementEnd`".into(),
+        });
+    }
+    statements.extend(split(&text[seg_start..], seg_line)?);
     Ok(Body::Sql { file: rel.to_path_buf(), statements })
+}
+
+/// `Some(true)` for a `-- +goose StatementBegin` (or `-- +migrate …`) line,
+/// `Some(false)` for its `StatementEnd`.
+fn statement_block_marker(line: &str) -> Option<bool> {
+    let c = line.trim().strip_prefix("--")?.trim();
+    let mut w = c.split_whitespace();
+    let tool = w.next()?;
+    if !(tool.eq_ignore_ascii_case("+goose") || tool.eq_ignore_ascii_case("+migrate")) {
+        return None;
+    }
+    let what = w.next()?;
+    if w.next().is_some() {
+        return None;
+    }
+    if what.eq_ignore_ascii_case("StatementBegin") {
+        Some(true)
+    } else if what.eq_ignore_ascii_case("StatementEnd") {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 /// The name of a `-- kiln:NAME` directive on `line` that is not a section
@@ -167,6 +244,28 @@ enum Marker {
 
 fn marker(line: &str) -> Option<Marker> {
     let rest = line.trim().strip_prefix("--")?.trim();
+    // dbmate's `-- migrate:up transaction:false` and sql-migrate's
+    // `-- +migrate Up notransaction` carry an option after the marker
+    // (read by [`foreign_no_transaction`]).
+    let rest = match rest.split_whitespace().collect::<Vec<_>>().as_slice() {
+        [m, opt] if m.eq_ignore_ascii_case("migrate:up") || m.eq_ignore_ascii_case("migrate:down") => {
+            if opt.to_ascii_lowercase().starts_with("transaction:") {
+                *m
+            } else {
+                rest
+            }
+        }
+        ["+migrate", dir, opt] if opt.eq_ignore_ascii_case("notransaction") => {
+            return if dir.eq_ignore_ascii_case("up") {
+                Some(Marker::Up)
+            } else if dir.eq_ignore_ascii_case("down") {
+                Some(Marker::Down)
+            } else {
+                None
+            };
+        }
+        _ => rest,
+    };
     let any = |ks: &[&str]| ks.iter().any(|k| rest.eq_ignore_ascii_case(k));
     if any(&["kiln:up", "migrate:up", "+goose up", "+migrate up"]) {
         Some(Marker::Up)
@@ -176,6 +275,73 @@ fn marker(line: &str) -> Option<Marker> {
         Some(Marker::Phase)
     } else {
         None
+    }
+}
+
+/// Where a file written for another tool asks to run outside a transaction,
+/// as that tool reads it: the 1-based line and the annotation.
+///
+/// - sqlx: `-- no-transaction` and golang-migrate/morph:
+///   `-- morph:nontransactional`, in the header (sqlx and morph read them at
+///   the very top; kiln in the comment header before the first statement);
+/// - goose: `-- +goose NO TRANSACTION`, on any line, as goose reads it;
+/// - dbmate: `-- migrate:up transaction:false` (or on `migrate:down`);
+/// - sql-migrate: `-- +migrate Up notransaction` (or on `Down`).
+///
+/// kiln has one transaction mode per migration, so an option on either
+/// section turns the transaction off for the whole migration (docs/adopting.md).
+fn foreign_no_transaction(text: &str) -> Result<Option<(usize, String)>, (usize, String)> {
+    let mut in_header = true;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim().trim_start_matches('\u{feff}');
+        if t.is_empty() {
+            continue;
+        }
+        let Some(c) = t.strip_prefix("--") else {
+            in_header = false;
+            continue;
+        };
+        let c = c.trim();
+        let lower = c.to_ascii_lowercase();
+        let words: Vec<&str> = lower.split_whitespace().collect();
+        let hit = match words.as_slice() {
+            ["no-transaction"] | ["morph:nontransactional"] => in_header,
+            ["+goose", "no", "transaction"] => true,
+            ["migrate:up" | "migrate:down", opt] if opt.starts_with("transaction:") => match &opt["transaction:".len()..] {
+                "false" => true,
+                "true" => false,
+                other => return Err((i + 1, format!("`{c}`: dbmate's transaction option is true or false, not {other:?}"))),
+            },
+            ["+migrate", "up" | "down", "notransaction"] => true,
+            _ => false,
+        };
+        if hit {
+            return Ok(Some((i + 1, c.to_string())));
+        }
+        if marker(t).is_some() {
+            in_header = false;
+        }
+    }
+    Ok(None)
+}
+
+/// Turn the transaction off when the file says so in another tool's words
+/// ([`foreign_no_transaction`]); `-- kiln:transaction on` beside it is a contradiction.
+fn apply_foreign_no_transaction(d: &mut Directives, text: &str, rel: &Path) -> Result<(), SourceError> {
+    match foreign_no_transaction(text) {
+        Ok(None) => Ok(()),
+        Ok(Some((line, what))) => {
+            if d.transaction == TxMode::On {
+                return Err(SourceError::Parse {
+                    file: rel.to_path_buf(),
+                    line,
+                    message: format!("`-- {what}` runs the migration outside a transaction, which contradicts `-- kiln:transaction on`; keep one"),
+                });
+            }
+            d.transaction = TxMode::Off;
+            Ok(())
+        }
+        Err((line, message)) => Err(SourceError::Parse { file: rel.to_path_buf(), line, message }),
     }
 }
 
@@ -274,7 +440,8 @@ pub(super) fn add_depends(d: &mut Directives, written: &str, rel: &Path, line: u
 pub(super) fn sql_single(stem: &str, rel: &Path, raw: &str, opts: &LoadOptions, group: Option<&str>, scope: Scope) -> Result<Migration, SourceError> {
     let (version, description) = version_of(stem, rel)?;
     let text = strip_bom(raw);
-    let (directives, header_end) = parse_header(text, rel, 1)?;
+    let (mut directives, header_end) = parse_header(text, rel, 1)?;
+    apply_foreign_no_transaction(&mut directives, text, rel)?;
     let (up, down, phases) = if text.lines().any(|l| section_marker(l).is_some()) {
         let split = |t: &str, line: usize| sql_section(t, line, rel, opts);
         let (up, down, phases) = sql_phased(rel, text, header_end, &split)?;

@@ -301,3 +301,109 @@ fn loose_files_beside_diesel_folders_are_ignored_as_diesel_does() {
     let d = dir_with(&[("0001_a.sql", "select 1;"), ("dump-db.sql", "COPY crates FROM stdin;")]);
     assert!(matches!(load(&d), Err(SourceError::BadName { .. })));
 }
+
+/// issue 13: other tools' ways of saying "outside a transaction" are read as
+/// their tools read them.
+#[test]
+fn other_tools_transaction_off_directives() {
+    let d = dir_with(&[
+        // sqlx
+        ("0001_sqlx.up.sql", "-- no-transaction\ncreate index concurrently i1 on a (id);\n"),
+        ("0001_sqlx.down.sql", "drop index i1;\n"),
+        // golang-migrate / morph
+        ("0002_morph.up.sql", "-- morph:nontransactional\ncreate index concurrently i2 on a (id);\n"),
+        // dbmate: the option on the section marker
+        ("0003_dbmate.sql", "-- migrate:up transaction:false\ncreate index concurrently i3 on a (id);\n\n-- migrate:down\ndrop index i3;\n"),
+        // goose: anywhere
+        ("0004_goose.sql", "-- +goose Up\n-- +goose NO TRANSACTION\ncreate index concurrently i4 on a (id);\n-- +goose Down\ndrop index i4;\n"),
+        // sql-migrate
+        ("0005_sqlmigrate.sql", "-- +migrate Up notransaction\ncreate index concurrently i5 on a (id);\n-- +migrate Down\ndrop index i5;\n"),
+        // in a transaction: sqlx's marker later than the header is a comment,
+        // dbmate's explicit true
+        ("0006_tx.up.sql", "create table b (id int);\n-- no-transaction\n"),
+        ("0007_dbmate_tx.sql", "-- migrate:up transaction:true\ncreate table c (id int);\n-- migrate:down\ndrop table c;\n"),
+    ]);
+    let ms = load(&d).unwrap();
+    let modes: Vec<_> = ms.iter().map(|m| (m.description.as_str(), m.directives.transaction)).collect();
+    assert_eq!(
+        modes,
+        [
+            ("sqlx", TxMode::Off),
+            ("morph", TxMode::Off),
+            ("dbmate", TxMode::Off),
+            ("goose", TxMode::Off),
+            ("sqlmigrate", TxMode::Off),
+            ("tx", TxMode::Default),
+            ("dbmate_tx", TxMode::Default)
+        ]
+    );
+    assert_eq!(ms[2].up.len(), 1);
+    assert_eq!(ms[2].down.as_ref().unwrap().len(), 1);
+    assert_eq!(ms[4].down.as_ref().unwrap().len(), 1);
+
+    let bad = dir_with(&[("0001_x.sql", "-- migrate:up transaction:nope\nselect 1;\n")]);
+    let e = load(&bad).unwrap_err().to_string();
+    assert!(e.contains("0001_x.sql:1") && e.contains("true or false"), "{e}");
+    let clash = dir_with(&[("0001_x.sql", "-- kiln:transaction on\n-- +goose NO TRANSACTION\nselect 1;\n")]);
+    let e = load(&clash).unwrap_err().to_string();
+    assert!(e.contains("0001_x.sql:2") && e.contains("contradicts"), "{e}");
+}
+
+/// goose's (and sql-migrate's) StatementBegin/End: one statement, `;` inside and all.
+#[test]
+fn goose_statement_blocks() {
+    let d = dir_with(&[(
+        "00001_fn.sql",
+        "-- +goose Up\ncreate table a (id int);\n-- +goose StatementBegin\n\nCREATE FUNCTION f() RETURNS trigger AS '\nBEGIN\n  NEW.id := 1;\n  RETURN NEW;\nEND;\n' LANGUAGE plpgsql;\n-- +goose StatementEnd\ncreate table b (id int);\n-- +goose Down\n-- +goose StatementBegin\ndrop function f();\ndrop table b;\n-- +goose StatementEnd\ndrop table a;\n",
+    )]);
+    let ms = load(&d).unwrap();
+    let Body::Sql { statements, .. } = &ms[0].up else { panic!() };
+    assert_eq!(statements.len(), 3, "{statements:?}");
+    assert_eq!(statements[0].line, 2);
+    assert!(statements[1].sql.starts_with("CREATE FUNCTION") && statements[1].sql.ends_with("LANGUAGE plpgsql"), "{:?}", statements[1]);
+    assert_eq!(statements[1].line, 5);
+    assert_eq!((statements[2].sql.as_str(), statements[2].line), ("create table b (id int)", 12));
+    let Body::Sql { statements, .. } = ms[0].down.as_ref().unwrap() else { panic!() };
+    assert_eq!(statements.len(), 2);
+    assert_eq!(statements[0].sql, "drop function f();\ndrop table b");
+
+    let open = dir_with(&[("00001_x.sql", "-- +goose Up\n-- +goose StatementBegin\nselect 1;\n")]);
+    let e = load(&open).unwrap_err().to_string();
+    assert!(e.contains("00001_x.sql:2") && e.contains("StatementEnd"), "{e}");
+}
+
+/// issue 13: Flyway / refinery `V1__x.sql` (with Flyway's `U1__x.sql` undo)
+/// and Prisma's `<timestamp>_<name>/migration.sql` folders, read as they are.
+#[test]
+fn flyway_refinery_and_prisma_layouts() {
+    let d = dir_with(&[
+        ("V1__Create_person_table.sql", "create table person (id int);\n"),
+        ("U1__Create_person_table.sql", "drop table person;\n"),
+        ("V2__add_people.sql", "insert into person values (1);\n"),
+        ("V10__later.sql", "select 1;\n"),
+    ]);
+    let ms = load(&d).unwrap();
+    let names: Vec<String> = ms.iter().map(|m| m.name()).collect();
+    assert_eq!(names, ["1_Create_person_table", "2_add_people", "10_later"]);
+    assert!(ms[0].down.is_some(), "U1 is V1's down");
+    assert!(ms[1].down.is_none());
+    assert_eq!(ms[0].path, std::path::Path::new("V1__Create_person_table.sql"));
+
+    let refused =
+        dir_with(&[("V1.1__x.sql", "select 1;\n"), ("R__view.sql", "create or replace view v as select 1;\n"), ("U3__x.sql", "select 1;\n")]);
+    let e = load(&refused).unwrap_err().to_string();
+    assert!(e.contains("3 problems"), "{e}");
+    assert!(e.contains("V1.1__x.sql") && e.contains("whole numbers") && e.contains("V11__x.sql"), "{e}");
+    assert!(e.contains("R__view.sql") && e.contains("repeatable"), "{e}");
+    assert!(e.contains("U3__x.sql") && e.contains("no versioned migration"), "{e}");
+
+    let p = dir_with(&[
+        ("migration_lock.toml", "provider = \"postgresql\"\n"),
+        ("20210101000000_init/migration.sql", "-- CreateTable\nCREATE TABLE \"User\" (id int);\n"),
+        ("20210202000000_Add-Posts/migration.sql", "CREATE TABLE \"Post\" (id int);\n"),
+    ]);
+    let ms = load(&p).unwrap();
+    assert_eq!(ms.iter().map(|m| m.name()).collect::<Vec<_>>(), ["20210101000000_init", "20210202000000_Add-Posts"]);
+    assert!(ms[0].down.is_none());
+    assert_eq!(ms[0].path, std::path::Path::new("20210101000000_init"));
+}
