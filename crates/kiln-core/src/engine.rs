@@ -343,6 +343,12 @@ pub trait Engine: Locker + HistoryStore + Executor {
         None
     }
 
+    /// Other tools' history tables, for `kiln adopt`; `None` when the engine
+    /// cannot read them.
+    fn foreign(&mut self) -> Option<&mut dyn crate::adopt::ForeignReader> {
+        None
+    }
+
     /// Backfill jobs (`kiln_jobs`, DESIGN §4); `None` when the engine has none.
     fn jobs(&mut self) -> Option<&mut dyn crate::jobs::JobStore> {
         None

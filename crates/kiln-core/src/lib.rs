@@ -12,6 +12,7 @@
 // ran before) by value: errors end a run, so their size costs nothing that matters.
 #![allow(clippy::result_large_err)]
 
+pub mod adopt;
 pub mod backend;
 pub mod engine;
 pub mod error;

@@ -227,6 +227,9 @@ impl<'b> Runner<'b> {
         // at boot). Any problem goes through the locked path, because another
         // runner may be in the middle of a migration.
         let history = self.backend.read_history().await?;
+        if history.as_ref().is_none_or(|h| h.is_empty()) {
+            self.refuse_foreign_history().await?;
+        }
         if dry_run {
             let applied = history.unwrap_or_default();
             let p = plan::plan_up(local, &applied, target, policy).map_err(RunError::Plan)?;
@@ -657,9 +660,10 @@ impl<'b> Runner<'b> {
                     kiln_version: KILN_VERSION.into(),
                     error: None,
                 };
+                let order = plan::ToolOrder::of(local);
                 let mut entries: Vec<AppliedMigration> = local
                     .iter()
-                    .filter(|m| m.version <= version)
+                    .filter(|m| order.key(&m.version) <= order.key(&version))
                     .filter(|m| !applied.iter().any(|a| a.version == m.version))
                     .map(|m| mk(&m.version, &m.description, m.display_path(), m.checksum.clone(), m.directives.group.clone()))
                     .collect();
@@ -683,6 +687,118 @@ impl<'b> Runner<'b> {
             .await;
             self.release(guard, r).await
         }
+    }
+
+    /// On a database kiln never migrated: stop when another tool's history
+    /// lists applied migrations, which `up` would run a second time.
+    async fn refuse_foreign_history(&mut self) -> Result<(), RunError> {
+        let Some(reader) = self.backend.engine().foreign() else { return Ok(()) };
+        let (tool, table, count) = match crate::adopt::read_foreign(reader).await? {
+            None => return Ok(()),
+            Some(Err(e)) => {
+                return Err(PlanError::Refused(format!("this database holds another tool's history that kiln cannot take over as it is: {e}")).into())
+            }
+            Some(Ok(h)) if h.applied.is_empty() && h.upto.is_none_or(|v| v == 0) => return Ok(()),
+            Some(Ok(h)) => {
+                (h.tool, h.table.clone(), h.upto.map(|v| format!("up to version {v}")).unwrap_or_else(|| format!("{} migrations", h.applied.len())))
+            }
+        };
+        Err(PlanError::Refused(format!(
+            "this database was migrated by {} ({table} records {count} as applied) and kiln's history is empty, so `kiln up` would run them again. \
+             Run `kiln adopt` first: it records them as baseline in kiln's history (and leaves {table} as it is); then `kiln up` runs only the rest",
+            tool.name()
+        ))
+        .into())
+    }
+
+    /// Take over another tool's history (`kiln adopt`): read its table,
+    /// record the migrations it applied as `baseline` with the checksums of
+    /// today's files, and report files it fingerprinted that changed since.
+    /// The other tool's table is read, never changed. Running it again adopts
+    /// only what is not recorded yet.
+    ///
+    /// # Errors
+    /// No other tool's history in the database; a dirty or failed entry there
+    /// (nothing is recorded then); the engine's.
+    pub async fn adopt(
+        &mut self,
+        local: &[Migration],
+        dir: &Path,
+        dry_run: bool,
+        reason: Option<&str>,
+    ) -> Result<crate::adopt::AdoptReport, RunError> {
+        let reason = reason.map(str::to_string);
+        let guard = self.acquire().await?;
+        let this = &mut *self;
+        let r: Result<_, RunError> = async {
+            let target = this.backend.target();
+            let Some(reader) = this.backend.engine().foreign() else {
+                return Err(PlanError::Refused(format!("kiln cannot read other tools' history tables on {target}")).into());
+            };
+            let foreign = match crate::adopt::read_foreign(reader).await? {
+                None => {
+                    return Err(PlanError::Refused(format!(
+                        "no other tool's history in {target}: kiln looked for {} (in the schema kiln's own history goes to); nothing adopted",
+                        crate::adopt::FOREIGN_TABLES.join(", ")
+                    ))
+                    .into())
+                }
+                Some(Err(e)) => return Err(PlanError::Refused(e.to_string()).into()),
+                Some(Ok(h)) => h,
+            };
+            let applied = this.backend.read_history().await?.unwrap_or_default();
+            let recorded: Vec<u64> = applied.iter().map(|a| a.version.number).collect();
+            let p = crate::adopt::plan_adopt(local, dir, &foreign, &recorded);
+            let mut report = crate::adopt::AdoptReport {
+                tool: p.tool,
+                table: p.table.clone(),
+                adopted: p
+                    .adopt
+                    .iter()
+                    .map(|m| crate::adopt::Adopted { version: m.version.to_string(), name: m.description.clone(), file: m.display_path() })
+                    .collect(),
+                already: p.already,
+                changed: p.changed.clone(),
+                missing: p.missing.clone(),
+                dry_run,
+            };
+            if dry_run || p.adopt.is_empty() {
+                return Ok(report);
+            }
+            this.backend.ensure_history().await?;
+            let batch = plan::next_batch(&applied);
+            let now = Utc::now();
+            let entries: Vec<AppliedMigration> = p
+                .adopt
+                .iter()
+                .map(|m| AppliedMigration {
+                    version: m.version.clone(),
+                    description: m.description.clone(),
+                    script: m.display_path(),
+                    group: m.directives.group.clone(),
+                    checksum: m.checksum.clone(),
+                    state: State::Baseline,
+                    batch,
+                    applied_at: now,
+                    duration_ms: 0,
+                    applied_by: this.settings.actor.clone(),
+                    kiln_version: KILN_VERSION.into(),
+                    error: None,
+                })
+                .collect();
+            let mut detail = format!("{} migrations adopted from {} ({}) as baseline", entries.len(), foreign.tool.name(), foreign.table);
+            if !p.changed.is_empty() {
+                let files: Vec<&str> = p.changed.iter().map(|c| c.file.as_str()).collect();
+                detail.push_str(&format!("; changed since {} applied them: {}", foreign.tool.name(), files.join(", ")));
+            }
+            let entry = this.log_entry(LogEvent::Baseline, None, Some(batch), reason.as_deref(), Some(detail));
+            this.backend.put_history(&entries, Some(&entry)).await?;
+            this.save_snapshot().await;
+            report.dry_run = false;
+            Ok(report)
+        }
+        .await;
+        self.release(guard, r).await
     }
 
     /// Retire a migration (`kiln retire`): record it as retired, then rename its

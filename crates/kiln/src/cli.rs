@@ -258,6 +258,15 @@ pub enum Cmd {
         #[arg(long, value_name = "NAME")]
         tenant: Option<String>,
     },
+    /// Take over another tool's history: record what diesel, sqlx, golang-migrate, dbmate, goose, refinery, Prisma or sql-migrate applied as baseline (their table is left as it is)
+    Adopt {
+        /// Show what would be recorded; record nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Why (written to the event log)
+        #[arg(long, default_value = "adopted from another migration tool's history")]
+        reason: String,
+    },
     /// Remove a migration from every future plan and rename its file to .retired
     Retire {
         /// Version to retire
@@ -681,7 +690,8 @@ async fn command(
             if !json {
                 render::run_report(&down, &target, false);
             }
-            let top = down.steps.iter().map(|s| parse_version(&s.version)).collect::<Result<Vec<_>, _>>()?.into_iter().max();
+            // Reverted last-applied first: the first is the top in the files' order.
+            let top = down.steps.first().map(|s| parse_version(&s.version)).transpose()?;
             let up = match top {
                 Some(v) => Some(runner.up(local, &UpTarget::To(v), lib.policy(), false).await?),
                 None => None,
@@ -705,6 +715,11 @@ async fn command(
             let v = parse_version(migration)?;
             let r = runner.baseline(local, &v, Some(reason)).await?;
             render::admin(&r, json);
+            Ok(0)
+        }
+        Cmd::Adopt { dry_run, reason } => {
+            let r = runner.adopt(local, &cfg.dir, *dry_run, Some(reason)).await?;
+            render::adopt(&r, json);
             Ok(0)
         }
         Cmd::Retire { migration, reason } => {

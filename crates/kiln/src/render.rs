@@ -774,6 +774,40 @@ pub fn admin(r: &AdminReport, as_json: bool) {
     }
 }
 
+pub fn adopt(r: &kiln::adopt::AdoptReport, as_json: bool) {
+    if as_json {
+        json(r);
+        return;
+    }
+    let tool = r.tool.name();
+    let verb = if r.dry_run { "would adopt" } else { "adopted" };
+    if r.adopted.is_empty() {
+        println!("kiln adopt: nothing to adopt from {tool} ({}): {} already in kiln's history", r.table, r.already);
+    } else {
+        println!("kiln adopt: {verb} {} migrations {tool} applied ({}) as baseline:", r.adopted.len(), r.table);
+        for a in &r.adopted {
+            println!("  {} {}_{}  {}", "baseline".green(), a.version, a.name, a.file);
+        }
+        if r.already > 0 {
+            println!("  ({} already in kiln's history)", r.already);
+        }
+    }
+    for c in &r.changed {
+        println!(
+            "  {} {} changed since {tool} applied it: its checksum in {} differs from today's file; kiln recorded today's, check the change is one you want",
+            "warning:".yellow(),
+            c.file,
+            r.table
+        );
+    }
+    for m in &r.missing {
+        println!("  {} {tool} applied {m}, which has no file in the migrations directory; kiln did not record it", "warning:".yellow());
+    }
+    if !r.adopted.is_empty() && !r.dry_run {
+        println!("{} is left as it was; `kiln status` shows the baseline, `kiln up` runs only the rest", r.table);
+    }
+}
+
 #[cfg(feature = "mongodb")]
 pub fn sync_report(r: &kiln_mongo::SyncReport, as_json: bool) {
     if as_json {

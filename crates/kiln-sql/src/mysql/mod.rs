@@ -54,6 +54,7 @@
 //! throw-away databases), [`jobs`] (`kiln_jobs`, the backfill job store).
 
 mod exec;
+mod foreign;
 mod history;
 mod inspect;
 mod jobs;
@@ -234,6 +235,10 @@ impl Engine for MysqlEngine {
     }
 
     fn jobs(&mut self) -> Option<&mut dyn JobStore> {
+        Some(self)
+    }
+
+    fn foreign(&mut self) -> Option<&mut dyn kiln_core::adopt::ForeignReader> {
         Some(self)
     }
 

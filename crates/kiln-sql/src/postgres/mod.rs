@@ -44,6 +44,7 @@
 
 mod conn;
 mod exec;
+mod foreign;
 mod history;
 mod inspect;
 mod jobs;
@@ -255,6 +256,10 @@ impl Engine for PgBackend {
     }
 
     fn jobs(&mut self) -> Option<&mut dyn JobStore> {
+        Some(self)
+    }
+
+    fn foreign(&mut self) -> Option<&mut dyn kiln_core::adopt::ForeignReader> {
         Some(self)
     }
 

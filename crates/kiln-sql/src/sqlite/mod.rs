@@ -47,6 +47,7 @@
 //! [`ScratchAdmin`]: kiln_core::engine::ScratchAdmin
 
 mod exec;
+mod foreign;
 mod history;
 mod inspect;
 mod jobs;
@@ -225,6 +226,10 @@ impl Engine for SqliteEngine {
     }
 
     fn jobs(&mut self) -> Option<&mut dyn JobStore> {
+        Some(self)
+    }
+
+    fn foreign(&mut self) -> Option<&mut dyn kiln_core::adopt::ForeignReader> {
         Some(self)
     }
 

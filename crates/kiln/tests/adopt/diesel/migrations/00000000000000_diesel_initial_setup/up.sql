@@ -1,0 +1,1 @@
+create table setup_marker (id int);

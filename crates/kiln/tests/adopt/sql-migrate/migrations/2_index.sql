@@ -1,0 +1,5 @@
+-- +migrate Up notransaction
+create index concurrently accounts_name on accounts (name);
+
+-- +migrate Down
+drop index accounts_name;
