@@ -692,23 +692,34 @@ impl<'b> Runner<'b> {
     /// On a database kiln never migrated: stop when another tool's history
     /// lists applied migrations, which `up` would run a second time.
     async fn refuse_foreign_history(&mut self) -> Result<(), RunError> {
-        let Some(reader) = self.backend.engine().foreign() else { return Ok(()) };
+        match self.foreign_history_note().await? {
+            Some(note) => Err(PlanError::Refused(note).into()),
+            None => Ok(()),
+        }
+    }
+
+    /// What `kiln up` would say about another tool's history on this
+    /// database (see [`Runner::adopt`]), or `None` when there is none with
+    /// applied migrations. Reads only; meant for a database whose kiln
+    /// history is empty (`kiln status` shows it as a hint).
+    ///
+    /// # Errors
+    /// The engine's.
+    pub async fn foreign_history_note(&mut self) -> Result<Option<String>, RunError> {
+        let Some(reader) = self.backend.engine().foreign() else { return Ok(None) };
         let (tool, table, count) = match crate::adopt::read_foreign(reader).await? {
-            None => return Ok(()),
-            Some(Err(e)) => {
-                return Err(PlanError::Refused(format!("this database holds another tool's history that kiln cannot take over as it is: {e}")).into())
-            }
-            Some(Ok(h)) if h.applied.is_empty() && h.upto.is_none_or(|v| v == 0) => return Ok(()),
+            None => return Ok(None),
+            Some(Err(e)) => return Ok(Some(format!("this database holds another tool's history that kiln cannot take over as it is: {e}"))),
+            Some(Ok(h)) if h.applied.is_empty() && h.upto.is_none_or(|v| v == 0) => return Ok(None),
             Some(Ok(h)) => {
                 (h.tool, h.table.clone(), h.upto.map(|v| format!("up to version {v}")).unwrap_or_else(|| format!("{} migrations", h.applied.len())))
             }
         };
-        Err(PlanError::Refused(format!(
+        Ok(Some(format!(
             "this database was migrated by {} ({table} records {count} as applied) and kiln's history is empty, so `kiln up` would run them again. \
              Run `kiln adopt` first: it records them as baseline in kiln's history (and leaves {table} as it is); then `kiln up` runs only the rest",
             tool.name()
-        ))
-        .into())
+        )))
     }
 
     /// Take over another tool's history (`kiln adopt`): read its table,

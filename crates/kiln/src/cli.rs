@@ -705,7 +705,12 @@ async fn command(
         }
         Cmd::Status { collections, exact, pending, failed, last, all, group, .. } => {
             let rows = runner.status(local).await?;
+            // First run on a database another tool migrated: say so before the all-pending table.
+            let note = if rows.iter().all(|r| r.state == "pending") { runner.foreign_history_note().await? } else { None };
             drop(runner);
+            if let Some(note) = note {
+                render::hint(&note);
+            }
             let cols = if *collections { Some(collection_status(cfg, local, *exact).await?) } else { None };
             let view = render::StatusView { pending: *pending, failed: *failed, last: *last, all: *all, group: group.clone() };
             render::status(&rows, problems, &view, cols.as_ref(), &target, json);

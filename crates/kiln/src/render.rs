@@ -774,6 +774,11 @@ pub fn admin(r: &AdminReport, as_json: bool) {
     }
 }
 
+/// A hint on stderr (stdout stays the command's output, JSON included).
+pub fn hint(message: &str) {
+    eprintln!("{} {message}", "hint:".yellow().bold());
+}
+
 pub fn adopt(r: &kiln::adopt::AdoptReport, as_json: bool) {
     if as_json {
         json(r);

@@ -50,6 +50,10 @@ async fn rows(p: &Project, sql: &str) -> Vec<String> {
 async fn take_over(p: &Project, tool: &str, table: &str, adopted: usize, new_version: &str) {
     let before = rows(p, &format!("SELECT count(*) FROM {table}")).await;
 
+    // The first look says so: status hints, up refuses.
+    let r = p.kiln(&["status"]);
+    r.ok();
+    assert!(r.stderr.contains(&format!("hint: this database was migrated by {tool}")) && r.stderr.contains("kiln adopt"), "{}", r.text());
     let r = p.kiln(&["up"]);
     r.fails_with(1);
     assert!(r.text().contains(&format!("migrated by {tool}")) && r.text().contains("kiln adopt"), "{}", r.text());
@@ -75,6 +79,7 @@ async fn take_over(p: &Project, tool: &str, table: &str, adopted: usize, new_ver
     assert_eq!(steps, [new_version], "only the new migration runs: {}", r.stdout);
     assert_eq!(rows(p, &format!("SELECT count(*) FROM {table}")).await, before, "{table} is left as it was");
 
+    assert!(!p.kiln(&["status"]).stderr.contains("hint:"), "no hint once adopted");
     let again = p.kiln(&["adopt"]);
     again.ok();
     assert!(again.stdout.contains("nothing to adopt"), "{}", again.stdout);
