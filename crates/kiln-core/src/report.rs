@@ -356,6 +356,7 @@ impl From<&crate::error::RunError> for ErrorReport {
 
 /// One database of a fleet (DESIGN §5): the public database or a tenant.
 /// Every event and report of a fleet run names its target.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(tag = "kind", content = "name", rename_all = "lowercase")]
 pub enum TargetName {
@@ -375,6 +376,7 @@ impl fmt::Display for TargetName {
 }
 
 /// How one target of a fleet run ended.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "status", rename_all = "lowercase")]
 pub enum TargetResult {
@@ -396,6 +398,7 @@ pub enum TargetResult {
 }
 
 /// One target's line of a [`FleetReport`].
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize)]
 pub struct TargetOutcome {
     /// Which database.
@@ -409,6 +412,7 @@ pub struct TargetOutcome {
 
 /// A run over many databases (a tenant fleet, or the HTTP API's run of a
 /// group): one outcome per target, in the order they finished.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize)]
 pub struct FleetReport {
     /// Every target.

@@ -90,7 +90,7 @@ pub enum FleetEvent<'e> {
 }
 
 /// One line of `kiln status --tenants`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct TargetStatus {
     /// Which database.
     pub target: TargetName,
@@ -330,7 +330,11 @@ impl<'a> Fleet<'a> {
         let contract = self.kiln.contract()?;
         let (targets, rejected) = self.targets(selection, &public_migs, &tenant_migs).await?;
         let contract = &contract;
-        let mut out: Vec<TargetCheck> = stream::iter(targets.into_iter().map(|(target, migs)| async move {
+        let (public_ref, tenant_ref) = (public_migs.as_slice(), tenant_migs.as_slice());
+        let mut out: Vec<TargetCheck> = stream::iter(target_names(targets).into_iter().map(|target| async move {
+            // Picked here rather than passed in: a borrowed argument makes the
+            // future's lifetime too general for axum's `Send` bound.
+            let migs: &[Migration] = if target == TargetName::Public { public_ref } else { tenant_ref };
             let cfg = BackendConfig { read_only: true, ..self.backend(&target) };
             let c = if target == TargetName::Public { contract.as_deref() } else { None };
             let r = async {
@@ -379,7 +383,11 @@ impl<'a> Fleet<'a> {
     pub async fn status(&self, selection: &Selection) -> Result<Vec<TargetStatus>, crate::Error> {
         let (public_migs, tenant_migs) = self.load()?;
         let (targets, rejected) = self.targets(selection, &public_migs, &tenant_migs).await?;
-        let mut out: Vec<TargetStatus> = stream::iter(targets.into_iter().map(|(target, migs)| async move {
+        let (public_ref, tenant_ref) = (public_migs.as_slice(), tenant_migs.as_slice());
+        let mut out: Vec<TargetStatus> = stream::iter(target_names(targets).into_iter().map(|target| async move {
+            // Picked here rather than passed in: a borrowed argument makes the
+            // future's lifetime too general for axum's `Send` bound.
+            let migs: &[Migration] = if target == TargetName::Public { public_ref } else { tenant_ref };
             let cfg = BackendConfig { read_only: true, ..self.backend(&target) };
             let rows = async {
                 let mut engine = connect(&cfg).await?;
@@ -419,4 +427,10 @@ impl<'a> Fleet<'a> {
 /// The error of a name the tenant source gave that cannot be a tenant.
 fn bad_name(why: String) -> ErrorReport {
     ErrorReport { code: "bad_tenant_name".into(), message: format!("{why}; nothing was run on it"), exit_code: 2, problems: vec![], failure: None }
+}
+
+/// The names of `targets`, owned (a stream over borrowed pairs makes the
+/// futures' lifetimes too general for axum's `Send` bound).
+fn target_names(targets: Vec<(TargetName, &[Migration])>) -> Vec<TargetName> {
+    targets.into_iter().map(|(t, _)| t).collect()
 }

@@ -462,3 +462,52 @@ async fn jobs_are_listed_and_controlled() {
     let unknown = http(s.addr, "POST", "/jobs/0004/explode", Some(TOKEN), b"").await;
     assert_eq!((unknown.status, unknown.code()), (404, "unknown_action".to_string()), "{}", unknown.body);
 }
+
+/// A `[tenants]` fleet over HTTP: `GET /tenants` lists every database,
+/// `POST /tenants/run` migrates the public one then the tenants (token
+/// required), one broken tenant fails alone; without a fleet both are 404.
+#[tokio::test]
+async fn tenants_are_listed_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("migrations");
+    std::fs::create_dir_all(m.join("tenant")).unwrap();
+    std::fs::create_dir_all(dir.path().join("tenants")).unwrap();
+    std::fs::write(m.join("0001_public.sql"), "CREATE TABLE p (id INT);\n").unwrap();
+    std::fs::write(m.join("tenant/0002_users.sql"), "CREATE TABLE users (id INT);\n").unwrap();
+    std::fs::write(
+        dir.path().join("kiln.toml"),
+        "url = \"sqlite://app.db\"\n[tenants]\nlist = [\"acme\", \"globex\", \"broken\"]\nurl = \"sqlite://tenants/{tenant}.db\"\n",
+    )
+    .unwrap();
+    rusqlite::Connection::open(dir.path().join("tenants/broken.db")).unwrap().execute_batch("CREATE TABLE users (id INT);").unwrap();
+    let cfg = kiln::config::Config::load(&kiln::config::Overrides { config: Some(dir.path().join("kiln.toml")), ..Default::default() }).unwrap();
+    let app = router(kiln::Kiln::from_config(&cfg), ApiOptions::new(TOKEN).tenants(cfg.tenants.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let before = http(addr, "GET", "/tenants", None, b"").await;
+    assert_eq!(before.status, 200, "{}", before.body);
+    let pending: Vec<u64> = before.json()["targets"].as_array().unwrap().iter().map(|t| t["pending"].as_u64().unwrap()).collect();
+    assert_eq!(pending, [1, 1, 1, 1], "public and three tenants, one pending each: {}", before.body);
+    assert_eq!(http(addr, "POST", "/tenants/run", None, b"").await.status, 401);
+    let unknown = http(addr, "POST", "/tenants/run", Some(TOKEN), br#"{"tenants": ["nope"]}"#).await;
+    assert_eq!((unknown.status, unknown.code()), (400, "unknown_tenant".to_string()), "{}", unknown.body);
+    let run = http(addr, "POST", "/tenants/run", Some(TOKEN), b"{}").await;
+    assert_eq!(run.status, 200, "{}", run.body);
+    let outcome: Vec<(String, String)> = run.json()["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["target"]["name"].as_str().unwrap_or("public").to_string(), t["status"].as_str().unwrap().to_string()))
+        .collect();
+    assert!(outcome.contains(&("broken".into(), "failed".into())), "{outcome:?}");
+    assert_eq!(outcome.iter().filter(|(_, s)| s == "done").count(), 3, "{outcome:?}");
+    let after = http(addr, "GET", "/tenants", None, b"").await;
+    let applied: Vec<u64> = after.json()["targets"].as_array().unwrap().iter().map(|t| t["applied"].as_u64().unwrap()).collect();
+    assert_eq!(applied.iter().sum::<u64>(), 3, "{}", after.body);
+
+    let single = start(&format!("sqlite://{}", dir.path().join("other.db").display()), ApiOptions::new(TOKEN), Duration::from_secs(5)).await;
+    let none = http(single.addr, "GET", "/tenants", None, b"").await;
+    assert_eq!((none.status, none.code()), (404, "no_fleet".to_string()));
+}

@@ -248,3 +248,96 @@ pub(crate) fn engine_name(url: &kiln_core::url::DbUrl) -> &'static str {
         None => "unknown",
     }
 }
+
+/// `GET /tenants`: every database of the fleet.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TenantsResponse {
+    /// Where the tenants come from (`list of 3`, `query "SELECT …"`, …).
+    pub source: String,
+    /// The public database, then every tenant: applied, pending, failed, last applied.
+    pub targets: Vec<crate::fleet::TargetStatus>,
+}
+
+/// Body of `POST /tenants/run` (an empty body is `{}`).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TenantsRunRequest {
+    /// Plan only: every database reports what would run and nothing changes.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Only these tenants (not the public database); absent or empty: the public database, then every tenant.
+    #[serde(default)]
+    pub tenants: Vec<String>,
+}
+
+fn fleet_of(s: &Shared) -> Result<&crate::config::Tenants, ApiError> {
+    s.opts.tenants.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_fleet",
+            "no tenant fleet is configured (`[tenants]` in kiln.toml); /migrations/status shows the one database",
+        )
+    })
+}
+
+#[utoipa::path(get, path = "/tenants", tag = "kiln",
+    responses(
+        (status = 200, description = "Every database of the fleet, read without locks", body = TenantsResponse),
+        (status = 401, description = "Missing or wrong token (when reads are protected)", body = ErrorBody),
+        (status = 404, description = "No fleet is configured (`no_fleet`)", body = ErrorBody),
+        (status = 500, description = "The tenants cannot be read from their source, or the files are bad", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])))]
+pub(crate) async fn tenants(State(s): State<Shared>) -> Result<Json<TenantsResponse>, ApiError> {
+    let t = fleet_of(&s)?;
+    let fleet = crate::fleet::Fleet::new(&s.kiln, t);
+    let targets = fleet.status(&crate::fleet::Selection::default()).await?;
+    Ok(Json(TenantsResponse { source: t.source.describe(), targets }))
+}
+
+#[utoipa::path(post, path = "/tenants/run", tag = "kiln",
+    request_body(content = Option<TenantsRunRequest>, description = "Optional; `{}` when empty", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Every database's outcome (one failed tenant does not stop the others; `status` says how each ended)", body = kiln_core::report::FleetReport),
+        (status = 400, description = "Malformed JSON body, an unknown tenant, or a token in the query string", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token: nothing was run", body = ErrorBody),
+        (status = 404, description = "No fleet is configured (`no_fleet`)", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 500, description = "The tenants cannot be read from their source, or the files are bad", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(crate) async fn run_tenants(State(s): State<Shared>, body: Bytes) -> Result<Json<kiln_core::report::FleetReport>, ApiError> {
+    let t = fleet_of(&s)?;
+    let req: TenantsRunRequest = parse_object(&body)?;
+    let fleet = crate::fleet::Fleet::new(&s.kiln, t);
+    if !req.tenants.is_empty() {
+        let list = fleet.tenant_list().await?;
+        let unknown: Vec<&String> = req.tenants.iter().filter(|n| !list.names.contains(n)).collect();
+        if !unknown.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "unknown_tenant",
+                format!("unknown tenant(s) {unknown:?}; the fleet has: {}; nothing was run", list.names.join(", ")),
+            ));
+        }
+    }
+    let opts = crate::fleet::FleetOptions {
+        selection: crate::fleet::Selection { tenants: req.tenants, ..Default::default() },
+        dry_run: req.dry_run,
+        ..Default::default()
+    };
+    Ok(Json(fleet.up(&opts, &|_| {}).await?))
+}
+
+/// A JSON object body (or nothing, or `null`) as `T`.
+fn parse_object<T: Default + serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    let bad = |e: String| ApiError::bad_request(format!("the request body is not valid JSON for this endpoint: {e}"));
+    match serde_json::from_slice::<serde_json::Value>(body).map_err(|e| bad(e.to_string()))? {
+        serde_json::Value::Null => Ok(T::default()),
+        v @ serde_json::Value::Object(_) => serde_json::from_value(v).map_err(|e| bad(e.to_string())),
+        other => Err(bad(format!("expected an object, found {other}"))),
+    }
+}

@@ -36,7 +36,7 @@ use axum::Router;
 use crate::Kiln;
 
 pub use error::ApiError;
-pub use handlers::{Health, RunRequest, StatusResponse, Summary};
+pub use handlers::{Health, RunRequest, StatusResponse, Summary, TenantsResponse, TenantsRunRequest};
 pub use openapi::openapi;
 pub use serve::{serve, ServeArgs, ServeError};
 pub use status::RECHECK_INTERVAL;
@@ -56,12 +56,15 @@ pub struct ApiOptions {
     pub protect_reads: bool,
     /// Largest request body accepted, in bytes.
     pub body_limit: usize,
+    /// The tenant fleet (`[tenants]` of kiln.toml): `GET /tenants` and
+    /// `POST /tenants/run` answer 404 `no_fleet` without one.
+    pub tenants: Option<crate::config::Tenants>,
 }
 
 impl ApiOptions {
     /// Options with `token` for mutating endpoints, reads open, a 64 KiB body limit.
     pub fn new(token: impl Into<String>) -> Self {
-        ApiOptions { token: token.into(), protect_reads: false, body_limit: DEFAULT_BODY_LIMIT }
+        ApiOptions { token: token.into(), protect_reads: false, body_limit: DEFAULT_BODY_LIMIT, tenants: None }
     }
 
     /// Require the token on read endpoints too.
@@ -75,6 +78,12 @@ impl ApiOptions {
         self.body_limit = bytes;
         self
     }
+
+    /// Serve this tenant fleet too (`GET /tenants`, `POST /tenants/run`).
+    pub fn tenants(mut self, tenants: Option<crate::config::Tenants>) -> Self {
+        self.tenants = tenants;
+        self
+    }
 }
 
 impl fmt::Debug for ApiOptions {
@@ -84,6 +93,7 @@ impl fmt::Debug for ApiOptions {
             .field("token", &if self.token.is_empty() { "<unset>" } else { "<redacted>" })
             .field("protect_reads", &self.protect_reads)
             .field("body_limit", &self.body_limit)
+            .field("tenants", &self.tenants.as_ref().map(|t| t.source.describe()))
             .finish()
     }
 }
@@ -110,6 +120,8 @@ pub(crate) type Shared = Arc<AppState>;
 /// | GET | `/ready` | 200 when nothing is pending or failed, else 503 |
 /// | GET | `/jobs` | backfill jobs of zero-downtime migrations: state, progress, rows/s, ETA |
 /// | POST | `/jobs/{id}/{action}` | pause, resume, cancel or retry a job (bearer token) |
+/// | GET | `/tenants` | a `[tenants]` fleet: per database applied, pending, failed, last applied |
+/// | POST | `/tenants/run` | `kiln up` over the fleet: public first, then the tenants (bearer token) |
 /// | GET | `/openapi.json` | the OpenAPI 3.1 document, generated from this code |
 /// | GET | `/` | the dashboard |
 pub fn router(kiln: Kiln, opts: ApiOptions) -> Router {
@@ -119,12 +131,14 @@ pub fn router(kiln: Kiln, opts: ApiOptions) -> Router {
         .route("/migrations/status", get(handlers::status))
         .route("/ready", get(handlers::ready))
         .route("/jobs", get(handlers::jobs))
+        .route("/tenants", get(handlers::tenants))
         .route("/openapi.json", get(openapi::serve_document))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::reads));
     let writes = Router::new()
         .route("/migrations/run", post(handlers::run_all))
         .route("/migrations/run/{group}", post(handlers::run_group))
         .route("/jobs/{id}/{action}", post(handlers::job_action))
+        .route("/tenants/run", post(handlers::run_tenants))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::writes));
     Router::new()
         .route("/", get(handlers::dashboard))

@@ -6,13 +6,13 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::error::ErrorBody;
-use super::handlers::{self, Health, JobsResponse, RunRequest, StatusResponse, Summary};
+use super::handlers::{self, Health, JobsResponse, RunRequest, StatusResponse, Summary, TenantsResponse, TenantsRunRequest};
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "kiln", description = "Database migrations: status, runs, readiness. Mutating endpoints need `Authorization: Bearer <token>`."),
-    paths(handlers::health, handlers::status, handlers::run_all, handlers::run_group, handlers::ready, handlers::jobs, handlers::job_action, handlers::dashboard, serve_document),
-    components(schemas(Health, Summary, StatusResponse, RunRequest, JobsResponse, ErrorBody)),
+    paths(handlers::health, handlers::status, handlers::run_all, handlers::run_group, handlers::ready, handlers::jobs, handlers::job_action, handlers::tenants, handlers::run_tenants, handlers::dashboard, serve_document),
+    components(schemas(Health, Summary, StatusResponse, RunRequest, JobsResponse, TenantsResponse, TenantsRunRequest, ErrorBody)),
     modifiers(&Bearer)
 )]
 struct ApiDoc;

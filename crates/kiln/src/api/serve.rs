@@ -54,7 +54,7 @@ pub async fn serve(cfg: &Config, args: &ServeArgs) -> Result<(), ServeError> {
             "{from}: `kiln serve` needs a token for its mutating endpoints; run `KILN_API_TOKEN=$(openssl rand -hex 32) kiln serve` or pass --token-file FILE"
         )));
     }
-    let opts = ApiOptions::new(token).protect_reads(args.protect_reads);
+    let opts = ApiOptions::new(token).protect_reads(args.protect_reads).tenants(cfg.tenants.clone());
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| ServeError::Io(format!("cannot listen on {}: {e}; pick another address with --listen", args.listen)))?;
