@@ -528,7 +528,7 @@ impl std::fmt::Display for FailureOutcome {
         match self {
             FailureOutcome::RolledBack => f.write_str("rolled back, nothing of it remains"),
             FailureOutcome::RecordedFailed => f.write_str(
-                "it could not be rolled back: statements before the failing one may have been applied; it is recorded as failed and kiln refuses to run until you fix the database and run `kiln repair`",
+                "it could not be rolled back: part of it remains in the database, as the message says; it is recorded as failed and kiln refuses to run until you fix the database and run `kiln repair`",
             ),
         }
     }

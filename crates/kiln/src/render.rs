@@ -754,10 +754,28 @@ pub fn verify(r: &kiln::verify::VerifyReport, as_json: bool) {
         println!("{} irreversible (down not checked): {}", "note:".dimmed(), r.irreversible.join(", "));
     }
     if r.ok {
-        println!("{} every migration applies, validates, and its down undoes its up", "✓".green().bold());
+        println!("{} {}", "✓".green().bold(), verify_summary(r));
     } else {
         println!("{} {} problem(s)", "✗".red().bold(), r.findings.len());
     }
+}
+
+/// What a passing `kiln verify` checked, and no more (issue 13: with every
+/// migration irreversible it claimed that every down undoes its up).
+fn verify_summary(r: &kiln::verify::VerifyReport) -> String {
+    let applies = if r.contract_checked {
+        "every migration applies and keeps the schema contract"
+    } else {
+        "every migration applies (no schema.yaml: the schema was not validated)"
+    };
+    let skipped = r.irreversible.len();
+    let checked = r.migrations.saturating_sub(skipped);
+    let downs = match (checked, skipped) {
+        (_, 0) => "every down undoes its up".to_string(),
+        (0, n) => format!("no down was checked: {} irreversible", if n == 1 { "the migration is".to_string() } else { format!("all {n} are") }),
+        (c, n) => format!("{c} of {} downs undo their ups; {n} irreversible, not checked", c + n),
+    };
+    format!("{applies}; {downs}")
 }
 
 /// Print the result of baseline / retire / repair.

@@ -38,6 +38,8 @@ pub struct VerifyReport {
     pub migrations: usize,
     /// Irreversible migrations (their down could not be checked).
     pub irreversible: Vec<String>,
+    /// Whether a schema contract (`schema.yaml`) was checked after every migration.
+    pub contract_checked: bool,
     /// Problems found.
     pub findings: Vec<Finding>,
     /// Non-fatal remarks.
@@ -118,8 +120,15 @@ async fn run_checks(
     settings: RunnerSettings,
 ) -> Result<VerifyReport, RunError> {
     let mut backend: Box<dyn Engine> = crate::connect(cfg).await?;
-    let mut report =
-        VerifyReport { ok: true, scratch: String::new(), migrations: local.len(), irreversible: vec![], findings: vec![], notes: vec![] };
+    let mut report = VerifyReport {
+        ok: true,
+        scratch: String::new(),
+        migrations: local.len(),
+        irreversible: vec![],
+        contract_checked: contract.is_some(),
+        findings: vec![],
+        notes: vec![],
+    };
     let result = checks(backend.as_mut(), local, contract, settings, &mut report).await;
     let _ = backend.close().await;
     result?;

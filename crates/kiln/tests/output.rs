@@ -267,3 +267,21 @@ async fn status_shows_bad_files_as_problems_beside_the_rest() {
     up.fails_with(2);
     assert!(up.stderr.contains("0002-bad name.sql") && up.stderr.contains("0003_bad_directive.sql"), "{}", up.stderr);
 }
+
+#[tokio::test]
+async fn verify_says_what_it_checked_and_no_more() {
+    // Before: "every migration applies, validates, and its down undoes its up"
+    // with every migration irreversible and no schema.yaml.
+    let p = Project::new(Engine::Sqlite).await;
+    p.write("0001_a.sql", "CREATE TABLE a (id INT);\n");
+    p.write("0002_b.sql", "CREATE TABLE b (id INT);\n");
+    let r = p.kiln(&["verify"]);
+    r.ok();
+    assert!(!r.stdout.contains("undoes its up"), "{}", r.stdout);
+    assert!(r.stdout.contains("no down was checked: all 2 are irreversible"), "{}", r.stdout);
+    assert!(r.stdout.contains("the schema was not validated"), "{}", r.stdout);
+    p.add_create(3);
+    let r = p.kiln(&["verify"]);
+    r.ok();
+    assert!(r.stdout.contains("1 of 3 downs undo their ups; 2 irreversible, not checked"), "{}", r.stdout);
+}

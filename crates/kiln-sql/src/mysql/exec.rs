@@ -110,8 +110,16 @@ impl Executor for MysqlEngine {
         let which = if committed == 1 { "statement 1".to_string() } else { format!("statements 1–{committed}") };
         let cause = if !tx {
             "the migration runs with `-- kiln:transaction off`, so every statement commits on its own".to_string()
-        } else if implicit {
+        } else if implicit && is_ddl(&st.sql) {
             format!("statement {} is DDL, and MySQL commits implicitly before running DDL, even DDL that fails", index + 1)
+        } else if implicit {
+            // `EXECUTE`, `CALL`, an executable comment: kiln cannot tell whether
+            // it is DDL, so it counts it as committing (the safe mistake) and says so.
+            format!(
+                "statement {} (`{}`) may run DDL, before which MySQL commits implicitly, so kiln counts what came before it as committed",
+                index + 1,
+                first_word(&st.sql)
+            )
         } else {
             "DDL commits implicitly and cannot be rolled back".to_string()
         };
@@ -139,6 +147,28 @@ impl Executor for MysqlEngine {
             "MySQL had already committed {which} (DDL commits implicitly and cannot be rolled back), so the migration stays applied in full"
         )))
     }
+}
+
+/// The statement's first keyword (after comments), for messages.
+fn first_word(sql: &str) -> String {
+    let mut rest = sql;
+    loop {
+        rest = rest.trim_start_matches(|c: char| c.is_whitespace() || c == '(');
+        if let Some(r) = rest.strip_prefix("--").or_else(|| rest.strip_prefix('#')) {
+            rest = r.find('\n').map(|i| &r[i..]).unwrap_or("");
+        } else if let Some(r) = rest.strip_prefix("/*").filter(|r| !r.starts_with('!') && !r.starts_with("M!")) {
+            rest = r.find("*/").map(|i| &r[i + 2..]).unwrap_or("");
+        } else {
+            break;
+        }
+    }
+    rest.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next().unwrap_or("").chars().take(24).collect::<String>().to_ascii_uppercase()
+}
+
+/// Whether `sql` is DDL proper (its first keyword says so), as opposed to a
+/// statement kiln only counts as committing because it cannot see into it.
+fn is_ddl(sql: &str) -> bool {
+    matches!(first_word(sql).as_str(), "CREATE" | "ALTER" | "DROP" | "RENAME" | "TRUNCATE")
 }
 
 /// Whether MySQL may commit implicitly around `sql` (and so end kiln's
@@ -195,6 +225,15 @@ pub(crate) fn commits_implicitly(sql: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// issue 13.7: an `EXECUTE` (or `CALL`) counts as committing, but is not called DDL.
+    #[test]
+    fn only_ddl_is_called_ddl() {
+        assert!(is_ddl("CREATE TABLE a (id int)") && is_ddl("-- why\n  alter table a add b int") && is_ddl("/* x */ DROP TABLE a"));
+        assert!(!is_ddl("EXECUTE stmt") && !is_ddl("CALL p()") && !is_ddl("/*!50001 CREATE VIEW v AS SELECT 1 */"));
+        assert!(commits_implicitly("EXECUTE stmt"));
+        assert_eq!(first_word("-- note\nexecute stmt USING @a"), "EXECUTE");
+    }
 
     #[test]
     fn implicit_commit_classification() {
