@@ -68,7 +68,8 @@ const MAX_DEPTH: usize = 16;
 
 /// The default naming rule for migration files: version, `_`, lower-case snake description.
 pub const DEFAULT_FILE_RULE: &str = r"^[0-9]+_[a-z0-9]+(_[a-z0-9]+)*$";
-/// The default rule for diesel folders: diesel's own (any description, hyphens included).
+/// The default rule for diesel folders and `.up.sql`/`.down.sql` pairs: their
+/// tools' own (any description, hyphens and dots included).
 pub const DEFAULT_DIESEL_RULE: &str = r"^[0-9][0-9-]*_.+$";
 
 /// How to read a migrations directory.
@@ -467,7 +468,9 @@ fn walk(root: &Path, dir: &Path, rules: &Rules, group: Option<&str>, scope: Scop
             continue;
         };
         let rel_up = up.strip_prefix(root).unwrap_or(&up).to_path_buf();
-        if out.check(rules.check(&stem, false, &rel_up)) {
+        // Pairs keep golang-migrate's and sqlx's own rule (any description:
+        // `000118_create-index`, `1_init.v2`), as diesel folders keep diesel's.
+        if out.check(rules.check(&stem, true, &rel_up)) {
             out.tasks.push(Task::Pair { stem, up, down, rel_up, root: root.to_path_buf(), group: group_owned.clone(), scope });
         }
     }

@@ -407,3 +407,18 @@ fn flyway_refinery_and_prisma_layouts() {
     assert!(ms[0].down.is_none());
     assert_eq!(ms[0].path, std::path::Path::new("20210101000000_init"));
 }
+
+/// issue 13: pairs follow golang-migrate's and sqlx's naming (hyphens, dots),
+/// kiln's own single files the strict rule.
+#[test]
+fn pairs_keep_their_tools_naming_rule() {
+    let d = dir_with(&[
+        ("000118_create-index.up.sql", "create index i on a (id);\n"),
+        ("000118_create-index.down.sql", "drop index i;\n"),
+        ("1_init.v2.up.sql", "create table a (id int);\n"),
+    ]);
+    let ms = load(&d).unwrap();
+    assert_eq!(ms.iter().map(|m| m.name()).collect::<Vec<_>>(), ["1_init.v2", "000118_create-index"]);
+    let single = dir_with(&[("0001_Create-Index.sql", "select 1;\n")]);
+    assert!(load(&single).unwrap_err().to_string().contains("naming rule"));
+}
