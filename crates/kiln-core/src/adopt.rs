@@ -474,7 +474,7 @@ pub fn plan_adopt<'a>(local: &'a [Migration], dir: &std::path::Path, foreign: &F
 fn up_text(m: &Migration, dir: &std::path::Path) -> Option<String> {
     match &m.up {
         crate::model::Body::Sql { file, .. } | crate::model::Body::Commands { file, .. } => std::fs::read_to_string(dir.join(file)).ok(),
-        crate::model::Body::Code => None,
+        crate::model::Body::Code { .. } => None,
     }
 }
 

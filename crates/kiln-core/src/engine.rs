@@ -113,6 +113,14 @@ impl<'a> Step<'a> {
         }
     }
 
+    /// The registered code of a code migration's body, `None` for any other body.
+    pub fn code(&self) -> Option<&'a crate::code::CodeRef> {
+        match self.body {
+            Body::Code { code } => Some(code),
+            _ => None,
+        }
+    }
+
     /// The one refusal for a body `engine` cannot run. [`crate::step::Stepper`]
     /// checks the kind before any engine sees the step, so engines reach this
     /// only when driven directly.
@@ -120,7 +128,7 @@ impl<'a> Step<'a> {
         let kind = match self.body {
             Body::Sql { .. } => "SQL",
             Body::Commands { .. } => "MongoDB command",
-            Body::Code => "code",
+            Body::Code { .. } => "code",
         };
         EngineError::Refused(format!("{}: a {kind} body cannot run on {engine}; nothing was run", self.migration.display_path()))
     }

@@ -14,6 +14,7 @@
 
 pub mod adopt;
 pub mod backend;
+pub mod code;
 pub mod engine;
 pub mod error;
 pub mod event;
@@ -32,10 +33,11 @@ pub mod suggest;
 pub mod url;
 
 pub use backend::{ApplyError, BackendConfig, RecordContext, StepError};
+pub use code::{CodeContext, CodeError, CodeMigration};
 pub use engine::{Capabilities, Engine, SchemaCheck};
 pub use error::{EngineError, FailureOutcome, PlanError, RunError, SourceError, StatementError};
 pub use event::{Direction, Event, Observer, TargetedEvent};
 pub use model::*;
 pub use plan::{DownTarget, Policy, StatusRow, UpTarget};
 pub use runner::{AdminReport, ContractReport, ContractWait, RunReport, Runner, RunnerSettings, StepReport};
-pub use source::{load_dir, load_dir_lenient, LoadOptions};
+pub use source::{load_dir, load_dir_lenient, load_embedded, load_embedded_lenient, Embedded, EmbeddedFile, LoadOptions};

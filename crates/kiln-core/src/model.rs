@@ -230,7 +230,10 @@ pub enum Body {
         commands: Vec<Command>,
     },
     /// A Rust migration registered through the library; run by its registered code.
-    Code,
+    Code {
+        /// The registered migration ([`crate::code`]).
+        code: crate::code::CodeRef,
+    },
 }
 
 impl Body {
@@ -239,7 +242,7 @@ impl Body {
         match self {
             Body::Sql { statements, .. } => statements.len(),
             Body::Commands { commands, .. } => commands.len(),
-            Body::Code => 1,
+            Body::Code { .. } => 1,
         }
     }
     /// True when there is nothing to run.

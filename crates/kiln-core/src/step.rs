@@ -223,9 +223,10 @@ impl<'e> Stepper<'e> {
         let kind = match step.body {
             Body::Sql { .. } => Kind::Sql,
             Body::Commands { .. } => Kind::Commands,
-            Body::Code => Kind::Code,
+            Body::Code { .. } => Kind::Code,
         };
-        if kind != self.caps.kind {
+        // Code runs on every engine (through the engine's `CodeContext`).
+        if kind != self.caps.kind && kind != Kind::Code {
             return Err(StepError::Engine(step.wrong_body(self.caps.engine)));
         }
         if let Err(error) = self.engine.prepare(step).await {

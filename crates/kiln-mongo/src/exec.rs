@@ -11,6 +11,7 @@ use kiln_core::engine::{AtomicFailure, ExecFailure, Executor, HistoryChange, Lef
 use kiln_core::{Command, EngineError, FailureInfo, State, StatementError, TxMode};
 use mongodb::ClientSession;
 
+use crate::code::{CodeHandle, MongoCode};
 use crate::command::{self, Effect, Prepared};
 use crate::engine::{MongoEngine, PreparedStep};
 
@@ -123,7 +124,11 @@ impl MongoEngine {
 impl Executor for MongoEngine {
     async fn prepare(&mut self, step: &Step<'_>) -> Result<(), StatementError> {
         self.prepared = None;
-        let (file, cmds) = commands(step)?;
+        let empty: &[Command] = &[];
+        let (file, cmds) = match step.code() {
+            Some(_) => (step.migration.path.as_path(), empty),
+            None => commands(step)?,
+        };
         let commands = self.prepare_all(file, cmds)?;
         if step.migration.directives.transaction == TxMode::On && !self.conn.topology.supports_transactions() {
             return Err(statement_error(
@@ -157,6 +162,16 @@ impl Executor for MongoEngine {
             m.version
         );
         self.lease.check(&self.conn, &what).await.map_err(ExecFailure::Engine)?;
+        if let Some(code) = step.code() {
+            let mut ctx = MongoCode { conn: &self.conn, handle: CodeHandle { db: self.conn.db.clone(), session: None } };
+            if let Err(e) = code.run(step.direction, &mut ctx).await {
+                let left = Left::Committed(
+                    "MongoDB cannot roll back what the code ran outside a transaction, so whatever it changed before it failed remains; check it, fix the database, then run `kiln repair`".into(),
+                );
+                return Err(ExecFailure::Statement { error: kiln_core::code::failure(&m.display_path(), e), left });
+            }
+            return Ok(());
+        }
         let (file, cmds) = commands(step).map_err(|error| ExecFailure::Statement { error, left: Left::Nothing })?;
         let cmd = match self.prepared_for(step) {
             Ok(p) => p
@@ -178,6 +193,9 @@ impl Executor for MongoEngine {
         let m = step.migration;
         let what = format!("about to run {} in a transaction; nothing of it was run", m.name());
         self.lease.check(&self.conn, &what).await.map_err(AtomicFailure::Engine)?;
+        if let Some(code) = step.code() {
+            return self.code_atomic(step, code, record, check, &what).await;
+        }
         let (file, cmds) = commands(step).map_err(AtomicFailure::Body)?;
         let prepared = self.prepared_for(step).map_err(AtomicFailure::Body)?.to_vec();
         let conn = &self.conn;
@@ -210,6 +228,55 @@ impl Executor for MongoEngine {
                 format!("committing the transaction of {} (nothing was committed)", m.name())
             };
             return Err(AtomicFailure::Engine(self.conn.engine_error(context, &e)));
+        }
+        match check {
+            Some(check) => self.check_after_commit(step, record, check).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl MongoEngine {
+    /// The atomic path of a code migration (`transaction: true` on a replica
+    /// set): the code runs with the transaction's session in its
+    /// [`CodeHandle`], then the history record, then the commit.
+    async fn code_atomic(
+        &mut self,
+        step: &Step<'_>,
+        code: &kiln_core::code::CodeRef,
+        record: &Record,
+        check: Option<&SchemaCheck>,
+        what: &str,
+    ) -> Result<(), AtomicFailure> {
+        let m = step.migration;
+        let conn = &self.conn;
+        let mut session =
+            conn.client.start_session().await.map_err(|e| AtomicFailure::Engine(conn.engine_error("starting a session for a transaction", &e)))?;
+        session.start_transaction().await.map_err(|e| AtomicFailure::Engine(conn.engine_error("starting a transaction", &e)))?;
+        if let Err(e) = self.fence_in(&mut session, what).await {
+            let _ = session.abort_transaction().await;
+            return Err(AtomicFailure::Engine(e));
+        }
+        let mut ctx = MongoCode { conn: &self.conn, handle: CodeHandle { db: self.conn.db.clone(), session: Some(session) } };
+        let ran = code.run(step.direction, &mut ctx).await;
+        let session = ctx.handle.session.take();
+        drop(ctx);
+        let Some(mut session) = session else {
+            return Err(AtomicFailure::Engine(EngineError::Refused(format!(
+                "{}: the code took the transaction's session out of its CodeHandle; nothing was committed. Leave `session` in place",
+                m.display_path()
+            ))));
+        };
+        if let Err(e) = ran {
+            let _ = session.abort_transaction().await;
+            return Err(AtomicFailure::Body(kiln_core::code::failure(&m.display_path(), format!("{e}; the transaction was aborted"))));
+        }
+        if let Err(e) = self.record_in(&mut session, record).await {
+            let _ = session.abort_transaction().await;
+            return Err(AtomicFailure::Engine(e));
+        }
+        if let Err(e) = commit(&mut session).await {
+            return Err(AtomicFailure::Engine(self.conn.engine_error(format!("committing the transaction of {}", m.name()), &e)));
         }
         match check {
             Some(check) => self.check_after_commit(step, record, check).await,

@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 
 mod backfill;
+mod code;
 mod command;
 mod conn;
 mod engine;
@@ -38,6 +39,7 @@ mod status;
 mod store;
 mod sync;
 
+pub use code::{handle, CodeHandle};
 pub use conn::Topology;
 pub use engine::MongoEngine;
 pub use history::MIGRATE_MONGO_ACTOR;

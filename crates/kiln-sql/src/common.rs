@@ -101,6 +101,16 @@ pub const HISTORY_COLUMNS: &str = "version, description, script, migration_group
 /// The column list of the event log, without the generated `id`.
 pub const LOG_COLUMNS: &str = "at, event, version, name, batch, actor, reason, detail";
 
+/// What a code migration that failed outside a transaction leaves: kiln
+/// cannot know what the code changed before it failed, so it assumes the worst
+/// (the entry becomes `failed` and blocks runs until `kiln repair`).
+pub fn code_left() -> kiln_core::engine::Left {
+    kiln_core::engine::Left::Committed(
+        "the code ran outside a transaction, so whatever it changed remains in the database; check it, fix the database, then run `kiln repair`"
+            .into(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

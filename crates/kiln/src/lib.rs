@@ -27,8 +27,15 @@ pub mod verify;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// For implementing [`CodeMigration`]: `#[kiln::async_trait]`.
+pub use async_trait::async_trait;
 pub use kiln_core;
 pub use kiln_core::*;
+pub use kiln_macros::embed_migrations;
+/// The MongoDB engine; code migrations reach the driver through
+/// [`mongo::handle`].
+#[cfg(feature = "mongodb")]
+pub use kiln_mongo as mongo;
 
 use kiln_core::url::EngineKind;
 
@@ -57,7 +64,7 @@ pub async fn connect(cfg: &BackendConfig) -> Result<Box<dyn Engine>, EngineError
 /// # Errors
 /// [`SourceError`] naming the file (and line) of the first problem.
 pub fn load_migrations(dir: &std::path::Path, opts: &LoadOptions) -> Result<Vec<Migration>, SourceError> {
-    refuse_tenant_scope(dir, load_dir(dir, opts)?)
+    refuse_tenant_scope(dir, load_dir(dir, opts)?, &|p| std::fs::read_to_string(dir.join(p)).ok())
 }
 
 /// For commands that show rather than run (`kiln status`): the migrations
@@ -71,7 +78,7 @@ pub fn load_migrations_lenient(dir: &std::path::Path, opts: &LoadOptions, fleet:
     let (found, mut problems) = load_dir_lenient(dir, opts)?;
     let (public, tenant): (Vec<Migration>, Vec<Migration>) = found.into_iter().partition(|m| m.directives.scope == Scope::Public);
     if !fleet {
-        if let Err(e) = refuse_tenant_scope(dir, tenant) {
+        if let Err(e) = refuse_tenant_scope(dir, tenant, &|p| std::fs::read_to_string(dir.join(p)).ok()) {
             problems.push(e);
         }
     }
@@ -96,11 +103,16 @@ pub fn load_tenant_migrations(dir: &std::path::Path, opts: &LoadOptions) -> Resu
     Ok(load_dir(dir, opts)?.into_iter().filter(|m| m.directives.scope == Scope::Tenant).collect())
 }
 
-fn refuse_tenant_scope(dir: &std::path::Path, local: Vec<Migration>) -> Result<Vec<Migration>, SourceError> {
+/// `text` reads a migration's file by its path relative to `dir`.
+fn refuse_tenant_scope(
+    dir: &std::path::Path,
+    local: Vec<Migration>,
+    text: &dyn Fn(&std::path::Path) -> Option<String>,
+) -> Result<Vec<Migration>, SourceError> {
     let tenant: Vec<&Migration> = local.iter().filter(|m| m.directives.scope == Scope::Tenant).collect();
     if let Some(first) = tenant.first() {
         let path = dir.join(&first.path);
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let text = text(&first.path).unwrap_or_default();
         let line = text.lines().position(|l| {
             let l = l.trim_start();
             l.starts_with("-- kiln:scope") || l.starts_with("scope:") || l.starts_with("\"scope\"")
@@ -200,6 +212,8 @@ pub struct Kiln {
     schema_file_explicit: bool,
     validate: config::ValidateMode,
     fleet: bool,
+    embedded: Option<Embedded>,
+    code: Vec<Arc<dyn CodeMigration>>,
 }
 
 impl Kiln {
@@ -218,6 +232,8 @@ impl Kiln {
             schema_file_explicit: false,
             validate: config::ValidateMode::default(),
             fleet: false,
+            embedded: None,
+            code: Vec::new(),
         }
     }
 
@@ -234,12 +250,45 @@ impl Kiln {
             schema_file_explicit: c.schema_file_explicit,
             validate: c.validate,
             fleet: c.tenants.is_some(),
+            embedded: None,
+            code: Vec::new(),
         }
     }
 
     /// The migrations directory.
     pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.dir = dir.into();
+        self
+    }
+
+    /// Migrations embedded in the program by [`embed_migrations!`] instead of
+    /// a directory read at run time: loaded with the same rules into the same
+    /// migrations and checksums (history written from either is the same).
+    ///
+    /// ```no_run
+    /// # async fn start() -> Result<(), kiln::Error> {
+    /// static MIGRATIONS: kiln::Embedded = kiln::embed_migrations!("migrations");
+    /// kiln::Kiln::new("postgres://app@localhost/app").embedded(MIGRATIONS).up().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn embedded(mut self, set: Embedded) -> Self {
+        self.dir = PathBuf::from(set.dir);
+        self.embedded = Some(set);
+        self
+    }
+
+    /// Register a migration written in Rust ([`CodeMigration`]): it runs in
+    /// version order among the file migrations, on every engine, under the
+    /// same lock, history and checksum rules (see [`kiln_core::code`]).
+    pub fn code(mut self, migration: impl CodeMigration) -> Self {
+        self.code.push(Arc::new(migration));
+        self
+    }
+
+    /// The naming rule (a regex on the name without extension), as
+    /// `name_rule` in kiln.toml.
+    pub fn name_rule(mut self, rule: impl Into<String>) -> Self {
+        self.name_rule = Some(rule.into());
         self
     }
 
@@ -405,7 +454,20 @@ impl Kiln {
     /// # Errors
     /// [`SourceError`] naming the file.
     pub fn load(&self) -> Result<Vec<Migration>, SourceError> {
+        let files = self.load_files()?;
+        code::merge(files, &self.code)
+    }
+
+    fn load_files(&self) -> Result<Vec<Migration>, SourceError> {
         let opts = load_options(&self.backend.url, self.name_rule.clone());
+        if let Some(set) = &self.embedded {
+            let all = load_embedded(set, &opts)?;
+            if self.fleet {
+                return Ok(all.into_iter().filter(|m| m.directives.scope == Scope::Public).collect());
+            }
+            let text = |p: &std::path::Path| set.file(p).map(|b| String::from_utf8_lossy(b).into_owned());
+            return refuse_tenant_scope(&self.dir, all, &text);
+        }
         // With a fleet, this value's database is the public one.
         if self.fleet {
             load_public_migrations(&self.dir, &opts)
@@ -419,7 +481,12 @@ impl Kiln {
     /// # Errors
     /// [`SourceError`] naming the file.
     pub fn load_unscoped(&self) -> Result<Vec<Migration>, SourceError> {
-        load_dir(&self.dir, &load_options(&self.backend.url, self.name_rule.clone()))
+        let opts = load_options(&self.backend.url, self.name_rule.clone());
+        let files = match &self.embedded {
+            Some(set) => load_embedded(set, &opts)?,
+            None => load_dir(&self.dir, &opts)?,
+        };
+        code::merge(files, &self.code)
     }
 
     /// [`Kiln::runner`] with another lock wait (`Some(ZERO)`: do not wait).

@@ -394,7 +394,7 @@ pub fn run_report(r: &RunReport, target: &Target, as_json: bool) {
                             println!("      {}", c.doc.to_string().dimmed());
                         }
                     }
-                    kiln::Body::Code => {}
+                    kiln::Body::Code { .. } => {}
                 }
             }
         }

@@ -19,12 +19,15 @@ pub mod nesting;
 mod phased;
 mod read;
 mod sql;
+mod tree;
 
 use commands::commands_file;
 pub use phased::literal_field_paths;
 use read::read;
 pub use read::{read_bounded, read_text, MAX_FILE_BYTES};
 use sql::{load_diesel, sql_pair, sql_single};
+use tree::{Disk, Tree};
+pub use tree::{Embedded, EmbeddedFile};
 
 /// A Flyway/refinery versioned file and Flyway's undo file of one version,
 /// each with the stem kiln reads it by (`1_init`).
@@ -172,19 +175,111 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Vec<Migration>, Source
 /// Only what leaves nothing to show: an invalid naming rule or an unreadable
 /// migrations directory.
 pub fn load_dir_lenient(dir: &Path, opts: &LoadOptions) -> Result<(Vec<Migration>, Vec<SourceError>), SourceError> {
+    load_tree(&Disk, dir, opts)
+}
+
+/// Load an embedded migrations directory (`kiln::embed_migrations!`) exactly
+/// as [`load_dir`] loads the directory it was embedded from: the same
+/// migrations, paths and checksums.
+///
+/// # Errors
+/// As [`load_dir`]; paths in messages are relative to the embedded directory.
+pub fn load_embedded(set: &Embedded, opts: &LoadOptions) -> Result<Vec<Migration>, SourceError> {
+    let (found, problems) = load_embedded_lenient(set, opts)?;
+    match SourceError::collect(problems) {
+        Some(e) => Err(e),
+        None => Ok(found),
+    }
+}
+
+/// [`load_dir_lenient`] for an embedded set.
+///
+/// # Errors
+/// Only an invalid naming rule.
+pub fn load_embedded_lenient(set: &Embedded, opts: &LoadOptions) -> Result<(Vec<Migration>, Vec<SourceError>), SourceError> {
+    load_tree(&tree::Memory::new(set), Path::new(""), opts)
+}
+
+/// The files `kiln::embed_migrations!` embeds from `dir`, relative to it, in
+/// name order — after loading `dir` as [`load_dir`] does, so a directory kiln
+/// would refuse is refused when the program is compiled.
+///
+/// Embedded are the files the loader can read (`.sql`, `.yaml`, `.yml`,
+/// `.json`, and diesel's `metadata.toml`); hidden and `.retired` files are left
+/// out, as the loader leaves them out.
+///
+/// # Errors
+/// Every problem [`load_dir`] finds, each naming the file and line.
+pub fn embeddable_files(dir: &Path, opts: &LoadOptions) -> Result<Vec<PathBuf>, SourceError> {
+    load_dir(dir, opts)?;
+    fn collect(dir: &Path, root: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<(), SourceError> {
+        let mut problems = Vec::new();
+        let entries = Disk.entries(root, dir, &mut problems).map_err(|e| SourceError::Dir { dir: dir.to_path_buf(), source: e })?;
+        if let Some(e) = SourceError::collect(problems) {
+            return Err(e);
+        }
+        for e in entries {
+            if e.name.starts_with('.') || e.name.ends_with(".retired") {
+                continue;
+            }
+            let lower = e.name.to_ascii_lowercase();
+            if e.is_dir && depth < MAX_DEPTH {
+                collect(&e.path, root, depth + 1, out)?;
+            } else if e.is_file && [".sql", ".yaml", ".yml", ".json", ".toml"].iter().any(|x| lower.ends_with(x)) {
+                out.push(e.path.strip_prefix(root).unwrap_or(&e.path).to_path_buf());
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    collect(dir, dir, 0, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+/// What `kiln::embed_migrations!` does while the program compiles: the files
+/// to embed from `dir` ([`embeddable_files`]), or the compile error to show —
+/// every problem the loader finds, each as `WRITTEN/FILE:LINE: message`
+/// (`written` is the directory as the macro was given it).
+///
+/// # Errors
+/// The message of the compile error.
+pub fn embed_check(dir: &Path, written: &str, opts: &LoadOptions) -> Result<Vec<PathBuf>, String> {
+    if !dir.is_dir() {
+        return Err(format!("embed_migrations!: {} is not a directory (the path is relative to the crate's Cargo.toml)", dir.display()));
+    }
+    embeddable_files(dir, opts).map_err(|e| {
+        let written = written.trim_end_matches('/');
+        let lines: Vec<String> = e
+            .problems()
+            .iter()
+            .map(|p| {
+                let text = p.to_string();
+                match p.path() {
+                    Some(file) if text.starts_with(&file.display().to_string()) => format!("{written}/{text}"),
+                    _ => text,
+                }
+            })
+            .collect();
+        format!("kiln cannot load the migrations in {written}/ — fix them and build again:\n{}", lines.join("\n"))
+    })
+}
+
+fn load_tree(tree: &dyn Tree, dir: &Path, opts: &LoadOptions) -> Result<(Vec<Migration>, Vec<SourceError>), SourceError> {
     let rules = Rules::new(opts)?;
     let mut walked = Found { tasks: Vec::new(), problems: Vec::new() };
-    walk(dir, dir, &rules, None, Scope::Public, 0, &mut walked);
+    walk(tree, dir, dir, &rules, None, Scope::Public, 0, &mut walked);
     let Found { tasks, mut problems } = walked;
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(4);
     let results: Vec<Result<Migration, SourceError>> = if threads > 1 && tasks.len() >= 64 {
         let chunk = tasks.len().div_ceil(threads);
         std::thread::scope(|sc| {
-            let handles: Vec<_> = tasks.chunks(chunk).map(|part| sc.spawn(move || part.iter().map(|t| t.load(opts)).collect::<Vec<_>>())).collect();
+            let handles: Vec<_> =
+                tasks.chunks(chunk).map(|part| sc.spawn(move || part.iter().map(|t| t.load(tree, opts)).collect::<Vec<_>>())).collect();
             handles.into_iter().flat_map(|h| h.join().expect("loader thread panicked")).collect()
         })
     } else {
-        tasks.iter().map(|t| t.load(opts)).collect()
+        tasks.iter().map(|t| t.load(tree, opts)).collect()
     };
     let mut found = Vec::with_capacity(results.len());
     for r in results {
@@ -266,32 +361,32 @@ enum Task {
 }
 
 impl Task {
-    fn load(&self, opts: &LoadOptions) -> Result<Migration, SourceError> {
+    fn load(&self, tree: &dyn Tree, opts: &LoadOptions) -> Result<Migration, SourceError> {
         match self {
             Task::Sql { stem, path, rel, group, scope } => {
-                let text = read(path, rel)?;
+                let text = read(tree, path, rel)?;
                 sql_single(stem, rel, &text, opts, group.as_deref(), *scope)
             }
             Task::Commands { stem, path, rel, json, group, scope } => {
-                let text = read(path, rel)?;
+                let text = read(tree, path, rel)?;
                 commands_file(stem, rel, &text, *json, group.as_deref(), *scope)
             }
             Task::Pair { stem, up, down, rel_up, root, group, scope } => {
-                let up_text = read(up, rel_up)?;
+                let up_text = read(tree, up, rel_up)?;
                 let down_pair = match down {
                     Some(d) => {
                         let rel_d = d.strip_prefix(root).unwrap_or(d).to_path_buf();
-                        let t = read(d, &rel_d)?;
+                        let t = read(tree, d, &rel_d)?;
                         Some((rel_d, t))
                     }
                     None => None,
                 };
                 sql_pair(stem, rel_up, &up_text, down_pair, opts, group.as_deref(), *scope, None)
             }
-            Task::Diesel { path, rel, name, group, scope } => load_diesel(path, rel, name, opts, group.as_deref(), *scope),
+            Task::Diesel { path, rel, name, group, scope } => load_diesel(tree, path, rel, name, opts, group.as_deref(), *scope),
             Task::Prisma { path, rel, name, group, scope } => {
                 let rel_up = rel.join("migration.sql");
-                let text = read(&path.join("migration.sql"), &rel_up)?;
+                let text = read(tree, &path.join("migration.sql"), &rel_up)?;
                 let mut m = sql_pair(name, &rel_up, &text, None, opts, group.as_deref(), *scope, Some(rel))?;
                 // Prisma applies its folders in the order of their names.
                 m.version.order = VersionOrder::Text;
@@ -320,10 +415,11 @@ impl Found {
     }
 }
 
-fn walk(root: &Path, dir: &Path, rules: &Rules, group: Option<&str>, scope: Scope, depth: usize, out: &mut Found) {
+#[allow(clippy::too_many_arguments)]
+fn walk(tree: &dyn Tree, root: &Path, dir: &Path, rules: &Rules, group: Option<&str>, scope: Scope, depth: usize, out: &mut Found) {
     let rel_dir = || if dir == root { dir.to_path_buf() } else { dir.strip_prefix(root).unwrap_or(dir).to_path_buf() };
-    let rd = match std::fs::read_dir(dir) {
-        Ok(rd) => rd,
+    let listed = match tree.entries(root, dir, &mut out.problems) {
+        Ok(listed) => listed,
         Err(e) => return out.problems.push(SourceError::Dir { dir: rel_dir(), source: e }),
     };
     if depth > MAX_DEPTH {
@@ -332,46 +428,16 @@ fn walk(root: &Path, dir: &Path, rules: &Rules, group: Option<&str>, scope: Scop
             .push(SourceError::Dir { dir: rel_dir(), source: std::io::Error::other(format!("nested more than {MAX_DEPTH} directories deep")) });
     }
     // (name, path, is a directory, is a regular file)
-    let mut entries: Vec<(String, PathBuf, bool, bool)> = Vec::new();
-    for e in rd {
-        let e = match e {
-            Ok(e) => e,
-            Err(e) => return out.problems.push(SourceError::Dir { dir: rel_dir(), source: e }),
-        };
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') || name.ends_with(".retired") {
-            continue;
-        }
-        let path = e.path();
-        // The directory entry's type costs no system call; only a symlink needs a
-        // stat. Symlinks are followed (to a shared file or folder), except into
-        // a directory that contains them (a loop).
-        let (is_dir, is_file) = match e.file_type() {
-            Ok(t) if !t.is_symlink() => (t.is_dir(), t.is_file()),
-            _ => match std::fs::metadata(&path) {
-                Ok(m) => (m.is_dir(), m.is_file()),
-                Err(_) => (false, false),
-            },
-        };
-        if is_dir && e.file_type().is_ok_and(|t| t.is_symlink()) {
-            if let (Ok(target), Ok(here)) = (std::fs::canonicalize(&path), std::fs::canonicalize(dir)) {
-                if here.starts_with(&target) {
-                    let rel = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
-                    out.problems.push(SourceError::Dir {
-                        dir: rel,
-                        source: std::io::Error::other(format!("symlink loop: it points at {}, which contains it; remove the link", target.display())),
-                    });
-                    continue;
-                }
-            }
-        }
-        entries.push((name, path, is_dir, is_file));
-    }
+    let mut entries: Vec<(String, PathBuf, bool, bool)> = listed
+        .into_iter()
+        .filter(|e| !(e.name.starts_with('.') || e.name.ends_with(".retired")))
+        .map(|e| (e.name, e.path, e.is_dir, e.is_file))
+        .collect();
     entries.sort();
     // A directory of diesel migration folders: diesel ignores every entry that
     // is not a folder (crates.io keeps a data `.sql` file there), and so does
     // kiln for a file there whose name is not a migration's.
-    let diesel_root = entries.iter().any(|(_, p, is_dir, _)| *is_dir && p.join("up.sql").is_file());
+    let diesel_root = entries.iter().any(|(_, p, is_dir, _)| *is_dir && tree.is_file(&p.join("up.sql")));
     let group_owned = group.map(str::to_string);
     // Pair .up.sql / .down.sql files by stem.
     let mut pairs: BTreeMap<String, (Option<PathBuf>, Option<PathBuf>)> = BTreeMap::new();
@@ -389,20 +455,20 @@ fn walk(root: &Path, dir: &Path, rules: &Rules, group: Option<&str>, scope: Scop
             continue;
         }
         if is_dir {
-            if path.join("up.sql").is_file() {
+            if tree.is_file(&path.join("up.sql")) {
                 if out.check(rules.check(&name, true, &rel)) {
                     out.tasks.push(Task::Diesel { path, rel, name, group: group_owned.clone(), scope });
                 }
-            } else if path.join("migration.sql").is_file() && split_version(&name).is_some() {
+            } else if tree.is_file(&path.join("migration.sql")) && split_version(&name).is_some() {
                 if out.check(rules.check(&name, true, &rel)) {
                     out.tasks.push(Task::Prisma { path, rel, name, group: group_owned.clone(), scope });
                 }
             } else if depth == 0 && (name == "public" || name == "tenant") {
                 let sc = if name == "tenant" { Scope::Tenant } else { Scope::Public };
-                walk(root, &path, rules, group, sc, depth + 1, out);
+                walk(tree, root, &path, rules, group, sc, depth + 1, out);
             } else {
                 let g = group.map(str::to_string).unwrap_or_else(|| name.clone());
-                walk(root, &path, rules, Some(&g), scope, depth + 1, out);
+                walk(tree, root, &path, rules, Some(&g), scope, depth + 1, out);
             }
             continue;
         }

@@ -10,8 +10,8 @@ pub const MAX_FILE_BYTES: usize = 16 << 20;
 /// Read a migration file (at most [`MAX_FILE_BYTES`]) as UTF-8 text. A
 /// leading UTF-8 byte-order mark is kept (the checksum covers the file as it
 /// is); the parsers skip it.
-pub(super) fn read(path: &Path, rel: &Path) -> Result<String, SourceError> {
-    let bytes = read_bounded(path, MAX_FILE_BYTES).map_err(|e| SourceError::Read { file: rel.to_path_buf(), source: e })?;
+pub(super) fn read(tree: &dyn super::tree::Tree, path: &Path, rel: &Path) -> Result<String, SourceError> {
+    let bytes = tree.read(path, MAX_FILE_BYTES).map_err(|e| SourceError::Read { file: rel.to_path_buf(), source: e })?;
     String::from_utf8(bytes).map_err(|e| SourceError::Parse {
         file: rel.to_path_buf(),
         line: 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|b| **b == b'\n').count(),

@@ -24,6 +24,7 @@ pub(super) fn version_of(stem: &str, rel: &Path) -> Result<(Version, String), So
 }
 
 pub(super) fn load_diesel(
+    tree: &dyn super::tree::Tree,
     path: &Path,
     rel: &Path,
     name: &str,
@@ -32,11 +33,11 @@ pub(super) fn load_diesel(
     scope: Scope,
 ) -> Result<Migration, SourceError> {
     let rel_up = rel.join("up.sql");
-    let up = read(&path.join("up.sql"), &rel_up)?;
+    let up = read(tree, &path.join("up.sql"), &rel_up)?;
     let down_path = path.join("down.sql");
-    let down = if down_path.is_file() {
+    let down = if tree.is_file(&down_path) {
         let rel_d = rel.join("down.sql");
-        let t = read(&down_path, &rel_d)?;
+        let t = read(tree, &down_path, &rel_d)?;
         Some((rel_d, t))
     } else {
         None
@@ -44,8 +45,8 @@ pub(super) fn load_diesel(
     // diesel's metadata.toml can say `run_in_transaction = false`.
     let meta = path.join("metadata.toml");
     let mut no_tx = false;
-    if meta.is_file() {
-        let t = read(&meta, &rel.join("metadata.toml"))?;
+    if tree.is_file(&meta) {
+        let t = read(tree, &meta, &rel.join("metadata.toml"))?;
         no_tx = t.lines().any(|l| {
             let l: String = l.chars().filter(|c| !c.is_whitespace()).collect();
             l == "run_in_transaction=false"

@@ -422,3 +422,74 @@ fn pairs_keep_their_tools_naming_rule() {
     let single = dir_with(&[("0001_Create-Index.sql", "select 1;\n")]);
     assert!(load(&single).unwrap_err().to_string().contains("naming rule"));
 }
+
+/// Load `d` from disk, then from an in-memory copy of the files
+/// `embeddable_files` picks, as `kiln::embed_migrations!` embeds them.
+fn disk_and_embedded(d: &tempfile::TempDir) -> (Vec<Migration>, Vec<Migration>) {
+    let opts = LoadOptions::default();
+    let on_disk = load_dir(d.path(), &opts).unwrap();
+    let files: Vec<EmbeddedFile> = embeddable_files(d.path(), &opts)
+        .unwrap()
+        .into_iter()
+        .map(|rel| EmbeddedFile {
+            path: Box::leak(rel.to_string_lossy().into_owned().into_boxed_str()),
+            bytes: Box::leak(fs::read(d.path().join(&rel)).unwrap().into_boxed_slice()),
+        })
+        .collect();
+    let set = Embedded::new("migrations", Box::leak(files.into_boxed_slice()));
+    (on_disk, load_embedded(&set, &opts).unwrap())
+}
+
+#[test]
+fn embedded_set_loads_as_the_directory_does() {
+    // Every layout at once: single files, pairs, diesel folders with
+    // metadata, MongoDB YAML/JSON, group folders, public/tenant folders,
+    // zero-downtime sections, CRLF endings, and files the loader ignores.
+    let d = dir_with(&[
+        ("0001_one.sql", "-- kiln:up\r\ncreate table a (id int);\r\n-- kiln:down\r\ndrop table a;\r\n"),
+        ("0002_two.up.sql", "create table b (id int);"),
+        ("0002_two.down.sql", "drop table b;"),
+        ("users/0003_users.sql", "-- kiln:depends 0001_one\ncreate table u (id int);\n"),
+        ("users/0004_idx.yaml", "up:\n  - createIndexes: users\n    indexes: [{ key: { email: 1 }, name: email_1 }]\n"),
+        ("calls/0005_calls.json", "{\"group\": \"calls\", \"up\": [{\"create\": \"calls\"}]}"),
+        ("public/0006_pub.sql", "create table p (id int);"),
+        ("tenant/0007_ten.sql", "create table t (id int);"),
+        ("0008_zdt.sql", "-- kiln:expand\nalter table a add column b int;\n-- kiln:backfill table=a key=id batch=10\nupdate a set b = 1 where id >= :lo and id < :hi and b is null;\n-- kiln:contract\nselect 1;\n"),
+        ("README.md", "not a migration"),
+        (".hidden.sql", "not read"),
+        ("0009_old.sql.retired", "not read"),
+    ]);
+    let (disk, mem) = disk_and_embedded(&d);
+    assert_eq!(disk.len(), 8);
+    assert_eq!(serde_json::to_value(&disk).unwrap(), serde_json::to_value(&mem).unwrap());
+    for (a, b) in disk.iter().zip(&mem) {
+        assert_eq!(a.checksum, b.checksum, "{}", a.name());
+        assert_eq!(a.path, b.path);
+    }
+    let embedded = embeddable_files(d.path(), &LoadOptions::default()).unwrap();
+    assert!(!embedded.iter().any(|p| p.to_string_lossy().contains("README") || p.to_string_lossy().contains("retired")), "{embedded:?}");
+
+    // diesel layout with metadata.toml (run_in_transaction = false).
+    let d = dir_with(&[
+        ("2019-02-26-002946_create-user/up.sql", "create index concurrently i on c (id);"),
+        ("2019-02-26-002946_create-user/down.sql", "drop index i;"),
+        ("2019-02-26-002946_create-user/metadata.toml", "run_in_transaction = false\n"),
+        ("2019-03-01-000000_second/up.sql", "select 1;"),
+    ]);
+    let (disk, mem) = disk_and_embedded(&d);
+    assert_eq!(disk.len(), 2);
+    assert_eq!(mem[0].directives.transaction, TxMode::Off);
+    assert_eq!(serde_json::to_value(&disk).unwrap(), serde_json::to_value(&mem).unwrap());
+}
+
+#[test]
+fn embed_check_names_file_and_line() {
+    let d = dir_with(&[("0001_ok.sql", "select 1;"), ("users/0002_bad.sql", "select 1;\nselect 'unterminated;\n"), ("0003_Bad-Name.sql", "x")]);
+    let err = embed_check(d.path(), "migrations", &LoadOptions::default()).unwrap_err();
+    assert!(err.contains("migrations/users/0002_bad.sql:2:"), "{err}");
+    assert!(err.contains("0003_Bad-Name.sql"), "{err}");
+    let err = embed_check(&d.path().join("nope"), "nope", &LoadOptions::default()).unwrap_err();
+    assert!(err.contains("is not a directory"), "{err}");
+    let ok = dir_with(&[("0001_ok.sql", "select 1;")]);
+    assert_eq!(embed_check(ok.path(), "m", &LoadOptions::default()).unwrap(), vec![PathBuf::from("0001_ok.sql")]);
+}

@@ -36,6 +36,9 @@ const OPEN: &str = "BEGIN;";
 impl Executor for MysqlEngine {
     /// Refuses bodies that are not SQL (MongoDB commands, code migrations).
     async fn prepare(&mut self, step: &Step<'_>) -> Result<(), StatementError> {
+        if step.code().is_some() {
+            return Ok(());
+        }
         match step.sql("mysql") {
             Ok(_) => Ok(()),
             Err(e) => Err(StatementError { file: step.migration.display_path(), statement: 1, line: 1, message: e.to_string(), code: None }),
@@ -56,6 +59,16 @@ impl Executor for MysqlEngine {
     async fn run_one(&mut self, step: &Step<'_>, index: usize) -> Result<(), ExecFailure> {
         self.settle_lock().await.map_err(ExecFailure::Engine)?;
         let m = step.migration;
+        if let Some(code) = step.code() {
+            // Autocommit: whatever the code's statements do commits as they run.
+            if let Err(e) = code.run(step.direction, &mut super::code::MysqlCode { conn: &mut self.conn }).await {
+                if let Err(re) = self.roll_back().await {
+                    return Err(ExecFailure::Engine(self.err(format!("rolling back after the code of {} failed ({e})", m.name()), re)));
+                }
+                return Err(ExecFailure::Statement { error: kiln_core::code::failure(&m.display_path(), e), left: crate::common::code_left() });
+            }
+            return Ok(());
+        }
         let (file, statements) = step.sql("mysql").map_err(ExecFailure::Engine)?;
         let file = file.display().to_string();
         let Some(st) = statements.get(index) else {
@@ -132,6 +145,10 @@ impl Executor for MysqlEngine {
     /// transaction (the whole body); otherwise keep it, so the failure record
     /// commits the rest of the body with it and the migration stays whole.
     async fn abandon(&mut self, step: &Step<'_>) -> Result<Left, EngineError> {
+        if step.code().is_some() {
+            // The code ran in autocommit: everything it did is committed.
+            return Ok(crate::common::code_left());
+        }
         let statements = match step.body {
             Body::Sql { statements, .. } => statements.as_slice(),
             _ => &[],

@@ -53,6 +53,7 @@
 //! [`inspect`] (schema inspection and snapshots), [`scratch`] (`kiln verify`'s
 //! throw-away databases), [`jobs`] (`kiln_jobs`, the backfill job store).
 
+mod code;
 mod exec;
 mod foreign;
 mod history;

@@ -15,6 +15,7 @@ use tokio_postgres::error::{DbError, ErrorPosition};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 
+use super::code::PgCode;
 use super::conn::{db_message, error_text, is_connection_loss};
 use super::history::RecordVals;
 use super::PgBackend;
@@ -25,6 +26,9 @@ impl Executor for PgBackend {
     /// anywhere; on the atomic path, a `BEGIN`/`COMMIT`/`ROLLBACK` that would
     /// end kiln's transaction (see [`BodyPlan::transactional`]).
     async fn prepare(&mut self, step: &Step<'_>) -> Result<(), StatementError> {
+        if step.code().is_some() {
+            return Ok(());
+        }
         let (file, statements) = sql_body(step)?;
         let refused = match path(&self.capabilities(), step.migration) {
             Path::Atomic => BodyPlan::transactional(statements).err(),
@@ -47,6 +51,9 @@ impl Executor for PgBackend {
     /// row and event alike. That costs two round trips more (inspection, then
     /// `COMMIT`/`ROLLBACK`).
     async fn run_atomic(&mut self, step: &Step<'_>, record: &Record, check: Option<&SchemaCheck>) -> Result<(), AtomicFailure> {
+        if let Some(code) = step.code() {
+            return self.code_atomic(step, code, record, check).await;
+        }
         let m = step.migration;
         let (file, statements) = sql_body(step).map_err(AtomicFailure::Body)?;
         let plan =
@@ -121,6 +128,19 @@ impl Executor for PgBackend {
     /// session, and then the statement fails too).
     async fn run_one(&mut self, step: &Step<'_>, index: usize) -> Result<(), ExecFailure> {
         let m = step.migration;
+        if let Some(code) = step.code() {
+            let context = format!("running {} ({}) outside a transaction", m.name(), step.word());
+            self.client.batch_execute(&self.search_path_sql()).await.map_err(|e| ExecFailure::Engine(self.engine_error(&context, &e)))?;
+            if let Err(e) = code.run(step.direction, &mut PgCode { client: &self.client }).await {
+                if self.client.is_closed() {
+                    return Err(ExecFailure::Engine(EngineError::Query { context, message: format!("the connection was lost: {e}") }));
+                }
+                // The code may have opened a transaction of its own; do not leave it aborted.
+                let _ = self.client.batch_execute("ROLLBACK").await;
+                return Err(ExecFailure::Statement { error: kiln_core::code::failure(&m.display_path(), e), left: crate::common::code_left() });
+            }
+            return Ok(());
+        }
         let (file, statements) = sql_body(step).map_err(|error| ExecFailure::Statement { error, left: Left::Nothing })?;
         let context = format!("running {} ({}) outside a transaction", m.name(), step.word());
         let Some(st) = statements.get(index) else {
@@ -145,6 +165,68 @@ impl Executor for PgBackend {
         // A body may open its own transaction; do not leave it aborted.
         let _ = self.client.batch_execute("ROLLBACK").await;
         Err(ExecFailure::Statement { error, left: Left::autocommit(index) })
+    }
+}
+
+impl PgBackend {
+    /// The atomic path of a code migration: `BEGIN` (with the session
+    /// settings), the code on this session, `record`, then the optional check
+    /// and `COMMIT`. Any failure rolls everything back.
+    async fn code_atomic(
+        &mut self,
+        step: &Step<'_>,
+        code: &kiln_core::code::CodeRef,
+        record: &Record,
+        check: Option<&SchemaCheck>,
+    ) -> Result<(), AtomicFailure> {
+        let m = step.migration;
+        let prelude = format!("BEGIN; SET LOCAL synchronous_commit TO {}; {}", if record.durable { "on" } else { "off" }, self.search_path_sql());
+        if let Err(e) = self.client.batch_execute(&prelude).await {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+            return Err(AtomicFailure::Engine(self.engine_error(&format!("starting the transaction of {}", m.name()), &e)));
+        }
+        if let Err(e) = code.run(step.direction, &mut PgCode { client: &self.client }).await {
+            if let Err(re) = self.client.batch_execute("ROLLBACK").await {
+                return Err(AtomicFailure::Engine(self.engine_error(&format!("rolling back {} after its code failed ({e})", m.name()), &re)));
+            }
+            return Err(AtomicFailure::Body(kiln_core::code::failure(&m.display_path(), e)));
+        }
+        let vals = RecordVals::new(record);
+        let mut items: Vec<(Tag, Item<'_>)> = Vec::with_capacity(record.changes.len() + record.events.len());
+        vals.push(&self.sql, Some(m.version.number), &mut items);
+        let written = run_items(&self.client, &items, true).await;
+        drop(items);
+        if let Err((_, e)) = written {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+            return Err(AtomicFailure::Engine(self.engine_error(&format!("recording {} ({}); it was rolled back", m.name(), step.word()), &e)));
+        }
+        if let Some(check) = check {
+            let violations = match self.inspect_in(true).await {
+                Ok(snapshot) => check(&snapshot),
+                Err(e) => {
+                    let _ = self.client.batch_execute("ROLLBACK").await;
+                    return Err(AtomicFailure::Engine(e));
+                }
+            };
+            if !violations.is_empty() {
+                if let Err(e) = self.client.batch_execute("ROLLBACK").await {
+                    return Err(AtomicFailure::Engine(
+                        self.engine_error(&format!("rolling back {}, which breaks the schema contract", m.name()), &e),
+                    ));
+                }
+                return Err(AtomicFailure::Invalid(violations));
+            }
+        }
+        match self.client.batch_execute("COMMIT").await {
+            Ok(()) => Ok(()),
+            Err(e) => match e.as_db_error() {
+                // Deferred constraints and serialization failures surface at COMMIT.
+                Some(db) if !is_connection_loss(&e) => {
+                    Err(AtomicFailure::Body(kiln_core::code::failure(&m.display_path(), format!("at COMMIT: {}", db_message(db)))))
+                }
+                _ => Err(AtomicFailure::Engine(self.engine_error(&format!("committing {} ({})", m.name(), step.word()), &e))),
+            },
+        }
     }
 }
 

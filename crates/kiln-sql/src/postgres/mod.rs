@@ -42,6 +42,7 @@
 //! [`HistoryStore`]: kiln_core::engine::HistoryStore
 //! [`Executor`]: kiln_core::engine::Executor
 
+mod code;
 mod conn;
 mod exec;
 mod foreign;

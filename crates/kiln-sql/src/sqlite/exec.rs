@@ -14,8 +14,10 @@ use kiln_core::engine::{AtomicFailure, Engine, ExecFailure, Executor, Left, Reco
 use kiln_core::step::{path, Path as StepPath};
 use kiln_core::{EngineError, Statement, StatementError};
 
+use super::code::SqliteCode;
 use super::history::Clock;
 use super::SqliteEngine;
+use crate::common::code_left;
 
 /// The file and statements of `step`'s body, or why SQLite cannot run it.
 fn sql_body<'a>(step: &Step<'a>) -> Result<(&'a Path, &'a [Statement]), EngineError> {
@@ -33,6 +35,9 @@ impl Executor for SqliteEngine {
     /// path [`Executor::run_atomic`] reports it as
     /// [`EngineError::Refused`], before anything runs.
     async fn prepare(&mut self, step: &Step<'_>) -> Result<(), StatementError> {
+        if step.code().is_some() {
+            return Ok(());
+        }
         let atomic = path(&self.capabilities(), step.migration) == StepPath::Atomic;
         let (file, statements) = match sql_body(step) {
             Ok(body) => body,
@@ -65,6 +70,25 @@ impl Executor for SqliteEngine {
     /// which costs no disk flush in WAL mode unless `record` is durable, see
     /// [`super::journal`]). Any failure rolls everything back.
     async fn run_atomic(&mut self, step: &Step<'_>, record: &Record, check: Option<&SchemaCheck>) -> Result<(), AtomicFailure> {
+        if let Some(code) = step.code() {
+            // The code runs inside the transaction, then check, record and
+            // COMMIT as for statements.
+            let started = Instant::now();
+            if let Err(e) = self.begin(record.durable) {
+                self.end();
+                return Err(AtomicFailure::Engine(self.query_err(format!("starting the transaction of {}", step.migration.name()), e)));
+            }
+            let ran = code.run(step.direction, &mut SqliteCode { conn: &mut self.conn }).await;
+            let r = match ran {
+                Ok(()) => self.atomic(step, Path::new(""), &[], record, check, started),
+                Err(e) => {
+                    self.rollback();
+                    Err(AtomicFailure::Body(kiln_core::code::failure(&step.migration.display_path(), e)))
+                }
+            };
+            self.end();
+            return r;
+        }
         let (file, statements) = sql_body(step).map_err(AtomicFailure::Engine)?;
         let started = Instant::now();
         let r = match self.begin(record.durable) {
@@ -78,6 +102,13 @@ impl Executor for SqliteEngine {
     /// Statement `index` in autocommit. On failure, whatever the statement
     /// left open is rolled back, and the statements before it remain.
     async fn run_one(&mut self, step: &Step<'_>, index: usize) -> Result<(), ExecFailure> {
+        if let Some(code) = step.code() {
+            if let Err(e) = code.run(step.direction, &mut SqliteCode { conn: &mut self.conn }).await {
+                self.rollback();
+                return Err(ExecFailure::Statement { error: kiln_core::code::failure(&step.migration.display_path(), e), left: code_left() });
+            }
+            return Ok(());
+        }
         let (file, statements) = sql_body(step).map_err(ExecFailure::Engine)?;
         let st = statements.get(index).ok_or_else(|| {
             ExecFailure::Engine(EngineError::Query {

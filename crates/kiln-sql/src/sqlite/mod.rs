@@ -46,6 +46,7 @@
 //! [`SchemaStore`]: kiln_core::engine::SchemaStore
 //! [`ScratchAdmin`]: kiln_core::engine::ScratchAdmin
 
+mod code;
 mod exec;
 mod foreign;
 mod history;

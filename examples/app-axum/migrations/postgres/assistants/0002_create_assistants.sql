@@ -1,0 +1,4 @@
+-- kiln:up
+CREATE TABLE assistants (id BIGSERIAL PRIMARY KEY, name TEXT NOT NULL, voice TEXT);
+-- kiln:down
+DROP TABLE assistants;
