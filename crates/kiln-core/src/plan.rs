@@ -251,8 +251,29 @@ pub fn plan_up<'a>(local: &'a [Migration], applied: &[AppliedMigration], target:
 /// a missing or changed file, no down section (irreversible), a baseline entry.
 /// Nothing is planned unless everything can be reverted.
 pub fn plan_down<'a>(local: &'a [Migration], applied: &'a [AppliedMigration], target: &DownTarget) -> Result<DownPlan<'a>, Vec<PlanError>> {
+    plan_down_group(local, applied, target, None)
+}
+
+/// [`plan_down`] over one group's migrations (`kiln down --group users`):
+/// the target counts only that group's applied migrations (the last batch
+/// that applied any of them, the last N of them, those after VERSION), and
+/// the plan is refused when an applied migration outside it depends on one
+/// it would revert (every such pair is listed).
+///
+/// # Errors
+/// As [`plan_down`], plus [`PlanError::Refused`] for the dependents.
+pub fn plan_down_group<'a>(
+    local: &'a [Migration],
+    applied: &'a [AppliedMigration],
+    target: &DownTarget,
+    group: Option<&str>,
+) -> Result<DownPlan<'a>, Vec<PlanError>> {
     let mut problems: Vec<PlanError> = integrity_problems(local, applied).into_iter().filter(|p| matches!(p, PlanError::Blocked { .. })).collect();
     let mut done: Vec<&AppliedMigration> = applied.iter().filter(|a| a.state.is_done()).collect();
+    if let Some(g) = group {
+        let file_group: HashMap<u64, Option<&str>> = local.iter().map(|m| (m.version.number, m.directives.group.as_deref())).collect();
+        done.retain(|a| file_group.get(&a.version.number).copied().unwrap_or(a.group.as_deref()) == Some(g));
+    }
     // Reverse order of application: newest batch first, within a batch the
     // last in the files' order first.
     let order = ToolOrder::of(local);
@@ -305,6 +326,25 @@ pub fn plan_down<'a>(local: &'a [Migration], applied: &'a [AppliedMigration], ta
             continue;
         }
         steps.push((*m, a));
+    }
+    if group.is_some() {
+        // Reverting part of the history: nothing that stays may depend on what goes.
+        let going: HashSet<u64> = steps.iter().map(|(m, _)| m.version.number).collect();
+        let staying = applied.iter().filter(|a| a.state.is_done() && !going.contains(&a.version.number));
+        let mut pairs = Vec::new();
+        for a in staying {
+            if let Some(m) = local.iter().find(|m| m.version.number == a.version.number) {
+                for d in m.directives.depends.iter().filter(|d| going.contains(&d.version.number)) {
+                    pairs.push(format!("{} depends on {}", m.display_path(), d.written));
+                }
+            }
+        }
+        if !pairs.is_empty() {
+            problems.push(PlanError::Refused(format!(
+                "migrations outside the group stay applied and depend on ones it would revert: {}; revert those first (their group, or `kiln down --to`). Nothing was reverted",
+                pairs.join("; ")
+            )));
+        }
     }
     if problems.is_empty() {
         Ok(DownPlan { steps })

@@ -547,11 +547,17 @@ impl<'b> Runner<'b> {
     /// # Errors
     /// As [`Runner::up`]; nothing is reverted unless every chosen migration can be.
     pub async fn down(&mut self, local: &[Migration], target: &DownTarget, dry_run: bool) -> Result<RunReport, RunError> {
+        self.down_group(local, target, None, dry_run).await
+    }
+
+    /// [`Runner::down`] over one group's migrations (`kiln down --group G`):
+    /// see [`plan::plan_down_group`].
+    pub async fn down_group(&mut self, local: &[Migration], target: &DownTarget, group: Option<&str>, dry_run: bool) -> Result<RunReport, RunError> {
         let started = Instant::now();
         self.check_kinds(local)?;
         if dry_run {
             let applied = self.history().await?;
-            let p = plan::plan_down(local, &applied, target).map_err(RunError::Plan)?;
+            let p = plan::plan_down_group(local, &applied, target, group).map_err(RunError::Plan)?;
             return Ok(RunReport {
                 direction: Direction::Down,
                 batch: None,
@@ -561,6 +567,7 @@ impl<'b> Runner<'b> {
             });
         }
         let target = target.clone();
+        let group = group.map(str::to_string);
         let mut report = async {
             let guard = self.acquire().await?;
             let this = &mut *self;
@@ -568,7 +575,7 @@ impl<'b> Runner<'b> {
                 let Some(applied) = this.backend.read_history().await? else {
                     return Ok(RunReport { direction: Direction::Down, batch: None, steps: vec![], dry_run: false, duration_ms: 0 });
                 };
-                let p = plan::plan_down(local, &applied, &target).map_err(RunError::Plan)?;
+                let p = plan::plan_down_group(local, &applied, &target, group.as_deref()).map_err(RunError::Plan)?;
                 this.emit(Event::Planned { direction: Direction::Down, steps: p.steps.len(), batch: None });
                 if p.steps.is_empty() {
                     return Ok(RunReport { direction: Direction::Down, batch: None, steps: vec![], dry_run: false, duration_ms: 0 });

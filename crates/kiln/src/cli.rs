@@ -199,6 +199,9 @@ pub enum Cmd {
         /// Print the plan and change nothing
         #[arg(long)]
         dry_run: bool,
+        /// Only migrations of this group (schema/collection): its last batch, its last N, or its migrations after VERSION
+        #[arg(long, visible_alias = "collection", value_name = "NAME")]
+        group: Option<String>,
         /// Act on this tenant of the `[tenants]` fleet (its database or schema, its tenant-scoped migrations) instead of the public database
         #[arg(long, value_name = "NAME")]
         tenant: Option<String>,
@@ -675,13 +678,24 @@ async fn command(
             drop(runner);
             crate::jobs_cli::worker(lib, backend, args, json).await
         }
-        Cmd::Down { steps, to, dry_run, .. } => {
+        Cmd::Down { steps, to, dry_run, group, .. } => {
             let t = match (steps, to) {
                 (Some(n), _) => DownTarget::Steps(*n),
                 (None, Some(v)) => DownTarget::To(parse_version(v)?),
                 (None, None) => DownTarget::LastBatch,
             };
-            let r = runner.down(local, &t, *dry_run).await?;
+            if let Some(g) = group {
+                if !local.iter().any(|m| m.directives.group.as_deref() == Some(g)) {
+                    let mut groups: Vec<&str> = local.iter().filter_map(|m| m.directives.group.as_deref()).collect();
+                    groups.sort_unstable();
+                    groups.dedup();
+                    return Err(CliError::Usage(format!(
+                        "no migration belongs to the group {g:?}; the groups are: {}",
+                        if groups.is_empty() { "none".to_string() } else { groups.join(", ") }
+                    )));
+                }
+            }
+            let r = runner.down_group(local, &t, group.as_deref(), *dry_run).await?;
             render::run_report(&r, &target, json);
             Ok(0)
         }
