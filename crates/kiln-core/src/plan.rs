@@ -226,7 +226,14 @@ pub fn plan_up<'a>(local: &'a [Migration], applied: &[AppliedMigration], target:
                 Some(a) => format!("it is {}", a.state),
                 None if local.iter().any(|x| x.version == d.version) => {
                     if policy.group.is_some() {
-                        "it belongs to another group".to_string()
+                        // `--group` refuses rather than widening the run: the
+                        // operator named one group and gets only that group.
+                        match local.iter().find(|x| x.version == d.version).and_then(|x| x.directives.group.as_deref()) {
+                            Some(g) => format!(
+                                "it is pending in group `{g}`, which this run excludes; apply that group first (`kiln up --group {g}`) or run `kiln up` without --group"
+                            ),
+                            None => "it is pending outside any group, which this run excludes; run `kiln up` without --group".to_string(),
+                        }
                     } else {
                         "it is pending but excluded from this run".to_string()
                     }
@@ -571,7 +578,12 @@ mod tests {
         let pol = Policy { group: Some("users".into()), ..Default::default() };
         let e = plan_up(&local, &[], &UpTarget::Latest, &pol).unwrap_err();
         assert!(matches!(e[0], PlanError::UnmetDependency { .. }), "{e:?}");
+        assert!(e[0].to_string().contains("pending outside any group"), "{}", e[0]);
         assert!(plan_up(&local, &[], &UpTarget::Latest, &Policy::default()).is_ok());
+        // The dependency's group is named, with the command that applies it.
+        local[0].directives.group = Some("clients".into());
+        let e = plan_up(&local, &[], &UpTarget::Latest, &pol).unwrap_err();
+        assert!(e[0].to_string().contains("group `clients`") && e[0].to_string().contains("kiln up --group clients"), "{}", e[0]);
     }
 
     #[test]

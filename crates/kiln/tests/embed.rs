@@ -68,6 +68,29 @@ async fn an_embedded_mongodb_set_applies_and_matches_the_directory() {
     assert!(gate.ok, "{gate:?}");
 }
 
+#[tokio::test]
+async fn a_group_whose_dependencies_are_pending_is_refused_with_the_list() {
+    let db = TestDb::new(Engine::Postgres).await;
+    let group = |g: &str| kiln::Kiln::new(&db.url).embedded(SQL).group(g);
+    let err = group("schedules").up().await.expect_err("users, assistants and clients are pending");
+    let kiln::Error::Run(kiln::RunError::Plan(problems)) = &err else { panic!("{err:?}") };
+    let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+    assert_eq!(problems.len(), 3, "{text:#?}");
+    for g in ["users", "assistants", "clients"] {
+        assert!(text.iter().any(|t| t.contains(&format!("`kiln up --group {g}`"))), "{g}: {text:#?}");
+    }
+    assert!(problems.iter().all(|p| p.code() == "unmet_dependency"));
+    assert_eq!(err.code(), "plan_refused");
+    assert!(db.objects("schedules").await.unwrap().is_empty(), "nothing ran");
+    for g in ["users", "assistants", "clients"] {
+        group(g).up().await.unwrap();
+    }
+    let r = group("schedules").up().await.unwrap();
+    assert_eq!(r.steps.iter().map(|s| s.version.as_str()).collect::<Vec<_>>(), ["0005"]);
+    // calls depends on schedules, now applied.
+    assert_eq!(group("calls").up().await.unwrap().steps.len(), 2);
+}
+
 /// 1,000 migrations as `embed_migrations!` would embed them (a static slice of
 /// files; built here at run time so the repository does not carry 1,000 files).
 fn thousand() -> kiln::Embedded {
