@@ -155,13 +155,18 @@ async fn startup_with_nothing_pending_reads_the_history_once() {
     let server = tokio::net::lookup_host((u.host_str().unwrap(), u.port().unwrap_or(5432))).await.unwrap().next().unwrap();
     let (proxy, turns) = kiln_testkit::proxy::latency_proxy(server, Duration::from_millis(20)).await;
     let via = format!("postgres://{}@{}{}?sslmode=disable", u.username(), proxy, u.path());
-    let from = turns.load(Ordering::SeqCst);
-    let b = kiln::connect(&kiln::BackendConfig::new(&via)).await.unwrap();
-    let _ = b.close().await;
-    let connecting = turns.load(Ordering::SeqCst) - from;
-    let from = turns.load(Ordering::SeqCst);
-    kiln::Kiln::new(&via).embedded(set).up().await.unwrap();
-    let total = turns.load(Ordering::SeqCst) - from;
+    // A loaded machine can split a message into two turns, never merge two:
+    // the fewest turns over a few tries is the protocol's count.
+    let (mut connecting, mut total) = (usize::MAX, usize::MAX);
+    for _ in 0..5 {
+        let from = turns.load(Ordering::SeqCst);
+        let b = kiln::connect(&kiln::BackendConfig::new(&via)).await.unwrap();
+        let _ = b.close().await;
+        connecting = connecting.min(turns.load(Ordering::SeqCst) - from);
+        let from = turns.load(Ordering::SeqCst);
+        kiln::Kiln::new(&via).embedded(set).up().await.unwrap();
+        total = total.min(turns.load(Ordering::SeqCst) - from);
+    }
     println!(
         "embedded start-up, 1,000 migrations, nothing pending (PostgreSQL): load from memory {load:?}, up() {up:?} \
          (a bare connect+close {connect:?}); round trips: {total} in all, {connecting} of them connecting"
