@@ -155,8 +155,8 @@ async fn startup_with_nothing_pending_reads_the_history_once() {
     let server = tokio::net::lookup_host((u.host_str().unwrap(), u.port().unwrap_or(5432))).await.unwrap().next().unwrap();
     let (proxy, turns) = kiln_testkit::proxy::latency_proxy(server, Duration::from_millis(20)).await;
     let via = format!("postgres://{}@{}{}?sslmode=disable", u.username(), proxy, u.path());
-    // A loaded machine can split a message into two turns, never merge two:
-    // the fewest turns over a few tries is the protocol's count.
+    // A loaded machine can split a message into two turns: the fewest turns
+    // over a few tries is the protocol's count.
     let (mut connecting, mut total) = (usize::MAX, usize::MAX);
     for _ in 0..5 {
         let from = turns.load(Ordering::SeqCst);
@@ -171,5 +171,7 @@ async fn startup_with_nothing_pending_reads_the_history_once() {
         "embedded start-up, 1,000 migrations, nothing pending (PostgreSQL): load from memory {load:?}, up() {up:?} \
          (a bare connect+close {connect:?}); round trips: {total} in all, {connecting} of them connecting"
     );
-    assert_eq!(total - connecting, 1, "nothing pending costs one round trip beyond the connection");
+    // The turn count of a connection varies by one with timing; the locked
+    // path (lock, read, unlock) would add three.
+    assert!(total <= connecting + 1, "nothing pending costs one round trip beyond the connection: {total} in all, {connecting} connecting");
 }
