@@ -653,19 +653,9 @@ impl<'b> Runner<'b> {
                 }
                 let batch = plan::next_batch(&applied);
                 let now = Utc::now();
-                let mk = |v: &Version, desc: &str, script: String, checksum: Checksum, group: Option<String>| AppliedMigration {
-                    version: v.clone(),
-                    description: desc.to_string(),
-                    script,
-                    group,
-                    checksum,
-                    state: State::Baseline,
-                    batch,
-                    applied_at: now,
-                    duration_ms: 0,
-                    applied_by: this.settings.actor.clone(),
-                    kiln_version: KILN_VERSION.into(),
-                    error: None,
+                let actor = this.settings.actor.clone();
+                let mk = |v: &Version, desc: &str, script: String, checksum: Checksum, group: Option<String>| {
+                    baseline_entry(v, desc, script, checksum, group, batch, now, &actor)
                 };
                 let order = plan::ToolOrder::of(local);
                 let mut entries: Vec<AppliedMigration> = local
@@ -789,19 +779,17 @@ impl<'b> Runner<'b> {
             let entries: Vec<AppliedMigration> = p
                 .adopt
                 .iter()
-                .map(|m| AppliedMigration {
-                    version: m.version.clone(),
-                    description: m.description.clone(),
-                    script: m.display_path(),
-                    group: m.directives.group.clone(),
-                    checksum: m.checksum.clone(),
-                    state: State::Baseline,
-                    batch,
-                    applied_at: now,
-                    duration_ms: 0,
-                    applied_by: this.settings.actor.clone(),
-                    kiln_version: KILN_VERSION.into(),
-                    error: None,
+                .map(|m| {
+                    baseline_entry(
+                        &m.version,
+                        &m.description,
+                        m.display_path(),
+                        m.checksum.clone(),
+                        m.directives.group.clone(),
+                        batch,
+                        now,
+                        &this.settings.actor,
+                    )
                 })
                 .collect();
             let mut detail = format!("{} migrations adopted from {} ({}) as baseline", entries.len(), foreign.tool.name(), foreign.table);
@@ -1014,4 +1002,33 @@ pub fn files_of(m: &Migration) -> Vec<std::path::PathBuf> {
         return vec![p];
     }
     vec![p]
+}
+
+/// A history entry recording a migration as `baseline` (`kiln baseline`,
+/// `kiln adopt`): present in the database, never run by kiln.
+#[allow(clippy::too_many_arguments)]
+fn baseline_entry(
+    version: &Version,
+    description: &str,
+    script: String,
+    checksum: Checksum,
+    group: Option<String>,
+    batch: i64,
+    applied_at: chrono::DateTime<Utc>,
+    actor: &str,
+) -> AppliedMigration {
+    AppliedMigration {
+        version: version.clone(),
+        description: description.to_string(),
+        script,
+        group,
+        checksum,
+        state: State::Baseline,
+        batch,
+        applied_at,
+        duration_ms: 0,
+        applied_by: actor.to_string(),
+        kiln_version: KILN_VERSION.into(),
+        error: None,
+    }
 }

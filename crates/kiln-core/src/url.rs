@@ -282,6 +282,17 @@ fn scheme_prefix_len(url: &str) -> usize {
     }
 }
 
+/// A SQLite URL split into its scheme prefix as written (`sqlite://`,
+/// `sqlite:`, `sqlite3://`, `sqlite3:`), the path (`:memory:` included) and
+/// the query after `?`; `None` for any other URL.
+pub fn sqlite_parts(url: &str) -> Option<(&str, &str, Option<&str>)> {
+    let lower = url.to_ascii_lowercase();
+    let prefix = ["sqlite3://", "sqlite://", "sqlite3:", "sqlite:"].into_iter().find(|p| lower.starts_with(p))?;
+    let rest = &url[prefix.len()..];
+    let (path, query) = rest.split_once('?').map_or((rest, None), |(p, q)| (p, Some(q)));
+    Some((&url[..prefix.len()], path, query))
+}
+
 /// `url` with any password replaced by `***` (also the values of `password=`,
 /// `token=`, `…secret=` query parameters), cut to a few hundred characters.
 /// Works on anything: text that is not a URL keeps only what cannot be a

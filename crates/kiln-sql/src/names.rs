@@ -72,6 +72,61 @@ pub async fn read_names(cfg: &BackendConfig, what: NameQuery<'_>) -> Result<Vec<
     }
 }
 
+/// A session on a server's maintenance database, for creating and dropping
+/// databases (PostgreSQL, MySQL/MariaDB).
+enum Server {
+    #[cfg(feature = "postgres")]
+    Pg(crate::postgres::PgBackend),
+    #[cfg(feature = "mysql")]
+    My(crate::mysql::MysqlEngine),
+}
+
+impl Server {
+    async fn connect(server: &BackendConfig) -> Result<Server, EngineError> {
+        let cfg = BackendConfig { schema: None, read_only: false, ..server.clone() };
+        match EngineKind::parse(&cfg.url)? {
+            #[cfg(feature = "postgres")]
+            EngineKind::Postgres => Ok(Server::Pg(crate::postgres::PgBackend::connect(&cfg).await?)),
+            #[cfg(feature = "mysql")]
+            EngineKind::Mysql => Ok(Server::My(crate::mysql::MysqlEngine::connect(&cfg).await?)),
+            #[allow(unreachable_patterns)]
+            _ => Err(EngineError::Refused(
+                "only PostgreSQL and MySQL/MariaDB databases are created and dropped on a server (MongoDB and SQLite create theirs on first use)"
+                    .into(),
+            )),
+        }
+    }
+
+    async fn exists(&mut self, name: &str) -> Result<bool, EngineError> {
+        let names = match self {
+            #[cfg(feature = "postgres")]
+            Server::Pg(e) => e.text_column(PG_DATABASES).await?,
+            #[cfg(feature = "mysql")]
+            Server::My(e) => e.text_column(MY_DATABASES).await?,
+        };
+        Ok(names.iter().flatten().any(|n| n == name))
+    }
+
+    /// `verb DATABASE [if_exists] <quoted name> [suffix]`.
+    async fn database_ddl(&mut self, verb: &str, if_exists: &str, name: &str, suffix: &str) -> Result<(), EngineError> {
+        match self {
+            #[cfg(feature = "postgres")]
+            Server::Pg(e) => e.execute_plain(&format!("{verb} DATABASE {if_exists}{}{suffix}", crate::common::quote_double(name))).await,
+            #[cfg(feature = "mysql")]
+            Server::My(e) => e.execute_plain(&format!("{verb} DATABASE {if_exists}{}{suffix}", crate::common::quote_backtick(name))).await,
+        }
+    }
+
+    async fn close(self) {
+        let _ = match self {
+            #[cfg(feature = "postgres")]
+            Server::Pg(e) => kiln_core::Engine::close(Box::new(e)).await,
+            #[cfg(feature = "mysql")]
+            Server::My(e) => kiln_core::Engine::close(Box::new(e)).await,
+        };
+    }
+}
+
 /// Create database `name` on the server `server` names (connected to its
 /// maintenance database) unless it exists: a tenant's database, when
 /// `[tenants] create = true`. The name is always quoted. Returns whether it
@@ -79,50 +134,26 @@ pub async fn read_names(cfg: &BackendConfig, what: NameQuery<'_>) -> Result<Vec<
 ///
 /// # Errors
 /// What connecting returns; [`EngineError::Query`] when the server refuses
-/// (no privilege); [`EngineError::Refused`] on SQLite (a file is created by
-/// connecting).
+/// (no privilege); [`EngineError::Refused`] on SQLite and MongoDB (a database
+/// is created by its first use).
 pub async fn create_database(server: &BackendConfig, name: &str) -> Result<bool, EngineError> {
-    let exists = |names: &[Option<String>]| names.iter().flatten().any(|n| n == name);
-    match EngineKind::parse(&server.url)? {
-        #[cfg(feature = "postgres")]
-        EngineKind::Postgres => {
-            let cfg = BackendConfig { schema: None, read_only: false, ..server.clone() };
-            let e = crate::postgres::PgBackend::connect(&cfg).await?;
-            let r = async {
-                if exists(&e.text_column(PG_DATABASES).await?) {
-                    return Ok(false);
-                }
-                match e.execute_plain(&format!("CREATE DATABASE {}", crate::common::quote_double(name))).await {
-                    Ok(()) => Ok(true),
-                    // Another runner created it between the look and the create.
-                    Err(err) => match e.text_column(PG_DATABASES).await {
-                        Ok(names) if exists(&names) => Ok(false),
-                        _ => Err(err),
-                    },
-                }
-            }
-            .await;
-            let _ = kiln_core::Engine::close(Box::new(e)).await;
-            r
+    let mut s = Server::connect(server).await?;
+    let r = async {
+        if s.exists(name).await? {
+            return Ok(false);
         }
-        #[cfg(feature = "mysql")]
-        EngineKind::Mysql => {
-            let mut e = crate::mysql::MysqlEngine::connect(&BackendConfig { read_only: false, ..server.clone() }).await?;
-            let r = async {
-                if exists(&e.text_column(MY_DATABASES).await?) {
-                    return Ok(false);
-                }
-                e.execute_plain(&format!("CREATE DATABASE IF NOT EXISTS {}", crate::common::quote_backtick(name))).await.map(|()| true)
-            }
-            .await;
-            let _ = kiln_core::Engine::close(Box::new(e)).await;
-            r
+        match s.database_ddl("CREATE", "", name, "").await {
+            Ok(()) => Ok(true),
+            // Another runner created it between the look and the create.
+            Err(err) => match s.exists(name).await {
+                Ok(true) => Ok(false),
+                _ => Err(err),
+            },
         }
-        #[allow(unreachable_patterns)]
-        _ => Err(EngineError::Refused(
-            "only PostgreSQL and MySQL/MariaDB databases are created by kiln (MongoDB and SQLite create them on first use)".into(),
-        )),
     }
+    .await;
+    s.close().await;
+    r
 }
 
 /// Drop database `name` on the server `server` names (connected to its
@@ -133,36 +164,15 @@ pub async fn create_database(server: &BackendConfig, name: &str) -> Result<bool,
 /// # Errors
 /// What connecting returns; [`EngineError::Query`] when the server refuses.
 pub async fn drop_database(server: &BackendConfig, name: &str, force: bool) -> Result<bool, EngineError> {
-    let exists = |names: &[Option<String>]| names.iter().flatten().any(|n| n == name);
-    match EngineKind::parse(&server.url)? {
-        #[cfg(feature = "postgres")]
-        EngineKind::Postgres => {
-            let e = crate::postgres::PgBackend::connect(&BackendConfig { schema: None, read_only: false, ..server.clone() }).await?;
-            let r = async {
-                if !exists(&e.text_column(PG_DATABASES).await?) {
-                    return Ok(false);
-                }
-                let with = if force { " WITH (FORCE)" } else { "" };
-                e.execute_plain(&format!("DROP DATABASE IF EXISTS {}{with}", crate::common::quote_double(name))).await.map(|()| true)
-            }
-            .await;
-            let _ = kiln_core::Engine::close(Box::new(e)).await;
-            r
+    let mut s = Server::connect(server).await?;
+    let r = async {
+        if !s.exists(name).await? {
+            return Ok(false);
         }
-        #[cfg(feature = "mysql")]
-        EngineKind::Mysql => {
-            let mut e = crate::mysql::MysqlEngine::connect(&BackendConfig { read_only: false, ..server.clone() }).await?;
-            let r = async {
-                if !exists(&e.text_column(MY_DATABASES).await?) {
-                    return Ok(false);
-                }
-                e.execute_plain(&format!("DROP DATABASE IF EXISTS {}", crate::common::quote_backtick(name))).await.map(|()| true)
-            }
-            .await;
-            let _ = kiln_core::Engine::close(Box::new(e)).await;
-            r
-        }
-        #[allow(unreachable_patterns)]
-        _ => Err(EngineError::Refused("only PostgreSQL and MySQL/MariaDB databases are dropped on a server".into())),
+        let with = if force && matches!(EngineKind::of(&server.url), Some(EngineKind::Postgres)) { " WITH (FORCE)" } else { "" };
+        s.database_ddl("DROP", "IF EXISTS ", name, with).await.map(|()| true)
     }
+    .await;
+    s.close().await;
+    r
 }

@@ -394,12 +394,9 @@ pub fn rebase_sqlite(url: &str, base: &Path) -> String {
     if base.as_os_str().is_empty() {
         return url.to_string();
     }
-    let lower = url.to_ascii_lowercase();
-    let Some(prefix) = ["sqlite3://", "sqlite://", "sqlite3:", "sqlite:"].into_iter().find(|p| lower.starts_with(p)) else {
+    let Some((prefix, path, query)) = kiln_core::url::sqlite_parts(url) else {
         return url.to_string();
     };
-    let rest = &url[prefix.len()..];
-    let (path, query) = rest.split_once('?').map_or((rest, None), |(p, q)| (p, Some(q)));
     if path.is_empty() || path.starts_with('/') || path.starts_with(':') {
         return url.to_string(); // absolute, or `:memory:`
     }

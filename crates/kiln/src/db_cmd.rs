@@ -53,16 +53,10 @@ pub async fn run(cfg: &Config, drop: bool, yes: bool, force: bool, json: bool) -
 }
 
 async fn server(backend: &BackendConfig, drop: bool, force: bool) -> Result<Outcome, CliError> {
-    let url = backend.url.expose();
-    let admin = match EngineKind::of(url) {
-        Some(EngineKind::Postgres) => "postgres",
-        _ => "information_schema",
-    };
-    let (head, db, tail) = kiln::tenant_source::split_database(url)
-        .filter(|(_, d, _)| !d.is_empty())
+    let (server, db) = kiln::tenant_source::maintenance(backend.url.expose(), backend)
+        .filter(|(_, d)| !d.is_empty())
         .ok_or_else(|| CliError::Usage(format!("{} names no database", backend.url.redacted())))?;
-    let db = percent_decode(db);
-    let server = BackendConfig { url: format!("{head}{admin}{tail}").into(), schema: None, ..backend.clone() };
+    let db = percent_decode(&db);
     let shown = backend.url.redacted();
     let (changed, message) = if drop {
         let existed = kiln_sql::names::drop_database(&server, &db, force).await.map_err(|e| CliError::Run(e.into()))?;
@@ -112,9 +106,7 @@ async fn mongo(_: &BackendConfig, _: bool) -> Result<Outcome, CliError> {
 
 fn sqlite(backend: &BackendConfig, drop: bool) -> Result<Outcome, CliError> {
     let url = backend.url.expose();
-    let lower = url.to_ascii_lowercase();
-    let prefix = ["sqlite3://", "sqlite://", "sqlite3:", "sqlite:"].into_iter().find(|p| lower.starts_with(p)).unwrap_or("");
-    let path = url[prefix.len()..].split('?').next().unwrap_or_default();
+    let path = kiln::url::sqlite_parts(url).map_or("", |(_, path, _)| path);
     if path.is_empty() || path.starts_with(':') {
         return Err(CliError::Usage(format!("{url} is not a database file")));
     }

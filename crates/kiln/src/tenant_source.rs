@@ -99,6 +99,22 @@ impl<'a> Template<'a> {
     }
 }
 
+/// The server of `url` reached through its maintenance database
+/// (PostgreSQL `postgres`, MySQL `information_schema`, MongoDB `admin`), to
+/// list, create or drop the databases beside it: that URL's settings over
+/// `base`, and the database `url` names (as written). `None` for SQLite, or
+/// a URL without a database part.
+pub fn maintenance(url: &str, base: &BackendConfig) -> Option<(BackendConfig, String)> {
+    let admin = match EngineKind::of(url)? {
+        EngineKind::Postgres => "postgres",
+        EngineKind::Mysql => "information_schema",
+        EngineKind::Mongodb => "admin",
+        EngineKind::Sqlite => return None,
+    };
+    let (head, db, tail) = split_database(url)?;
+    Some((BackendConfig { url: format!("{head}{admin}{tail}").into(), schema: None, ..base.clone() }, db.to_string()))
+}
+
 /// `scheme://authority/` + database + `?query`: the three parts of a server URL.
 pub fn split_database(url: &str) -> Option<(&str, &str, &str)> {
     let after_scheme = url.find("://")? + 3;
@@ -128,19 +144,13 @@ async fn pattern(tenants: &Tenants, public: &BackendConfig, glob: &str) -> Resul
                 (names, file, None)
             }
             kind => {
-                let (head, db, tail) = split_database(tpl)
+                split_database(tpl)
                     .filter(|(h, _, t)| !h.contains("{tenant}") && !t.contains("{tenant}"))
                     .ok_or("a `pattern` lists the databases of one server, so `{tenant}` must be in the database name of the `url` template")?;
-                let admin = match kind {
-                    Some(EngineKind::Postgres) => "postgres",
-                    Some(EngineKind::Mysql) => "information_schema",
-                    Some(EngineKind::Mongodb) => "admin",
-                    _ => return Err(format!("cannot list the databases of {}", kiln_core::url::redact(tpl))),
-                };
-                let server = BackendConfig { url: format!("{head}{admin}{tail}").into(), schema: None, ..public.clone() };
+                let (server, db) = maintenance(tpl, public).ok_or_else(|| format!("cannot list the databases of {}", kiln_core::url::redact(tpl)))?;
                 let found = list_databases(&server, kind).await?;
                 let public_db = split_database(public.url.expose()).map(|(_, d, _)| d.to_string());
-                (found, db.to_string(), public_db)
+                (found, db, public_db)
             }
         },
     };
@@ -165,15 +175,11 @@ async fn pattern(tenants: &Tenants, public: &BackendConfig, glob: &str) -> Resul
 /// # Errors
 /// Why it could not be created (no privilege, the server is unreachable).
 pub(crate) async fn create_database(url: &str, public: &BackendConfig) -> Result<bool, kiln_core::EngineError> {
-    let kind = EngineKind::of(url);
-    let admin = match kind {
-        Some(EngineKind::Postgres) => "postgres",
-        Some(EngineKind::Mysql) => "information_schema",
-        _ => return Ok(false),
-    };
-    let Some((head, db, tail)) = split_database(url) else { return Ok(false) };
-    let server = BackendConfig { url: format!("{head}{admin}{tail}").into(), schema: None, ..public.clone() };
-    kiln_sql::names::create_database(&server, db).await
+    if !matches!(EngineKind::of(url), Some(EngineKind::Postgres | EngineKind::Mysql)) {
+        return Ok(false);
+    }
+    let Some((server, db)) = maintenance(url, public) else { return Ok(false) };
+    kiln_sql::names::create_database(&server, &db).await
 }
 
 async fn list_databases(server: &BackendConfig, kind: Option<EngineKind>) -> Result<Vec<String>, String> {
@@ -189,9 +195,7 @@ async fn list_databases(server: &BackendConfig, kind: Option<EngineKind>) -> Res
 
 /// A SQLite URL template's directory and file-name template.
 fn sqlite_template(tpl: &str) -> Result<(std::path::PathBuf, String), String> {
-    let lower = tpl.to_ascii_lowercase();
-    let prefix = ["sqlite3://", "sqlite://", "sqlite3:", "sqlite:"].into_iter().find(|p| lower.starts_with(p)).unwrap_or("");
-    let path = tpl[prefix.len()..].split('?').next().unwrap_or_default();
+    let path = kiln_core::url::sqlite_parts(tpl).map_or(tpl, |(_, path, _)| path);
     let path = std::path::Path::new(path);
     let file = path.file_name().and_then(|f| f.to_str()).filter(|f| f.contains("{tenant}"));
     let dir = path.parent().filter(|d| !d.to_string_lossy().contains("{tenant}"));

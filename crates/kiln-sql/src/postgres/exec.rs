@@ -73,22 +73,7 @@ impl Executor for PgBackend {
         let mut result = run_items(&self.client, &items, plan.pipelined).await;
         drop(items);
         if let (Ok(()), Some(check)) = (&result, check) {
-            let violations = match self.inspect_in(true).await {
-                Ok(snapshot) => check(&snapshot),
-                Err(e) => {
-                    // The transaction is aborted (or the session gone): nothing of the migration may stay.
-                    let _ = self.client.batch_execute("ROLLBACK").await;
-                    return Err(AtomicFailure::Engine(e));
-                }
-            };
-            if !violations.is_empty() {
-                if let Err(e) = self.client.batch_execute("ROLLBACK").await {
-                    return Err(AtomicFailure::Engine(
-                        self.engine_error(&format!("rolling back {}, which breaks the schema contract", m.name()), &e),
-                    ));
-                }
-                return Err(AtomicFailure::Invalid(violations));
-            }
+            self.check_in_transaction(m, check).await?;
             result = self.client.batch_execute("COMMIT").await.map_err(|e| (Tag::Commit, e));
         }
         let Err((tag, e)) = result else {
@@ -169,6 +154,27 @@ impl Executor for PgBackend {
 }
 
 impl PgBackend {
+    /// The schema contract checked inside the open transaction of `m`: on
+    /// violations (or when the schema cannot be read) the transaction is
+    /// rolled back, so nothing of the migration stays.
+    async fn check_in_transaction(&self, m: &kiln_core::Migration, check: &SchemaCheck) -> Result<(), AtomicFailure> {
+        let violations = match self.inspect_in(true).await {
+            Ok(snapshot) => check(&snapshot),
+            Err(e) => {
+                // The transaction is aborted (or the session gone): nothing of the migration may stay.
+                let _ = self.client.batch_execute("ROLLBACK").await;
+                return Err(AtomicFailure::Engine(e));
+            }
+        };
+        if violations.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.client.batch_execute("ROLLBACK").await {
+            return Err(AtomicFailure::Engine(self.engine_error(&format!("rolling back {}, which breaks the schema contract", m.name()), &e)));
+        }
+        Err(AtomicFailure::Invalid(violations))
+    }
+
     /// The atomic path of a code migration: `BEGIN` (with the session
     /// settings), the code on this session, `record`, then the optional check
     /// and `COMMIT`. Any failure rolls everything back.
@@ -201,21 +207,7 @@ impl PgBackend {
             return Err(AtomicFailure::Engine(self.engine_error(&format!("recording {} ({}); it was rolled back", m.name(), step.word()), &e)));
         }
         if let Some(check) = check {
-            let violations = match self.inspect_in(true).await {
-                Ok(snapshot) => check(&snapshot),
-                Err(e) => {
-                    let _ = self.client.batch_execute("ROLLBACK").await;
-                    return Err(AtomicFailure::Engine(e));
-                }
-            };
-            if !violations.is_empty() {
-                if let Err(e) = self.client.batch_execute("ROLLBACK").await {
-                    return Err(AtomicFailure::Engine(
-                        self.engine_error(&format!("rolling back {}, which breaks the schema contract", m.name()), &e),
-                    ));
-                }
-                return Err(AtomicFailure::Invalid(violations));
-            }
+            self.check_in_transaction(m, check).await?;
         }
         match self.client.batch_execute("COMMIT").await {
             Ok(()) => Ok(()),

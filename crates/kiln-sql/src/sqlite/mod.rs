@@ -251,14 +251,9 @@ pub(crate) fn sqlite_file(cfg: &BackendConfig) -> Result<Option<PathBuf>, Engine
 }
 
 fn parse_url(url: &str, shown: &str) -> Result<(Location, Journal), EngineError> {
-    let lower = url.to_ascii_lowercase();
-    let rest = ["sqlite3://", "sqlite://", "sqlite3:", "sqlite:"]
-        .iter()
-        .find(|p| lower.starts_with(*p))
-        .map(|p| &url[p.len()..])
+    let (_, path, query) = kiln_core::url::sqlite_parts(url)
         .ok_or_else(|| EngineError::BadUrl { url: shown.into(), message: "expected sqlite://PATH, sqlite:PATH or sqlite::memory:".into() })?;
-    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let journal = Journal::from_query(query, shown)?;
+    let journal = Journal::from_query(query.unwrap_or(""), shown)?;
     let location = match path {
         "" => Err(EngineError::BadUrl {
             url: shown.into(),
